@@ -1,0 +1,27 @@
+"""onnxgrad: PyTorch-style eager code whose every operation is a standard ONNX node.
+
+The public front: tensor factories, ops, ``no_grad``, providers. Layers live in
+``onnxgrad.nn``, optimizers in ``onnxgrad.optim``, architectures in ``onnxgrad.models``.
+"""
+from __future__ import annotations
+
+from .runtime import get_providers, set_providers
+from .tracer import Tensor, TraceError, as_tensor, enable_grad, grad, no_grad, set_grad_enabled
+from .tracer import tensor
+from .tracer.factories import (arange, full, manual_seed, ones, ones_like, rand, randint, randn,
+                               zeros, zeros_like)
+from .tracer.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clamp, exp, flatten, log,
+                         log_softmax, matmul, max, maximum, mean, min, minimum, permute, relu,
+                         reshape, sigmoid, softmax, split, sqrt, squeeze, stack, sum, tanh,
+                         transpose, unsqueeze, where)
+from .tracer.ops import ShapeError
+from .tracer.tensor import (bool_, float16, float32, float64, get_default_dtype, int8, int32,
+                            int64, set_default_dtype, uint8)
+
+bool = bool_  # noqa: A001  (og.bool, as torch.bool)
+float = float32  # noqa: A001
+double = float64
+long = int64
+clip = clamp
+
+__version__ = "0.1.0"

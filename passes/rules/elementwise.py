@@ -1,0 +1,200 @@
+"""Rules for elementwise ops; formulas follow PyTorch's derivatives.yaml for bit-level parity."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..builder import np_dtype
+from . import attr, rule
+
+
+def _zeros_like_where(b, cond, g, keep_if_true: bool):
+    zero = b.const_like(0, g)
+    return b.op("Where", cond, g, zero) if keep_if_true else b.op("Where", cond, zero, g)
+
+
+@rule("Add", broadcasting=True)
+def add(b, node, grads, needs):
+    (g,) = grads
+    return [g, g]
+
+
+@rule("Sub", broadcasting=True)
+def sub(b, node, grads, needs):
+    (g,) = grads
+    return [g, b.op("Neg", g) if needs[1] else None]
+
+
+@rule("Mul", broadcasting=True)
+def mul(b, node, grads, needs):
+    (g,) = grads
+    x, y = node.inputs
+    return [b.op("Mul", g, y) if needs[0] else None, b.op("Mul", g, x) if needs[1] else None]
+
+
+@rule("Div", broadcasting=True)
+def div(b, node, grads, needs):
+    (g,) = grads
+    _, y = node.inputs
+    out = node.outputs[0]
+    # NOTE: -grad * ((x / y) / y), PyTorch's form, reusing the forward quotient.
+    dy = b.op("Neg", b.op("Mul", g, b.op("Div", out, y))) if needs[1] else None
+    return [b.op("Div", g, y) if needs[0] else None, dy]
+
+
+@rule("Pow", broadcasting=True)
+def pow_(b, node, grads, needs):
+    (g,) = grads
+    x, y = node.inputs
+    dx = dy = None
+    if needs[0]:
+        y_f = y if y.dtype == x.dtype else b.op("Cast", y, to=x.dtype)
+        one = b.const_like(1, x)
+        dx = b.op("Mul", g, b.op("Mul", y_f, b.op("Pow", x, b.op("Sub", y_f, one))))
+        # NOTE: d/dx x**0 is 0 everywhere (PyTorch), also at x == 0 where the formula gives 0*inf.
+        zero = b.const_like(0, x)
+        dx = b.op("Where", b.op("Equal", y_f, zero), b.op("Mul", g, zero), dx)
+    if needs[1]:
+        out = node.outputs[0]
+        zero = b.const_like(0, x)
+        grad = b.op("Mul", g, b.op("Mul", out, b.op("Log", x)))
+        # NOTE: PyTorch masks the exponent gradient to 0 where x == 0 and y >= 0.
+        mask = b.op("And", b.op("Equal", x, zero), b.op("GreaterOrEqual", y, b.const_like(0, y)))
+        dy = b.op("Where", mask, b.op("Mul", g, zero), grad)
+    return [dx, dy]
+
+
+@rule("Neg")
+def neg(b, node, grads, needs):
+    return [b.op("Neg", grads[0])]
+
+
+@rule("Identity")
+def identity(b, node, grads, needs):
+    return [grads[0]]
+
+
+@rule("Exp")
+def exp(b, node, grads, needs):
+    return [b.op("Mul", grads[0], node.outputs[0])]
+
+
+@rule("Log")
+def log(b, node, grads, needs):
+    return [b.op("Div", grads[0], node.inputs[0])]
+
+
+@rule("Sqrt")
+def sqrt(b, node, grads, needs):
+    out = node.outputs[0]
+    return [b.op("Div", grads[0], b.op("Mul", b.const_like(2, out), out))]
+
+
+@rule("Reciprocal")
+def reciprocal(b, node, grads, needs):
+    out = node.outputs[0]
+    return [b.op("Neg", b.op("Mul", grads[0], b.op("Mul", out, out)))]
+
+
+@rule("Abs")
+def abs_(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Sign", node.inputs[0]))]
+
+
+@rule("Tanh")
+def tanh(b, node, grads, needs):
+    out = node.outputs[0]
+    one = b.const_like(1, out)
+    return [b.op("Mul", grads[0], b.op("Sub", one, b.op("Mul", out, out)))]
+
+
+@rule("Sigmoid")
+def sigmoid(b, node, grads, needs):
+    out = node.outputs[0]
+    one = b.const_like(1, out)
+    return [b.op("Mul", b.op("Mul", grads[0], b.op("Sub", one, out)), out)]
+
+
+@rule("Relu")
+def relu(b, node, grads, needs):
+    # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0).
+    out = node.outputs[0]
+    return [_zeros_like_where(b, b.op("Greater", out, b.const_like(0, out)), grads[0], True)]
+
+
+@rule("Where", broadcasting=True)
+def where(b, node, grads, needs):
+    (g,) = grads
+    cond = node.inputs[0]
+    return [
+        None,
+        _zeros_like_where(b, cond, g, True) if needs[1] else None,
+        _zeros_like_where(b, cond, g, False) if needs[2] else None,
+    ]
+
+
+@rule("Max", "Min", broadcasting=True)
+def max_min(b, node, grads, needs):
+    if len(node.inputs) != 2:
+        raise ValueError(f"{node.op_type} gradient supports 2 inputs, got {len(node.inputs)}")
+    (g,) = grads
+    x, y = node.inputs
+    # NOTE: ties split the gradient in halves, as torch.maximum / torch.minimum.
+    half = b.op("Mul", g, b.const_like(0.5, g))
+    tie = b.op("Equal", x, y)
+    x_loses = b.op("Less" if node.op_type == "Max" else "Greater", x, y)
+    dx = dy = None
+    if needs[0]:
+        dx = b.op("Where", tie, half, _zeros_like_where(b, x_loses, g, False))
+    if needs[1]:
+        dy = b.op("Where", tie, half, _zeros_like_where(b, x_loses, g, True))
+    return [dx, dy]
+
+
+@rule("Clip")
+def clip(b, node, grads, needs):
+    (g,) = grads
+    x = node.inputs[0]
+    lo = node.inputs[1] if len(node.inputs) > 1 else None
+    hi = node.inputs[2] if len(node.inputs) > 2 else None
+    # NOTE: PyTorch's clamp passes the gradient where min <= x <= max (bounds inclusive).
+    mask = None
+    for bound, op in ((lo, "GreaterOrEqual"), (hi, "LessOrEqual")):
+        if bound is not None:
+            m = b.op(op, x, bound)
+            mask = m if mask is None else b.op("And", mask, m)
+    dx = g if mask is None else _zeros_like_where(b, mask, g, True)
+    return [dx] + [None] * (len(node.inputs) - 1)
+
+
+@rule("Cast")
+def cast(b, node, grads, needs):
+    x = node.inputs[0]
+    if not np.issubdtype(np_dtype(x), np.floating):
+        return [None]
+    return [b.op("Cast", grads[0], to=x.dtype)]
+
+
+@rule("Sum")
+def sum_(b, node, grads, needs):
+    return [grads[0]] * len(node.inputs)
+
+
+@rule("Erf")
+def erf(b, node, grads, needs):
+    x = node.inputs[0]
+    scale = b.const_like(2.0 / np.sqrt(np.pi), x)
+    return [b.op("Mul", grads[0], b.op("Mul", scale, b.op("Exp", b.op("Neg", b.op("Mul", x, x)))))]
+
+
+@rule("Softplus")
+def softplus(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Sigmoid", node.inputs[0]))]
+
+
+@rule("LeakyRelu")
+def leaky_relu(b, node, grads, needs):
+    x = node.inputs[0]
+    alpha = attr(node, "alpha", 0.01)
+    g = grads[0]
+    return [b.op("Where", b.op("Greater", x, b.const_like(0, x)), g,
+                 b.op("Mul", g, b.const_like(alpha, g)))]

@@ -1,0 +1,10 @@
+"""The bottom layer: ONNX Runtime sessions, serialization, export, checkpoints, inspection.
+
+Knows nothing of tensors or passes.
+"""
+from __future__ import annotations
+
+from .opset import IR_VERSION, OPSET
+from .session import get_providers, make_session, run_node, set_providers
+
+__all__ = ["IR_VERSION", "OPSET", "get_providers", "make_session", "run_node", "set_providers"]

@@ -1,0 +1,130 @@
+"""``backward``: differentiate what was recorded and run the gradient graph as one ORT session."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ..passes import gradient_graph
+from ..runtime import IR_VERSION, OPSET, make_session
+from ..runtime.session import _LRU
+from . import state
+from .graph import CONST, DATA, WRT, Walk, ir_type
+from .tensor import Tensor, Val, _contig
+
+_sessions = _LRU(64)
+stats = {"sessions_created": 0, "backward_runs": 0}
+
+
+def _classify(v: Val) -> str:
+    if v.requires_grad and v.rec is None and v.leaf is not None and v.leaf() is not None:
+        return WRT
+    return CONST if v.const else DATA
+
+
+def _follow(v: Val) -> bool:
+    return v.requires_grad
+
+
+def _seed(root: Tensor, gradient: Any, i: int) -> np.ndarray:
+    if gradient is None:
+        if root.numel() != 1:
+            raise RuntimeError("grad can be implicitly created only for scalar outputs "
+                               f"(output {i} has shape {list(root.shape)}); pass gradient=...")
+        return np.ones(root.shape, dtype=root.dtype)
+    data = gradient._v.data if isinstance(gradient, Tensor) else np.asarray(gradient)
+    if data.shape != root.shape:
+        raise RuntimeError(f"Mismatch in shape: grad_output[{i}] has a shape of {list(data.shape)} "
+                           f"and output[{i}] has a shape of {list(root.shape)}.")
+    return _contig(data, dtype=root.dtype)
+
+
+class _Plan:
+    __slots__ = ("session", "feeds", "kept", "outputs")
+
+    def __init__(self, session, feeds, kept, outputs):
+        self.session = session
+        self.feeds = feeds      # session input names, in order
+        self.kept = kept        # indices into the WRT leaves that get a gradient
+        self.outputs = outputs  # session output names
+
+
+def _build_plan(walk: Walk, n_roots: int) -> _Plan:
+    leaves, _nodes, roots = walk.materialize()
+    seeds = [ir.Value(name=f"seed{i}", shape=ir.Shape(r.shape), type=r.type)
+             for i, r in enumerate(roots)]
+    wrt = [v for v, kind in zip(leaves, walk.kinds) if kind == WRT]
+    names = [f"grad{k}" for k in range(len(wrt))]
+    graph, kept = gradient_graph(roots, seeds, wrt, grad_names=names, opset=OPSET)
+    model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
+    session = make_session(ir.serde.serialize_model(model))
+    stats["sessions_created"] += 1
+    return _Plan(session, [v.name for v in graph.inputs], kept, [v.name for v in graph.outputs])
+
+
+def backward(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None = None, *,
+             retain_graph: bool | None = None, create_graph: bool = False) -> None:
+    """Accumulate d(sum(grad * tensor))/d(leaf) into each reachable leaf's ``.grad``."""
+    if create_graph:
+        raise NotImplementedError("create_graph=True is not supported in eager mode; "
+                                  "differentiate the exported graph with onnxgrad.passes instead")
+    tensors = list(tensors)
+    grads = list(grad_tensors) if grad_tensors is not None else [None] * len(tensors)
+    for i, t in enumerate(tensors):
+        if not t.requires_grad:
+            raise RuntimeError(f"element {i} of tensors does not require grad and does not have "
+                               "a grad_fn")
+    seeds = [_seed(t, g, i) for i, (t, g) in enumerate(zip(tensors, grads))]
+    trace = state.active_trace()
+    if trace is not None:
+        trace.backward(tensors, seeds)
+        return
+    roots = [t._v for t in tensors]
+    walk = Walk(roots, _follow, _classify)
+    plan = _sessions.get_or_make(walk.key, lambda: _build_plan(walk, len(roots)))
+    feeds = {
+        name: (seeds[int(name[4:])] if name.startswith("seed") else walk.data_of(name))
+        for name in plan.feeds
+    }
+    results = plan.session.run(plan.outputs, feeds)
+    stats["backward_runs"] += 1
+    wrt_leaves = [v for v, kind in zip(walk.leaves, walk.kinds) if kind == WRT]
+    for k, g in zip(plan.kept, results):
+        accumulate(wrt_leaves[k], g)
+    if not retain_graph:
+        for rec in walk.records:
+            rec.freed = True
+            rec.inputs = ()
+
+
+def accumulate(leaf: Val, g: np.ndarray) -> None:
+    tensor = leaf.leaf() if leaf.leaf is not None else None
+    if tensor is None:
+        return
+    if tensor.grad is None:
+        tensor.grad = Tensor(Val(g))
+    else:
+        tensor.grad = Tensor(Val(tensor.grad._v.data + g))
+
+
+def grad(outputs: Sequence[Tensor] | Tensor, inputs: Sequence[Tensor] | Tensor,
+         grad_outputs: Sequence[Any] | None = None, retain_graph: bool | None = None,
+         allow_unused: bool = False) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad``: gradients of ``outputs`` w.r.t. ``inputs``, without touching .grad."""
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    saved = [t.grad for t in inputs]
+    for t in inputs:
+        t.grad = None
+    try:
+        backward(outputs, grad_outputs, retain_graph=retain_graph)
+        result = tuple(t.grad for t in inputs)
+    finally:
+        for t, g in zip(inputs, saved):
+            t.grad = g
+    if not allow_unused and any(r is None for r in result):
+        raise RuntimeError("One of the differentiated Tensors appears to not have been used in the "
+                           "graph. Set allow_unused=True if this is the desired behavior.")
+    return result

@@ -1,0 +1,82 @@
+"""Tensor factories and the global random generator (``og.manual_seed``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .ops import _shape_args
+from .tensor import Tensor, Val, _contig, get_default_dtype, int64
+
+_rng = np.random.default_rng()
+
+
+def manual_seed(seed: int) -> None:
+    global _rng
+    _rng = np.random.default_rng(seed)
+
+
+def generator() -> np.random.Generator:
+    return _rng
+
+
+def _make(array: np.ndarray, requires_grad: bool) -> Tensor:
+    t = Tensor(Val(_contig(array)))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _dtype(dtype: Any) -> np.dtype:
+    return get_default_dtype() if dtype is None else np.dtype(dtype)
+
+
+def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return _make(np.zeros(_shape_args(size), _dtype(dtype)), requires_grad)
+
+
+def ones(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return _make(np.ones(_shape_args(size), _dtype(dtype)), requires_grad)
+
+
+def full(size: Any, fill_value: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    if dtype is None and isinstance(fill_value, bool):
+        dtype = np.bool_
+    elif dtype is None and isinstance(fill_value, int):
+        dtype = int64
+    return _make(np.full(_shape_args((size,)), fill_value, _dtype(dtype)), requires_grad)
+
+
+def zeros_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return zeros(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
+
+
+def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    return ones(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
+
+
+def rand(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    dt = _dtype(dtype)
+    return _make(_rng.random(_shape_args(size), dtype=np.float64).astype(dt), requires_grad)
+
+
+def randn(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    dt = _dtype(dtype)
+    return _make(_rng.standard_normal(_shape_args(size)).astype(dt), requires_grad)
+
+
+def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None) -> Tensor:
+    if high is None:
+        low, high = 0, low
+    return _make(_rng.integers(low, high, size=_shape_args((size,)), dtype=np.dtype(dtype or int64)),
+                 False)
+
+
+def arange(start: Any, end: Any = None, step: Any = 1, dtype: Any = None,
+           requires_grad: bool = False) -> Tensor:
+    if end is None:
+        start, end = 0, start
+    if dtype is None:
+        is_int = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
+        dtype = int64 if is_int else get_default_dtype()
+    return _make(np.arange(start, end, step).astype(np.dtype(dtype)), requires_grad)

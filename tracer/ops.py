@@ -1,0 +1,637 @@
+"""The op builders: every tensor operation emits standard ONNX node(s) through ``emit``.
+
+Shapes and dtypes are checked here, before ONNX Runtime sees anything, so errors name the op,
+both shapes and the user's line. Composite ops (``linear``, losses) live in ``onnxgrad.nn`` and
+are plain compositions of these.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from . import state
+from .tensor import Tensor, Val, const, emit, get_default_dtype, int64
+
+Number = (bool, int, float, np.number, np.bool_)
+MaxResult = namedtuple("MaxResult", ["values", "indices"])
+
+
+class ShapeError(ValueError):
+    """Operand shapes that an op cannot combine."""
+
+
+def _where() -> str:
+    text = state.format_frame(state.user_frame())
+    return f" (at {text})" if text else ""
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# --------------------------------------------------------------------------- dtype promotion
+def _category(dtype: np.dtype) -> int:
+    return {"b": 0, "i": 1, "u": 1, "f": 2}[dtype.kind]
+
+
+def _scalar_category(x: Any) -> int:
+    if isinstance(x, (bool, np.bool_)):
+        return 0
+    if isinstance(x, (int, np.integer)):
+        return 1
+    return 2
+
+
+def result_type(*operands: Any) -> np.dtype:
+    """PyTorch's promotion: tensors of higher category win; Python scalars only lift the category;
+    0-d tensors only decide among themselves."""
+    tensors = [t for t in operands if isinstance(t, Tensor)]
+    dims = [t for t in tensors if t.ndim > 0]
+    zero_d = [t for t in tensors if t.ndim == 0]
+    scalars = [s for s in operands if not isinstance(s, Tensor)]
+
+    def promote(group: list[Tensor]) -> np.dtype | None:
+        out = None
+        for t in group:
+            out = t.dtype if out is None else _promote_pair(out, t.dtype)
+        return out
+
+    result = promote(dims)
+    z = promote(zero_d)
+    if result is None:
+        result = z
+    elif z is not None and _category(z) > _category(result):
+        result = z if _category(z) == 2 and _category(result) < 2 else _promote_pair(result, z)
+    for s in scalars:
+        cat = _scalar_category(s)
+        if result is None:
+            result = [np.dtype(bool), int64, get_default_dtype()][cat]
+        elif cat > _category(result):
+            result = [np.dtype(bool), int64, get_default_dtype()][cat]
+    return result
+
+
+def _promote_pair(a: np.dtype, b: np.dtype) -> np.dtype:
+    ca, cb = _category(a), _category(b)
+    if ca != cb:
+        return a if ca > cb else b
+    return np.promote_types(a, b)
+
+
+def _val(x: Any, dtype: np.dtype) -> Val:
+    """The Val of ``x`` as ``dtype``: tensors are cast with an ONNX Cast, scalars become constants."""
+    if isinstance(x, Tensor):
+        if x.dtype == dtype:
+            return x._v
+        return emit("Cast", [x._v], {"to": int(ir.DataType.from_numpy(dtype))})[0]
+    if isinstance(x, Number):
+        return const(x, dtype)
+    raise TypeError(f"expected a Tensor or a number, got {type(x).__name__}")
+
+
+def _wrap(val: Val) -> Tensor:
+    return Tensor(val)
+
+
+def _check_broadcast(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        return np.broadcast_shapes(*shapes)
+    except ValueError:
+        listed = " and ".join(_fmt(s) for s in shapes)
+        raise ShapeError(f"{op}: shapes {listed} cannot be broadcast together{_where()}") from None
+
+
+def _binary(op: str, a: Any, b: Any, *, out_bool: bool = False) -> Tensor:
+    dtype = result_type(a, b)
+    if op in ("Div",) and dtype.kind != "f":
+        dtype = get_default_dtype()  # true division, as torch
+    _check_broadcast(op, np.shape(a._v.data if isinstance(a, Tensor) else a),
+                     np.shape(b._v.data if isinstance(b, Tensor) else b))
+    va, vb = _val(a, dtype), _val(b, dtype)
+    return _wrap(emit(op, [va, vb], differentiable=not out_bool)[0])
+
+
+def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
+    if alpha != 1:
+        b = mul(b, alpha)
+    if isinstance(a, Tensor) and a.dtype == np.bool_ and isinstance(b, Tensor) and b.dtype == np.bool_:
+        return _wrap(emit("Or", [a._v, b._v], differentiable=False)[0])
+    return _binary("Add", a, b)
+
+
+def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
+    if alpha != 1:
+        b = mul(b, alpha)
+    return _binary("Sub", a, b)
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    if isinstance(a, Tensor) and a.dtype == np.bool_ and isinstance(b, Tensor) and b.dtype == np.bool_:
+        return _wrap(emit("And", [a._v, b._v], differentiable=False)[0])
+    return _binary("Mul", a, b)
+
+
+def div(a: Any, b: Any) -> Tensor:
+    return _binary("Div", a, b)
+
+
+def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
+    return _binary("Pow", a, b)
+
+
+def neg(a: Tensor) -> Tensor:
+    return _wrap(emit("Neg", [a._v])[0])
+
+
+def _compare(op: str, a: Any, b: Any, negate: bool = False) -> Tensor:
+    out = _binary(op, a, b, out_bool=True)
+    if negate:
+        out = _wrap(emit("Not", [out._v], differentiable=False)[0])
+    return out
+
+
+def eq(a: Any, b: Any) -> Tensor:
+    return _compare("Equal", a, b)
+
+
+def ne(a: Any, b: Any) -> Tensor:
+    return _compare("Equal", a, b, negate=True)
+
+
+def lt(a: Any, b: Any) -> Tensor:
+    return _compare("Less", a, b)
+
+
+def le(a: Any, b: Any) -> Tensor:
+    return _compare("LessOrEqual", a, b)
+
+
+def gt(a: Any, b: Any) -> Tensor:
+    return _compare("Greater", a, b)
+
+
+def ge(a: Any, b: Any) -> Tensor:
+    return _compare("GreaterOrEqual", a, b)
+
+
+def logical_not(a: Tensor) -> Tensor:
+    if a.dtype != np.bool_:
+        a = to(a, np.bool_)
+    return _wrap(emit("Not", [a._v], differentiable=False)[0])
+
+
+# --------------------------------------------------------------------------- unary
+def _float_input(x: Tensor) -> Val:
+    return x._v if x.dtype.kind == "f" else _val(x, get_default_dtype())
+
+
+def _unary(op: str, x: Tensor, attrs: dict | None = None) -> Tensor:
+    return _wrap(emit(op, [_float_input(x)], attrs)[0])
+
+
+def exp(x: Tensor) -> Tensor:
+    return _unary("Exp", x)
+
+
+def log(x: Tensor) -> Tensor:
+    return _unary("Log", x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    return _unary("Sqrt", x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    return _unary("Tanh", x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return _unary("Sigmoid", x)
+
+
+def relu(x: Tensor) -> Tensor:
+    return _wrap(emit("Relu", [x._v])[0])
+
+
+def abs(x: Tensor) -> Tensor:  # noqa: A001
+    return _wrap(emit("Abs", [x._v])[0])
+
+
+def identity(x: Tensor) -> Tensor:
+    return _wrap(emit("Identity", [x._v])[0])
+
+
+def to(x: Tensor, dtype: Any) -> Tensor:
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    return _wrap(_val(x, dtype))
+
+
+def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002
+    if min is None and max is None:
+        raise ValueError(f"clamp: at least one of min and max must be given{_where()}")
+    dtype = x.dtype
+    bounds = [None if v is None else _val(v, dtype) for v in (min, max)]
+    if any(isinstance(v, Tensor) for v in (min, max)):
+        out = x
+        if min is not None:
+            out = maximum(out, min)
+        if max is not None:
+            out = minimum(out, max)
+        return out
+    return _wrap(emit("Clip", [x._v, *bounds])[0])
+
+
+def maximum(a: Any, b: Any) -> Tensor:
+    return _binary("Max", a, b)
+
+
+def minimum(a: Any, b: Any) -> Tensor:
+    return _binary("Min", a, b)
+
+
+def where(cond: Any, a: Any, b: Any) -> Tensor:
+    if not isinstance(cond, Tensor) or cond.dtype != np.bool_:
+        raise TypeError(f"where: condition must be a bool tensor{_where()}")
+    dtype = result_type(a, b)
+    _check_broadcast("Where", cond.shape, np.shape(a._v.data if isinstance(a, Tensor) else a),
+                     np.shape(b._v.data if isinstance(b, Tensor) else b))
+    return _wrap(emit("Where", [cond._v, _val(a, dtype), _val(b, dtype)])[0])
+
+
+# --------------------------------------------------------------------------- matmul
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError("matmul: both operands must be tensors")
+    if a.dtype != b.dtype:
+        raise TypeError(f"matmul: expected both operands to have the same dtype, "
+                        f"but got {a.dtype} and {b.dtype}{_where()}")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"matmul: both arguments need at least 1 dimension, got shapes "
+                         f"{_fmt(a.shape)} and {_fmt(b.shape)}{_where()}")
+    k_a = a.shape[-1]
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if k_a != k_b:
+        raise ShapeError(f"matmul: inner dimensions differ: {_fmt(a.shape)} @ {_fmt(b.shape)} "
+                         f"({k_a} != {k_b}){_where()}")
+    if a.ndim > 2 and b.ndim > 2:
+        _check_broadcast("MatMul batch", a.shape[:-2], b.shape[:-2])
+    return _wrap(emit("MatMul", [a._v, b._v])[0])
+
+
+# --------------------------------------------------------------------------- reductions
+def _norm_dims(x: Tensor, dim: Any) -> list[int] | None:
+    if dim is None:
+        return None
+    dims = [dim] if isinstance(dim, (int, np.integer)) else list(dim)
+    out = []
+    for d in dims:
+        if not -max(x.ndim, 1) <= d < max(x.ndim, 1):
+            raise IndexError(f"dimension {d} out of range for a tensor of shape "
+                             f"{_fmt(x.shape)}{_where()}")
+        out.append(int(d) % max(x.ndim, 1))
+    return sorted(set(out))
+
+
+def _reduce(op: str, x: Tensor, dim: Any, keepdim: bool, val: Val | None = None) -> Tensor:
+    dims = _norm_dims(x, dim)
+    v = x._v if val is None else val
+    if x.ndim == 0:
+        return _wrap(emit("Identity", [v])[0])
+    inputs = [v] if dims is None else [v, const(dims, int64)]
+    return _wrap(emit(op, inputs, {"keepdims": int(bool(keepdim))})[0])
+
+
+def sum(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:  # noqa: A001
+    target = np.dtype(dtype) if dtype is not None else (x.dtype if x.dtype.kind == "f" else int64)
+    return _reduce("ReduceSum", x, dim, keepdim, _val(x, target))
+
+
+def mean(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+    if x.dtype.kind != "f":
+        raise TypeError(f"mean(): could not infer output dtype. Input dtype must be floating "
+                        f"point, got {x.dtype}{_where()}")
+    return _reduce("ReduceMean", x, dim, keepdim)
+
+
+def amax(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+    return _reduce("ReduceMax", x, dim, keepdim)
+
+
+def amin(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+    return _reduce("ReduceMin", x, dim, keepdim)
+
+
+def _arg(op: str, x: Tensor, dim: int | None, keepdim: bool) -> Tensor:
+    if dim is None:
+        flat = reshape(x, (-1,))
+        return _wrap(emit(op, [flat._v], {"axis": 0, "keepdims": 0}, differentiable=False)[0])
+    (d,) = _norm_dims(x, dim)
+    return _wrap(emit(op, [x._v], {"axis": d, "keepdims": int(keepdim)}, differentiable=False)[0])
+
+
+def argmax(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    return _arg("ArgMax", x, dim, keepdim)
+
+
+def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    return _arg("ArgMin", x, dim, keepdim)
+
+
+def _select_reduce(arg_op: str, x: Tensor, dim: int, keepdim: bool) -> MaxResult:
+    # NOTE: values come from GatherElements at the arg index, so the gradient goes to that one
+    # element (as torch.max(dim)), not shared among ties as amax's is.
+    (d,) = _norm_dims(x, dim)
+    idx = _wrap(emit(arg_op, [x._v], {"axis": d, "keepdims": 1}, differentiable=False)[0])
+    values = _wrap(emit("GatherElements", [x._v, idx._v], {"axis": d})[0])
+    if not keepdim:
+        values, idx = squeeze(values, d), squeeze(idx, d)
+    return MaxResult(values, idx)
+
+
+def max(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
+    if isinstance(dim, Tensor):
+        return maximum(x, dim)
+    if dim is None:
+        return amax(x)
+    return _select_reduce("ArgMax", x, dim, keepdim)
+
+
+def min(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
+    if isinstance(dim, Tensor):
+        return minimum(x, dim)
+    if dim is None:
+        return amin(x)
+    return _select_reduce("ArgMin", x, dim, keepdim)
+
+
+# --------------------------------------------------------------------------- shapes
+def _shape_args(shape: tuple) -> tuple[int, ...]:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return tuple(int(s) for s in shape)
+
+
+def reshape(x: Tensor, *shape: Any) -> Tensor:
+    shape = _shape_args(shape)
+    size = x.numel()
+    known = int(np.prod([s for s in shape if s != -1]))
+    if shape.count(-1) > 1 or (-1 not in shape and known != size) or (
+        -1 in shape and (known == 0 or size % known)
+    ):
+        raise ShapeError(f"shape {_fmt(shape)} is invalid for input of size {size} "
+                         f"(shape {_fmt(x.shape)}){_where()}")
+    if shape == x.shape:
+        return x
+    return _wrap(emit("Reshape", [x._v, const(shape, int64)])[0])
+
+
+def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    s, e = start_dim % x.ndim, end_dim % x.ndim
+    shape = x.shape[:s] + (int(np.prod(x.shape[s:e + 1])),) + x.shape[e + 1:]
+    return reshape(x, shape)
+
+
+def squeeze(x: Tensor, dim: Any = None) -> Tensor:
+    if dim is None:
+        axes = [i for i, d in enumerate(x.shape) if d == 1]
+    else:
+        axes = [d for d in _norm_dims(x, dim) if x.shape[d] == 1]
+    if not axes:
+        return x
+    return _wrap(emit("Squeeze", [x._v, const(axes, int64)])[0])
+
+
+def unsqueeze(x: Tensor, dim: int) -> Tensor:
+    if not -x.ndim - 1 <= dim <= x.ndim:
+        raise IndexError(f"unsqueeze: dimension {dim} out of range for {x.ndim}-d tensor{_where()}")
+    return _wrap(emit("Unsqueeze", [x._v, const([dim % (x.ndim + 1)], int64)])[0])
+
+
+def permute(x: Tensor, *dims: Any) -> Tensor:
+    perm = list(_shape_args(dims))
+    if sorted(d % max(x.ndim, 1) for d in perm) != list(range(x.ndim)):
+        raise ValueError(f"permute: {perm} is not a permutation of the {x.ndim} dims{_where()}")
+    perm = [d % x.ndim for d in perm]
+    if perm == list(range(x.ndim)):
+        return x
+    return _wrap(emit("Transpose", [x._v], {"perm": perm})[0])
+
+
+def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
+    perm = list(range(x.ndim))
+    d0, d1 = _norm_dims(x, dim0)[0], _norm_dims(x, dim1)[0]
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return permute(x, perm)
+
+
+def expand(x: Tensor, *shape: Any) -> Tensor:
+    shape = _shape_args(shape)
+    lead = len(shape) - x.ndim
+    full = tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape))
+    _check_broadcast("Expand", x.shape, full)
+    if full == x.shape:
+        return x
+    return _wrap(emit("Expand", [x._v, const(full, int64)])[0])
+
+
+def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("cat: expected a non-empty list of tensors")
+    first = tensors[0]
+    d = _norm_dims(first, dim)[0]
+    for i, t in enumerate(tensors):
+        if t.ndim != first.ndim or t.shape[:d] + t.shape[d + 1:] != first.shape[:d] + first.shape[d + 1:]:
+            raise ShapeError(f"cat: sizes of tensors must match except in dimension {d}: "
+                             f"tensor 0 is {_fmt(first.shape)}, tensor {i} is {_fmt(t.shape)}"
+                             f"{_where()}")
+    dtype = result_type(*tensors)
+    if len(tensors) == 1:
+        return tensors[0]
+    return _wrap(emit("Concat", [_val(t, dtype) for t in tensors], {"axis": d})[0])
+
+
+def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: expected a non-empty list of tensors")
+    for i, t in enumerate(tensors):
+        if t.shape != tensors[0].shape:
+            raise ShapeError(f"stack expects each tensor to be equal size, but got "
+                             f"{_fmt(tensors[0].shape)} at entry 0 and {_fmt(t.shape)} at entry "
+                             f"{i}{_where()}")
+    d = dim % (tensors[0].ndim + 1)
+    return cat([unsqueeze(t, d) for t in tensors], d)
+
+
+def chunk(x: Tensor, chunks: int, dim: int = 0) -> list[Tensor]:
+    d = _norm_dims(x, dim)[0]
+    size = -(-x.shape[d] // chunks)
+    return split(x, size, d)
+
+
+def split(x: Tensor, split_size: Any, dim: int = 0) -> list[Tensor]:
+    d = _norm_dims(x, dim)[0]
+    n = x.shape[d]
+    sizes = ([split_size] * (n // split_size) + ([n % split_size] if n % split_size else [])
+             if isinstance(split_size, int) else list(split_size))
+    if sum_(sizes) != n:
+        raise ShapeError(f"split: sizes {sizes} do not add up to {n} on dim {d}{_where()}")
+    outs = emit("Split", [x._v, const(sizes, int64)], {"axis": d}, n_out=len(sizes))
+    return [_wrap(v) for v in outs]
+
+
+def sum_(values):
+    total = 0
+    for v in values:
+        total += v
+    return total
+
+
+def softmax(x: Tensor, dim: int) -> Tensor:
+    return _wrap(emit("Softmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+
+
+def log_softmax(x: Tensor, dim: int) -> Tensor:
+    return _wrap(emit("LogSoftmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+
+
+# --------------------------------------------------------------------------- indexing
+def getitem(x: Tensor, index: Any) -> Tensor:
+    if not isinstance(index, tuple):
+        index = (index,)
+    if any(isinstance(i, Tensor) and i.dtype == np.bool_ for i in index):
+        raise TypeError(f"boolean mask indexing has a data-dependent shape; use og.where{_where()}")
+    n_real = len([i for i in index if i is not None and i is not Ellipsis])
+    if n_real > x.ndim:
+        raise IndexError(f"too many indices for tensor of dimension {x.ndim}{_where()}")
+    if index.count(Ellipsis) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (x.ndim - n_real) + index[at + 1:]
+    index = index + (slice(None),) * (x.ndim - n_real)
+
+    starts, ends, axes, steps = [], [], [], []
+    squeeze_axes, new_axes, gathers = [], [], []
+    axis = 0  # axis in x
+    out_pos = 0  # position in the result (before squeezes)
+    for item in index:
+        if item is None:
+            new_axes.append(out_pos)
+            out_pos += 1
+            continue
+        size = x.shape[axis]
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            i = int(item)
+            if not -size <= i < size:
+                raise IndexError(f"index {i} is out of bounds for dimension {axis} with size "
+                                 f"{size}{_where()}")
+            i %= size
+            starts.append(i), ends.append(i + 1), axes.append(axis), steps.append(1)
+            squeeze_axes.append(axis)
+        elif isinstance(item, slice):
+            start, stop, step = item.start, item.stop, item.step
+            if step is not None and step <= 0:
+                raise ValueError(f"step must be greater than zero{_where()}")
+            if (start, stop, step) != (None, None, None):
+                s, e, st = slice(start, stop, step).indices(size)
+                starts.append(s), ends.append(builtin_max(e, s)), axes.append(axis)
+                steps.append(st)
+            out_pos += 1
+        elif isinstance(item, (Tensor, list, np.ndarray)):
+            idx = item if isinstance(item, Tensor) else Tensor(Val(np.asarray(item, dtype=np.int64)))
+            if idx.dtype.kind not in "iu":
+                raise IndexError(f"tensors used as indices must be long or int{_where()}")
+            gathers.append((axis, idx))
+            out_pos += 1
+        else:
+            raise TypeError(f"unsupported index {item!r}")
+        axis += 1
+    if len(gathers) > 1:
+        raise IndexError(f"only one tensor index per indexing expression is supported{_where()}")
+
+    v = x._v
+    if starts:
+        v = emit("Slice", [v, const(starts, int64), const(ends, int64), const(axes, int64),
+                           const(steps, int64)])[0]
+    if gathers:
+        (g_axis, idx) = gathers[0]
+        size = x.shape[g_axis]
+        bad = (idx._v.data >= size) | (idx._v.data < -size)
+        if bad.any():
+            raise IndexError(f"index {int(idx._v.data[bad].reshape(-1)[0])} is out of bounds for "
+                             f"dimension {g_axis} with size {size}{_where()}")
+        v = emit("Gather", [v, idx._v], {"axis": g_axis})[0]
+        extra = idx.ndim - 1  # the gathered axis became idx.ndim axes
+        squeeze_axes = [a + extra if a > g_axis else a for a in squeeze_axes]
+    if squeeze_axes:
+        v = emit("Squeeze", [v, const(squeeze_axes, int64)])[0]
+    if new_axes:
+        v = emit("Unsqueeze", [v, const(new_axes, int64)])[0]
+    if v is x._v:
+        v = emit("Identity", [v])[0]
+    return _wrap(v)
+
+
+builtin_max = __builtins__["max"] if isinstance(__builtins__, dict) else __builtins__.max
+
+
+# --------------------------------------------------------------------------- Tensor methods
+def _reflect(fn):
+    return lambda self, other: fn(other, self)
+
+
+def _install() -> None:
+    T = Tensor
+    T.__add__ = add
+    T.__radd__ = _reflect(add)
+    T.__sub__ = sub
+    T.__rsub__ = _reflect(sub)
+    T.__mul__ = mul
+    T.__rmul__ = _reflect(mul)
+    T.__truediv__ = div
+    T.__rtruediv__ = _reflect(div)
+    T.__pow__ = pow
+    T.__rpow__ = _reflect(pow)
+    T.__matmul__ = matmul
+    T.__rmatmul__ = _reflect(matmul)
+    T.__neg__ = neg
+    T.__abs__ = abs
+    T.__eq__ = eq
+    T.__ne__ = ne
+    T.__lt__ = lt
+    T.__le__ = le
+    T.__gt__ = gt
+    T.__ge__ = ge
+    T.__invert__ = logical_not
+    T.__getitem__ = getitem
+    T.__hash__ = object.__hash__
+    for name in ("add", "sub", "mul", "div", "pow", "neg", "matmul", "eq", "ne", "lt", "le", "gt",
+                 "ge", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sum", "mean",
+                 "amax", "amin", "max", "min", "argmax", "argmin", "reshape", "flatten", "squeeze",
+                 "unsqueeze", "permute", "transpose", "expand", "clamp", "softmax", "log_softmax",
+                 "chunk", "split", "to", "maximum", "minimum", "logical_not"):
+        setattr(T, name, globals()[name])
+    T.view = reshape
+    T.clip = clamp
+    T.float = lambda self: to(self, np.float32)
+    T.double = lambda self: to(self, np.float64)
+    T.long = lambda self: to(self, np.int64)
+    T.int = lambda self: to(self, np.int32)
+    T.bool = lambda self: to(self, np.bool_)
+    T.type_as = lambda self, other: to(self, other.dtype)
+    T.expand_as = lambda self, other: expand(self, other.shape)
+    T.view_as = lambda self, other: reshape(self, other.shape)
+    T.reshape_as = lambda self, other: reshape(self, other.shape)
+
+
+_install()

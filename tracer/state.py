@@ -1,0 +1,106 @@
+"""Process-wide tracer state: grad mode, the active trace, the module being called."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+_local = threading.local()
+
+
+def _get(name: str, default: Any) -> Any:
+    return getattr(_local, name, default)
+
+
+def grad_enabled() -> bool:
+    return _get("grad_enabled", True)
+
+
+def set_grad_enabled(mode: bool) -> None:
+    _local.grad_enabled = bool(mode)
+
+
+def active_trace() -> Any:
+    return _get("trace", None)
+
+
+def set_trace(trace: Any) -> None:
+    _local.trace = trace
+
+
+def module_path() -> str | None:
+    stack = _get("modules", None)
+    return stack[-1] if stack else None
+
+
+def push_module(path: str) -> None:
+    stack = _get("modules", None)
+    if stack is None:
+        stack = _local.modules = []
+    stack.append(path)
+
+
+def pop_module() -> None:
+    _local.modules.pop()
+
+
+class no_grad:
+    """Context manager and decorator disabling gradient recording, like ``torch.no_grad``."""
+
+    def __enter__(self) -> None:
+        self._prev = grad_enabled()
+        set_grad_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        set_grad_enabled(self._prev)
+
+    def __call__(self, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class enable_grad(no_grad):
+    def __enter__(self) -> None:
+        self._prev = grad_enabled()
+        set_grad_enabled(True)
+
+
+
+
+def _package_roots() -> tuple[str, ...]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    names = ("tracer", "passes", "runtime", "models", "onnxgrad")
+    return tuple(os.path.join(root, n) + os.sep for n in names)
+
+
+_ROOTS = _package_roots()
+
+
+def user_frame() -> tuple[str, int] | None:
+    """(filename, line) of the innermost caller outside onnxgrad."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_ROOTS):
+            return filename, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def format_frame(where: tuple[str, int] | None) -> str:
+    if where is None:
+        return ""
+    import linecache
+
+    filename, line = where
+    code = linecache.getline(filename, line).strip()
+    short = os.path.basename(filename)
+    return f"{short}:{line}: {code}" if code else f"{short}:{line}"

@@ -1,0 +1,375 @@
+"""Eager tensors whose every operation is an ONNX node, recorded as it runs.
+
+A :class:`Tensor` is a mutable handle on an immutable :class:`Val`. A Val is either a leaf (data
+with no producer) or output ``index`` of a :class:`Record`: one ONNX node with its op type,
+attributes and input Vals. In-place updates (optimizer steps, running statistics) swap the
+handle's Val, so records never change under the graph that reads them.
+
+Recording is a light Python DAG; ``tracer.graph`` turns it into an onnx_ir graph on demand
+(backward, compile), which keeps the eager hot path free of IR objects and lets Python's
+garbage collector free what the user no longer references.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..runtime import run_node
+from . import state
+
+float16 = np.dtype("float16")
+float32 = np.dtype("float32")
+float64 = np.dtype("float64")
+int32 = np.dtype("int32")
+int64 = np.dtype("int64")
+uint8 = np.dtype("uint8")
+int8 = np.dtype("int8")
+bool_ = np.dtype("bool")
+
+_default_float = float32
+
+
+def get_default_dtype() -> np.dtype:
+    return _default_float
+
+
+def set_default_dtype(dtype: Any) -> None:
+    global _default_float
+    dtype = np.dtype(dtype)
+    if dtype not in (float32, float64):
+        raise TypeError(f"default dtype must be float32 or float64, got {dtype}")
+    _default_float = dtype
+
+
+class TraceError(RuntimeError):
+    """Python needed a tensor's value while ``og.compile`` was tracing."""
+
+
+class Record:
+    """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
+
+    __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "freed", "extra")
+
+    def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
+                 outs: list[np.ndarray]):
+        self.op = op
+        self.attrs = attrs
+        self.key = key
+        self.inputs = tuple(inputs)
+        self.outs = outs
+        self.where = state.user_frame()
+        self.module = state.module_path()
+        self.freed = False
+        self.extra: Any = None
+
+    def source(self) -> str:
+        return state.format_frame(self.where)
+
+
+class Val:
+    """An immutable value: eager data plus how it was made."""
+
+    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "__weakref__")
+
+    def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
+                 requires_grad: bool = False, const: bool = False):
+        self.data = data
+        self.rec = rec
+        self.index = index
+        self.requires_grad = requires_grad
+        self.leaf: weakref.ref | None = None  # the leaf Tensor that accumulates .grad
+        self.const = const  # an attribute-like constant (axes, shapes): baked into graphs
+
+
+def _contig(array: Any, dtype: Any = None) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    array = np.asarray(array, dtype=dtype)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def attrs_key(attrs: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, _freeze(v)) for k, v in attrs.items())) if attrs else ()
+
+
+def const(value: Any, dtype: Any = None) -> Val:
+    """An attribute-like constant input (axes, shapes, slice bounds)."""
+    return Val(np.asarray(value, dtype=dtype), const=True)
+
+
+def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = None,
+         n_out: int = 1, differentiable: bool = True) -> list[Val]:
+    """Run one ONNX node eagerly and record it when gradients or a trace need it."""
+    attrs = attrs or {}
+    key = attrs_key(attrs)
+    datas = [None if v is None else v.data for v in inputs]
+    try:
+        outs = run_node(op, attrs, key, datas, n_out)
+    except Exception as exc:  # ORT's message plus the op and the user's line
+        where = state.format_frame(state.user_frame())
+        shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
+        raise RuntimeError(f"{op}({shapes}) failed at {where}: {exc}") from None
+    requires_grad = (
+        differentiable and state.grad_enabled()
+        and any(v is not None and v.requires_grad for v in inputs)
+    )
+    if requires_grad or state.active_trace() is not None:
+        rec = Record(op, attrs, key, inputs, outs)
+        return [
+            Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
+        ]
+    return [Val(o) for o in outs]
+
+
+def _check_traceable(what: str) -> None:
+    if state.active_trace() is not None:
+        where = state.format_frame(state.user_frame())
+        raise TraceError(
+            f"{what} needs a tensor's value while og.compile is tracing ({where}); "
+            "data-dependent Python control flow cannot be compiled into one graph. "
+            "Use og.where / tensor ops instead, or call it outside the compiled function."
+        )
+
+
+class Tensor:
+    """A torch-like eager tensor backed by NumPy data and recorded as ONNX nodes."""
+
+    __slots__ = ("_v", "grad", "_name", "_version", "__weakref__")
+    __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
+
+    def __init__(self, val: Val):
+        self._v = val
+        self.grad: Tensor | None = None
+        self._name: str | None = None
+        self._version = 0
+
+    # ----------------------------------------------------------------- construction helpers
+    @classmethod
+    def _wrap(cls, val: Val) -> Tensor:
+        return cls(val)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def data(self) -> Tensor:
+        return self.detach()
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        array = value._v.data if isinstance(value, Tensor) else np.asarray(value)
+        self._set_leaf_data(np.array(array, dtype=array.dtype, copy=True))
+
+    def _set_leaf_data(self, array: np.ndarray) -> None:
+        """Replace the data of a leaf in place (optimizer steps, load_state_dict, ``.data =``)."""
+        val = Val(array, requires_grad=self._v.requires_grad)
+        val.leaf = self._v.leaf
+        self._v = val
+        self._version += 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._v.data.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._v.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._v.data.ndim
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
+        return int(self._v.data.size)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._v.requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag: bool) -> None:
+        self.requires_grad_(flag)
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if not self.is_leaf:
+            raise RuntimeError(
+                "you can only change requires_grad flags of leaf variables; use .detach() first"
+            )
+        if flag and self.dtype.kind != "f":
+            raise RuntimeError(f"only floating point tensors can require gradients, got {self.dtype}")
+        self._v.requires_grad = bool(flag)
+        self._v.leaf = weakref.ref(self) if flag else None
+        return self
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._v.rec is None or not self._v.requires_grad
+
+    @property
+    def grad_fn(self) -> str | None:
+        rec = self._v.rec
+        return f"<{rec.op}Backward>" if rec is not None and self._v.requires_grad else None
+
+    @property
+    def T(self) -> Tensor:
+        from . import ops
+
+        return ops.permute(self, list(reversed(range(self.ndim))))
+
+    # ----------------------------------------------------------------- values
+    def numpy(self) -> np.ndarray:
+        _check_traceable(".numpy()")
+        if self.requires_grad:
+            raise RuntimeError("Can't call numpy() on a tensor that requires grad. "
+                               "Use tensor.detach().numpy() instead.")
+        return self._v.data
+
+    def item(self) -> Any:
+        _check_traceable(".item()")
+        if self._v.data.size != 1:
+            raise ValueError(
+                f"a Tensor with {self._v.data.size} elements cannot be converted to a Scalar"
+            )
+        return self._v.data.reshape(()).item()
+
+    def tolist(self) -> Any:
+        _check_traceable(".tolist()")
+        return self._v.data.tolist()
+
+    def __bool__(self) -> bool:
+        _check_traceable("bool(tensor) (an `if` or `while` on a tensor)")
+        if self._v.data.size != 1:
+            raise RuntimeError(
+                f"Boolean value of Tensor with {self._v.data.size} elements is ambiguous"
+            )
+        return bool(self._v.data.reshape(()))
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __index__(self) -> int:
+        if self.dtype.kind not in "iub":
+            raise TypeError("only integer tensors of a single element can be used as an index")
+        return int(self.item())
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __array__(self, dtype=None, copy=None):
+        _check_traceable("np.asarray(tensor)")
+        data = self._v.data
+        return data if dtype is None else data.astype(dtype)
+
+    def detach(self) -> Tensor:
+        return Tensor(Val(self._v.data))
+
+    def clone(self) -> Tensor:
+        from . import ops
+
+        return ops.identity(self)
+
+    def detach_(self) -> Tensor:
+        self._v = Val(self._v.data)
+        return self
+
+    def retain_grad(self) -> None:
+        raise NotImplementedError("retain_grad is not supported; use og.autograd.grad instead")
+
+    def backward(self, gradient: Any = None, retain_graph: bool | None = None,
+                 create_graph: bool = False) -> None:
+        from .autograd import backward
+
+        backward([self], None if gradient is None else [gradient],
+                 retain_graph=retain_graph, create_graph=create_graph)
+
+    # ----------------------------------------------------------------- repr
+    def __repr__(self) -> str:
+        data = self._v.data
+        prefix = "tensor("
+        if data.dtype.kind == "f":
+            finite = data[np.isfinite(data)]
+            integral = finite.size == 0 or bool(np.all(finite == np.round(finite)))
+            big = finite.size and np.max(np.abs(finite)) >= 1e8
+            small = finite.size and 0 < np.min(np.abs(finite[finite != 0]), initial=np.inf) < 1e-4
+            if integral and not big:
+                body = np.array2string(data, separator=", ", prefix=prefix,
+                                       formatter={"float_kind": lambda x: _int_float(x)})
+            else:
+                body = np.array2string(data, separator=", ", prefix=prefix, precision=4,
+                                       floatmode="fixed", suppress_small=False,
+                                       sign="-" if not (big or small) else "-")
+        elif data.dtype == bool_:
+            width = 5 if (~data).any() else 4
+            body = np.array2string(data, separator=", ", prefix=prefix,
+                                   formatter={"bool": lambda x: str(bool(x)).rjust(width)})
+        else:
+            body = np.array2string(data, separator=", ", prefix=prefix)
+        extras = []
+        if data.dtype not in (_default_float, int64, bool_):
+            extras.append(f"dtype={data.dtype}")
+        if self._v.rec is not None and self._v.requires_grad:
+            extras.append(f"grad_fn={self.grad_fn}")
+        elif self._v.requires_grad:
+            extras.append("requires_grad=True")
+        return prefix + body + "".join(", " + e for e in extras) + ")"
+
+    __str__ = __repr__
+    __hash__ = object.__hash__
+
+
+def _int_float(x: float) -> str:
+    if np.isnan(x):
+        return "nan"
+    if np.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{int(x)}."
+
+
+def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+    """A new leaf tensor from Python data, NumPy arrays or tensors (data is copied)."""
+    if isinstance(data, Tensor):
+        array = np.array(data._v.data, copy=True)
+    else:
+        array = np.array(data, copy=True)
+    if dtype is not None:
+        array = array.astype(np.dtype(dtype), copy=False)
+    elif array.dtype.kind == "f":
+        array = array.astype(_default_float if not isinstance(data, (np.ndarray, Tensor))
+                             else array.dtype, copy=False)
+    elif array.dtype.kind in "iu" and not isinstance(data, np.ndarray):
+        array = array.astype(int64, copy=False)
+    if array.dtype.kind not in "fiub":
+        raise TypeError(f"unsupported tensor data of dtype {array.dtype}")
+    t = Tensor(Val(_contig(array)))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def as_tensor(data: Any, dtype: Any = None) -> Tensor:
+    if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
+        return data
+    return tensor(data, dtype=dtype)
