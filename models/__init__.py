@@ -1,0 +1,2 @@
+"""Architectures built with onnxgrad.nn."""
+from __future__ import annotations
