@@ -133,8 +133,7 @@ class Walk:
         return ("l", self._leaf_index[id(v)])
 
 
-def record_node(rec: Record, inputs: Iterable[ir.Value | None], names: Sequence[str],
-                origin: str = "fwd") -> ir.Node:
+def record_node(rec: Record, inputs: Iterable[ir.Value | None], names: Sequence[str]) -> ir.Node:
     attributes = ir.convenience.convert_attributes(
         {k: (ir.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in rec.attrs.items()}
     )
@@ -142,7 +141,7 @@ def record_node(rec: Record, inputs: Iterable[ir.Value | None], names: Sequence[
                for n, o in zip(names, rec.outs)]
     node = ir.Node("", rec.op, list(inputs), attributes, outputs=outputs,
                    name=(f"{rec.module}/" if rec.module else "") + f"{rec.op}_{names[0]}")
-    node.metadata_props[ORIGIN] = origin
+    node.metadata_props[ORIGIN] = rec.origin
     source = rec.source()
     if source:
         node.metadata_props[SOURCE] = source

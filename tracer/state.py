@@ -29,6 +29,25 @@ def set_trace(trace: Any) -> None:
     _local.trace = trace
 
 
+def origin() -> str:
+    """What recorded nodes are for: ``fwd`` unless inside :class:`recording_as`."""
+    return _get("origin", "fwd")
+
+
+class recording_as:
+    """Tag nodes recorded inside the block with an origin (``bn-stats``, ``opt``)."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+
+    def __enter__(self) -> None:
+        self._prev = origin()
+        _local.origin = self.origin
+
+    def __exit__(self, *exc: object) -> None:
+        _local.origin = self._prev
+
+
 def module_path() -> str | None:
     stack = _get("modules", None)
     return stack[-1] if stack else None
