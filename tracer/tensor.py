@@ -51,7 +51,8 @@ class TraceError(RuntimeError):
 class Record:
     """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
 
-    __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "freed", "extra")
+    __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
+                 "extra")
 
     def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
                  outs: list[np.ndarray]):
@@ -62,6 +63,7 @@ class Record:
         self.outs = outs
         self.where = state.user_frame()
         self.module = state.module_path()
+        self.origin = state.origin()
         self.freed = False
         self.extra: Any = None
 
