@@ -635,3 +635,40 @@ def _install() -> None:
 
 
 _install()
+
+
+# --------------------------------------------------------------------------- layers
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias``: one ``Gemm`` for 2-D input, MatMul (+ Add) otherwise."""
+    if x.shape[-1:] != weight.shape[1:]:
+        raise ShapeError(f"linear: input {_fmt(x.shape)} has {x.shape[-1] if x.ndim else 0} "
+                         f"features but the weight {_fmt(weight.shape)} expects "
+                         f"{weight.shape[1]}{_where()}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear: input dtype {x.dtype} does not match weight dtype "
+                        f"{weight.dtype}{_where()}")
+    if x.ndim == 2:
+        inputs = [x._v, weight._v] + ([bias._v] if bias is not None else [])
+        return _wrap(emit("Gemm", inputs, {"transB": 1})[0])
+    out = matmul(x, permute(weight, [1, 0]))
+    return out if bias is None else add(out, bias)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """ONNX ``Dropout`` in training mode: a fresh mask per run, scaled by 1/(1-p)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}{_where()}")
+    if not training or p == 0:
+        return x
+    ratio = const(np.asarray(p, dtype=x.dtype))
+    mode = const(np.asarray(True))
+    return _wrap(emit("Dropout", [x._v, ratio, mode], n_out=2)[0])
+
+
+def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``torch.gather``: ONNX ``GatherElements`` along ``dim``."""
+    d = _norm_dims(x, dim)[0]
+    if index.dtype.kind not in "iu" or index.ndim != x.ndim:
+        raise IndexError(f"gather: index must be an integer tensor of rank {x.ndim}, got "
+                         f"{index.dtype}{_fmt(index.shape)}{_where()}")
+    return _wrap(emit("GatherElements", [x._v, index._v], {"axis": d})[0])

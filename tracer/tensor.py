@@ -177,6 +177,17 @@ class Tensor:
         self._v = val
         self._version += 1
 
+    def _assign(self, value: Tensor) -> None:
+        """In-place update of a buffer (running statistics) by a computed value.
+
+        The handle takes the new Val, record included, so a compiled step sees the buffer's new
+        value as a graph output.
+        """
+        if self._v.requires_grad:
+            raise RuntimeError("in-place assignment to a tensor that requires grad")
+        self._v = value._v
+        self._version += 1
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self._v.data.shape)
