@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-ORIGIN = "onnxgrad.origin"
-SOURCE = "onnxgrad.source"
-MODULE = "onnxgrad.module"
+# The keys are defined once, in the bottom layer; re-exported here for the tracer.
+from ..runtime.metadata import MODULE, ORIGIN, SOURCE  # noqa: F401
 
 # Ops whose output dtype differs from their first input's.
 _BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
@@ -97,6 +96,8 @@ class Builder:
             out.dtype = ir.DataType(attrs["to"])
         elif op == "Where":
             out.dtype = node.inputs[1].dtype
+        elif op == "ConstantOfShape":
+            out.dtype = attrs["value"].dtype
         elif op == "Constant":
             out.dtype = attrs["value"].dtype
             out.shape = ir.Shape(attrs["value"].shape)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..passes.builder import MODULE, ORIGIN, SOURCE
+from ..passes.builder import MODULE, ORIGIN, SOURCE, Builder
 from .tensor import Record, Val
 
 WRT, DATA, CONST = "w", "d", "c"
@@ -111,17 +111,30 @@ class Walk:
                     value.const_value = ir.tensor(v.data, name=value.name)
             leaves.append(value)
         nodes: list[ir.Node] = []
+        produced: list[list[ir.Value]] = []  # output values of each record
+        builder = Builder(nodes, prefix="m")
 
         def lookup(ref):
             if ref is None:
                 return None
             if ref[0] == "l":
                 return leaves[ref[1]]
-            return nodes[ref[1]].outputs[ref[2]]
+            return produced[ref[1]][ref[2]]
 
         for i, rec in enumerate(self.records):
             inputs = [lookup(self._ref(v)) for v in rec.inputs]
-            nodes.append(record_node(rec, inputs, [f"r{i}_{j}" for j in range(len(rec.outs))]))
+            if rec.extra is None:
+                node = record_node(rec, inputs, [f"r{i}_{j}" for j in range(len(rec.outs))])
+                nodes.append(node)
+                produced.append(list(node.outputs))
+                continue
+            # A macro record: its pass appends the nodes (tagged with the record's origin).
+            builder.origin, builder.source = rec.origin, rec.source() or None
+            builder.module = rec.module
+            outs = rec.extra(builder, inputs)
+            for value, data in zip(outs, rec.outs):
+                value.shape, value.dtype = ir.Shape(data.shape), ir.DataType.from_numpy(data.dtype)
+            produced.append(list(outs))
         return leaves, nodes, [lookup(r) for r in self.root_refs]
 
     def _ref(self, v: Val | None):

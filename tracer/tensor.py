@@ -115,8 +115,9 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
     attrs = attrs or {}
     key = attrs_key(attrs)
     datas = [None if v is None else v.data for v in inputs]
+    consts = [v is not None and v.const for v in inputs]
     try:
-        outs = run_node(op, attrs, key, datas, n_out)
+        outs = run_node(op, attrs, key, datas, n_out, consts)
     except Exception as exc:  # ORT's message plus the op and the user's line
         where = state.format_frame(state.user_frame())
         shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
@@ -386,3 +387,17 @@ def as_tensor(data: Any, dtype: Any = None) -> Tensor:
     if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
         return data
     return tensor(data, dtype=dtype)
+
+
+def emit_macro(op: str, inputs: Sequence[Val], outs: Sequence[np.ndarray], expand: Any, *,
+               key: Any, origin: str) -> list[Val]:
+    """Record a step that a pass expands into nodes when the graph is built.
+
+    ``expand(builder, input_values) -> output_values`` appends the nodes (gradients of a traced
+    ``backward``, an optimizer's updates); ``outs`` are the eagerly computed results and ``key``
+    the step's structure, so equal structures give equal graphs.
+    """
+    rec = Record(op, {}, ("macro", key), inputs, list(outs))
+    rec.extra = expand
+    rec.origin = origin
+    return [Val(o, rec, i) for i, o in enumerate(outs)]

@@ -198,3 +198,18 @@ def leaky_relu(b, node, grads, needs):
     g = grads[0]
     return [b.op("Where", b.op("Greater", x, b.const_like(0, x)), g,
                  b.op("Mul", g, b.const_like(alpha, g)))]
+
+
+@rule("Dropout")
+def dropout(b, node, grads, needs):
+    g = grads[0]
+    if len(node.outputs) < 2 or not node.outputs[1].name:
+        # Inference-mode Dropout (no mask output) is the identity.
+        return [g] + [None] * (len(node.inputs) - 1)
+    mask = node.outputs[1]
+    ratio = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    one = b.const_like(1, g)
+    scale = (b.const_like(2, g) if ratio is None  # default ratio 0.5
+             else b.op("Div", one, b.op("Sub", one, ratio)))
+    dx = _zeros_like_where(b, mask, b.op("Mul", g, scale), True)
+    return [dx] + [None] * (len(node.inputs) - 1)

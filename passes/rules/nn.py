@@ -63,7 +63,7 @@ def gemm(b, node, grads, needs):
         da = (b.op("Gemm", w, ga, transA=tb, transB=1) if ta
               else b.op("Gemm", ga, w, transA=0, transB=1 - tb))
     if needs[1]:
-        dw = (b.op("Gemm", ga, a, transA=1, transB=1 - ta) if tb
+        dw = (b.op("Gemm", ga, a, transA=1, transB=ta) if tb
               else b.op("Gemm", a, ga, transA=1 - ta, transB=0))
     if c is not None and needs[2]:
         gc = g if beta == 1.0 else b.op("Mul", g, b.const_like(beta, g))

@@ -1,0 +1,10 @@
+"""``onnxgrad.nn``: modules and layers with PyTorch's names, defaults and initialisation."""
+from __future__ import annotations
+
+from . import functional
+from .modules import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten,
+                      Identity, Linear, MaxPool2d, Module, Parameter, ReLU, Sequential)
+
+__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
+           "Identity", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",
+           "functional"]

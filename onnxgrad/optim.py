@@ -1,0 +1,249 @@
+"""``onnxgrad.optim``: SGD with PyTorch's semantics, its update nodes built by ``passes.sgd``.
+
+``step()`` runs the update of every parameter as one ONNX Runtime session (cached by structure).
+While ``og.compile`` traces, the same nodes become part of the training-step graph, with the
+hyperparameters as scalar graph inputs read from ``param_groups`` at every call.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from .passes.builder import Builder
+from .passes.sgd import SGDFlags, SGDHyper, sgd_update
+from .runtime import IR_VERSION, OPSET, make_session
+from .runtime.session import _LRU
+from .tracer import state as tracer_state
+from .tracer.graph import ir_type
+from .tracer.tensor import Tensor, Val, emit_macro
+
+_sessions = _LRU(32)
+_HYPER = ("lr", "momentum", "dampening", "weight_decay")
+
+
+class SGD:
+    """``torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov)``."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False) -> None:
+        self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+        _check_hyper(self.defaults)
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+        for group in groups:
+            self.add_param_group(group)
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        group = dict(group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        if not group["params"]:
+            raise ValueError("optimizer got an empty parameter list")
+        for p in group["params"]:
+            if not isinstance(p, Tensor) or not p.is_leaf or not p.requires_grad:
+                raise ValueError("optimizer can only optimize leaf Tensors that require grad")
+            if any(p is q for g in self.param_groups for q in g["params"]):
+                raise ValueError("some parameters appear in more than one parameter group")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        _check_hyper(group)
+        self.param_groups.append(group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad = Tensor(Val(np.zeros_like(p.grad._v.data)))
+
+    # ----------------------------------------------------------------- the update
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        entries: list[tuple[int, Tensor]] = [
+            (gi, p) for gi, group in enumerate(self.param_groups) for p in group["params"]
+            if p.grad is not None
+        ]
+        if not entries:
+            return loss
+        for gi, group in enumerate(self.param_groups):
+            _check_hyper(group)
+        flags = [_flags(g) for g in self.param_groups]
+        bufs = [self._buffer(p, self.param_groups[gi], flags[gi]) for gi, p in entries]
+        used = sorted({gi for gi, _ in entries})
+        trace = tracer_state.active_trace()
+        hypers = {gi: self._hyper_vals(gi, flags[gi], entries, trace) for gi in used}
+
+        inputs: list[Val] = []
+        for (gi, p), buf in zip(entries, bufs):
+            inputs += [p._v, p.grad._v] + ([buf._v] if buf is not None else [])
+        for gi in used:
+            inputs += [v for v in hypers[gi] if v is not None]
+        layout = tuple((gi, buf is not None) for (gi, _), buf in zip(entries, bufs))
+        structure = (layout, tuple(flags[gi] for gi in used), tuple(used))
+
+        def expand(b: Builder, values: list[ir.Value]) -> list[ir.Value]:
+            return _update_nodes(b, values, layout, flags, used)
+
+        key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
+        session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
+        outs = session.run(None, {f"in{i}": v.data for i, v in enumerate(inputs)})
+        if trace is not None:
+            trace.add_optimizer(self)
+            vals = emit_macro("SGD", inputs, outs, expand, key=structure, origin="opt")
+        else:
+            vals = [Val(o) for o in outs]
+        k = 0
+        for (gi, p), buf in zip(entries, bufs):
+            if trace is not None:
+                p._v = vals[k]  # the traced update: the compiled step outputs it
+            else:
+                p._set_leaf_data(outs[k])
+            k += 1
+            if flags[gi].momentum:
+                holder = self.state.setdefault(p, {}).get("momentum_buffer")
+                if holder is None:
+                    holder = self.state[p]["momentum_buffer"] = Tensor(vals[k])
+                else:
+                    holder._v = vals[k]
+                k += 1
+        return loss
+
+    def _buffer(self, p: Tensor, group: dict[str, Any], flags: SGDFlags) -> Tensor | None:
+        if not flags.momentum:
+            return None
+        buf = self.state.get(p, {}).get("momentum_buffer")
+        if buf is None and not flags.dampening:
+            # NOTE: with no dampening a zero buffer gives PyTorch's first step exactly
+            # (momentum * 0 + d_p == d_p), so the first step has the graph of every later one.
+            buf = Tensor(Val(np.zeros_like(p._v.data)))
+            self.state.setdefault(p, {})["momentum_buffer"] = buf
+        return buf
+
+    def _hyper_vals(self, gi: int, flags: SGDFlags, entries, trace) -> list[Val | None]:
+        group = self.param_groups[gi]
+        dtype = next(p.dtype for g, p in entries if g == gi)
+        suffix = "" if gi == 0 else f".group{gi}"
+        values = {
+            "lr": group["lr"],
+            "momentum": group["momentum"] if flags.momentum else None,
+            "dampening": 1 - group["dampening"] if flags.momentum and flags.dampening else None,
+            "weight_decay": group["weight_decay"] if flags.weight_decay else None,
+        }
+        getters = {
+            "lr": lambda: group["lr"],
+            "momentum": lambda: group["momentum"],
+            "dampening": lambda: 1 - group["dampening"],
+            "weight_decay": lambda: group["weight_decay"],
+        }
+        out: list[Val | None] = []
+        for name in _HYPER:
+            if values[name] is None:
+                out.append(None)
+            elif trace is not None:
+                out.append(trace.scalar_input(f"{name}{suffix}", getters[name], dtype))
+            else:
+                out.append(Val(np.asarray(values[name], dtype=dtype)))
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """PyTorch's layout: ``state`` by parameter index, ``param_groups`` with indices."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state = {index[id(p)]: {k: np.array(v._v.data) for k, v in s.items()}
+                 for p, s in self.state.items() if id(p) in index}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [index[id(p)] for p in g["params"]]} for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(own["params"]) for g, own in zip(groups, self.param_groups)):
+            raise ValueError("loaded state dict has a different number of parameter groups or "
+                             "parameters than this optimizer")
+        params = [p for g in self.param_groups for p in g["params"]]
+        for own, group in zip(self.param_groups, groups):
+            own.update({k: v for k, v in group.items() if k != "params"})
+        self.state = {}
+        for i, entry in state_dict["state"].items():
+            p = params[int(i)]
+            self.state[p] = {}
+            for k, v in entry.items():
+                array = np.asarray(v._v.data if isinstance(v, Tensor) else v, dtype=p.dtype)
+                if array.shape != p.shape:
+                    raise ValueError(f"optimizer state {k} of parameter {i}: expected shape "
+                                     f"{list(p.shape)}, got {list(array.shape)}")
+                self.state[p][k] = Tensor(Val(np.array(array)))
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in g.items() if k != "params"]
+        return "\n".join(lines) + "\n)"
+
+
+def _check_hyper(group: dict[str, Any]) -> None:
+    lr, momentum = group["lr"], group["momentum"]
+    if isinstance(lr, Tensor):
+        raise TypeError("lr must be a Python number (it is fed to the graph at every step)")
+    if lr < 0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if group["weight_decay"] < 0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    if group["nesterov"] and (momentum <= 0 or group["dampening"] != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def _flags(group: dict[str, Any]) -> SGDFlags:
+    return SGDFlags(momentum=group["momentum"] != 0, dampening=group["dampening"] != 0,
+                    weight_decay=group["weight_decay"] != 0, nesterov=bool(group["nesterov"]),
+                    maximize=bool(group["maximize"]))
+
+
+def _update_nodes(b: Builder, values: list[ir.Value], layout, flags, used) -> list[ir.Value]:
+    """Apply ``passes.sgd`` to the flat input list laid out as ``SGD.step`` builds it."""
+    n_state = sum(3 if has_buf else 2 for _, has_buf in layout)
+    hyper_values = iter(values[n_state:])
+    hypers: dict[int, SGDHyper] = {}
+    for gi in used:
+        f = flags[gi]
+        present = [True, f.momentum, f.momentum and f.dampening, f.weight_decay]
+        lr, mom, damp, wd = (next(hyper_values) if on else None for on in present)
+        hypers[gi] = SGDHyper(lr=lr, momentum=mom, dampening=damp, weight_decay=wd)
+    outs: list[ir.Value] = []
+    it = iter(values[:n_state])
+    for gi, has_buf in layout:
+        p, g = next(it), next(it)
+        buf = next(it) if has_buf else None
+        new_p, new_buf = sgd_update(b, p, g, buf, hypers[gi], flags[gi])
+        outs.append(new_p)
+        if new_buf is not None:
+            outs.append(new_buf)
+    return outs
+
+
+def _session(expand, inputs: list[Val]):
+    """A standalone session running ``expand`` on inputs ``in0..inN``."""
+    graph_inputs = [ir.Value(name=f"in{i}", shape=ir.Shape(v.data.shape), type=ir_type(v.data))
+                    for i, v in enumerate(inputs)]
+    b = Builder(origin="opt", prefix="sgd")
+    outputs = expand(b, graph_inputs)
+    for i, o in enumerate(outputs):
+        o.name = f"out{i}"
+    graph = ir.Graph(graph_inputs, outputs, nodes=b.nodes, opset_imports={"": OPSET},
+                     name="sgd_step")
+    model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
+    return make_session(ir.serde.serialize_model(model))
