@@ -25,3 +25,12 @@ long = int64
 clip = clamp
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
+    if name in ("nn", "optim", "models"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
