@@ -1,0 +1,19 @@
+"""The metadata keys onnxgrad writes into ONNX graphs, defined once for every layer.
+
+``runtime`` is the bottom layer, so the passes that write these keys (``passes.builder``), the
+tracer that records them and the inspection that reads them all import them from here.
+"""
+from __future__ import annotations
+
+# Node metadata_props.
+ORIGIN = "onnxgrad.origin"  # which stage made the node: one of ORIGINS
+SOURCE = "onnxgrad.source"  # the user's source line for traced nodes: "model.py:12: y = conv(x)"
+MODULE = "onnxgrad.module"  # the qualified module path the node was recorded in: "layer1.0.conv1"
+
+# Model (or graph) metadata_props, as JSON.
+STATE = "onnxgrad.state"  # object: state output name -> the input it feeds on the next step
+DATA_INPUTS = "onnxgrad.data_inputs"  # list: names of the inputs fed with fresh data every step
+PARAMETERS = "onnxgrad.parameters"  # list: inputs that are trainable parameters (not state)
+
+ORIGINS = ("fwd", "grad", "opt", "bn-stats")
+UNKNOWN_ORIGIN = "unknown"  # nodes without ORIGIN: any model onnxgrad did not make
