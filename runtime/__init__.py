@@ -5,6 +5,7 @@ Knows nothing of tensors or passes.
 from __future__ import annotations
 
 from .opset import IR_VERSION, OPSET
-from .session import get_providers, make_session, run_node, set_providers
+from .session import add_model_check, get_providers, make_session, run_node, set_providers
 
-__all__ = ["IR_VERSION", "OPSET", "get_providers", "make_session", "run_node", "set_providers"]
+__all__ = ["IR_VERSION", "OPSET", "add_model_check", "get_providers", "make_session", "run_node",
+           "set_providers"]

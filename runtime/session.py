@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 from onnx import helper
 
@@ -57,9 +58,30 @@ def session_options(*, level: str = "extended") -> ort.SessionOptions:
     return opts
 
 
+ModelCheck = Callable[[onnx.ModelProto], None]
+_model_checks: list[ModelCheck] = []
+
+
+def add_model_check(check: ModelCheck) -> Callable[[], None]:
+    """Call ``check(model)`` on every model before a session is made from it; returns a remover.
+
+    A debugging hook: tests use it to run ``onnx.checker`` on every graph that reaches ONNX
+    Runtime (single-node kernels and gradient graphs alike). Costs nothing when none is added.
+    """
+    _model_checks.append(check)
+    return lambda: _model_checks.remove(check)
+
+
 def make_session(model: onnx.ModelProto | bytes, *, level: str = "extended") -> ort.InferenceSession:
+    if _model_checks:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+        for check in list(_model_checks):
+            check(proto)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, session_options(level=level), providers=get_providers())
+
+
+_MISSING = object()
 
 
 class _LRU(OrderedDict):
@@ -68,15 +90,15 @@ class _LRU(OrderedDict):
         self.capacity = capacity
 
     def get_or_make(self, key, make):
-        try:
-            value = self[key]
-        except KeyError:
-            value = make()
-            self[key] = value
-            if len(self) > self.capacity:
-                self.popitem(last=False)
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            self.move_to_end(key)
             return value
-        self.move_to_end(key)
+        # make() runs outside any `except KeyError`, so its errors don't chain a KeyError context.
+        value = make()
+        self[key] = value
+        if len(self) > self.capacity:
+            self.popitem(last=False)
         return value
 
 
@@ -88,21 +110,37 @@ def kernel_cache_size() -> int:
 
 
 def _single_node_model(
-    op_type: str, attrs: dict[str, Any], in_types: Sequence[tuple[int, tuple[int, ...]] | None], n_out: int
+    op_type: str,
+    attrs: dict[str, Any],
+    inputs: Sequence[np.ndarray | None],
+    consts: Sequence[bool],
+    n_out: int,
 ) -> onnx.ModelProto:
-    in_names = [f"x{i}" if t is not None else "" for i, t in enumerate(in_types)]
+    """One node whose constant inputs (axes, shapes, slice bounds) are initializers.
+
+    Constants are baked in so that shape inference knows every output's rank and dims: graph
+    outputs then carry full types, as ``onnx.checker.check_model(full_check=True)`` requires.
+    """
+    in_names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
     out_names = [f"y{i}" for i in range(n_out)]
     node = helper.make_node(op_type, in_names, out_names, **attrs)
-    inputs = [
-        helper.make_tensor_value_info(name, t[0], t[1])
-        for name, t in zip(in_names, in_types)
-        if t is not None
-    ]
+    graph_inputs, initializers = [], []
+    for name, x, is_const in zip(in_names, inputs, consts):
+        if x is None:
+            continue
+        if is_const:
+            initializers.append(onnx.numpy_helper.from_array(x, name))
+        else:
+            dtype = helper.np_dtype_to_tensor_dtype(x.dtype)
+            graph_inputs.append(helper.make_tensor_value_info(name, dtype, x.shape))
     outputs = [helper.make_empty_tensor_value_info(name) for name in out_names]
-    graph = helper.make_graph([node], op_type, inputs, outputs)
+    graph = helper.make_graph([node], op_type, graph_inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
-    return model
+    # Strict inference types the outputs, and rejects an ill-typed node with ONNX's message.
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    del inferred.graph.value_info[:]
+    return inferred
 
 
 def run_node(
@@ -111,16 +149,22 @@ def run_node(
     attrs_key: Any,
     inputs: Sequence[np.ndarray | None],
     n_out: int = 1,
+    consts: Sequence[bool] | None = None,
 ) -> list[np.ndarray]:
-    """Evaluate one ONNX node eagerly; sessions are cached by op, attributes, dtypes and shapes."""
-    key = (op_type, attrs_key, n_out, tuple(None if x is None else (x.dtype, x.shape) for x in inputs))
+    """Evaluate one ONNX node eagerly; sessions are cached by op, attributes, dtypes and shapes.
+
+    ``consts[i]`` marks input ``i`` as an attribute-like constant: it is baked into the kernel
+    (and its value is part of the cache key) instead of being fed.
+    """
+    consts = list(consts) if consts is not None else [False] * len(inputs)
+    key = (op_type, attrs_key, n_out, tuple(
+        None if x is None else (x.dtype.str, x.shape, x.tobytes() if c else None)
+        for x, c in zip(inputs, consts)
+    ))
 
     def make():
-        in_types = [
-            None if x is None else (helper.np_dtype_to_tensor_dtype(x.dtype), x.shape) for x in inputs
-        ]
-        return make_session(_single_node_model(op_type, attrs, in_types, n_out))
+        return make_session(_single_node_model(op_type, attrs, inputs, consts, n_out))
 
     sess = _kernel_cache.get_or_make(key, make)
-    feeds = {f"x{i}": x for i, x in enumerate(inputs) if x is not None}
+    feeds = {f"x{i}": x for i, (x, c) in enumerate(zip(inputs, consts)) if x is not None and not c}
     return sess.run(None, feeds)

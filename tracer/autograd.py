@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ..passes import gradient_graph
@@ -51,17 +52,79 @@ class _Plan:
         self.outputs = outputs  # session output names
 
 
-def _build_plan(walk: Walk, n_roots: int) -> _Plan:
+class GradientModel(NamedTuple):
+    """The gradient graph of a recorded computation as a standalone ONNX model.
+
+    Running ``model`` on ``feeds`` (with any ONNX runtime) yields one output per entry of
+    ``wrt``, in order: exactly what ``backward`` would accumulate into each leaf's ``.grad``.
+    """
+
+    model: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+    outputs: list[str]
+    wrt: list[Tensor]
+
+
+def _gradient_ir(walk: Walk) -> tuple[ir.Model, list[int]]:
+    """The gradient model of a walk and the indices of its WRT leaves that get a gradient."""
     leaves, _nodes, roots = walk.materialize()
     seeds = [ir.Value(name=f"seed{i}", shape=ir.Shape(r.shape), type=r.type)
              for i, r in enumerate(roots)]
     wrt = [v for v, kind in zip(leaves, walk.kinds) if kind == WRT]
     names = [f"grad{k}" for k in range(len(wrt))]
     graph, kept = gradient_graph(roots, seeds, wrt, grad_names=names, opset=OPSET)
-    model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
+    return ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad"), kept
+
+
+def _build_plan(walk: Walk) -> _Plan:
+    model, kept = _gradient_ir(walk)
     session = make_session(ir.serde.serialize_model(model))
     stats["sessions_created"] += 1
+    graph = model.graph
     return _Plan(session, [v.name for v in graph.inputs], kept, [v.name for v in graph.outputs])
+
+
+def _feeds(walk: Walk, names: Sequence[str], seeds: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Seeds and the saved forward values, by gradient-graph input name (nothing recomputed)."""
+    return {name: (seeds[int(name[4:])] if name.startswith("seed") else walk.data_of(name))
+            for name in names}
+
+
+def _prepare(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None
+             ) -> tuple[list[Tensor], list[np.ndarray]]:
+    """Validate backward's arguments (before anything is built) and make the seed arrays."""
+    tensors = list(tensors)
+    grads = list(grad_tensors) if grad_tensors is not None else [None] * len(tensors)
+    if len(grads) != len(tensors):
+        raise RuntimeError(f"got {len(tensors)} tensors and {len(grads)} gradients")
+    for i, t in enumerate(tensors):
+        if not t.requires_grad:
+            raise RuntimeError(f"element {i} of tensors does not require grad and does not have "
+                               "a grad_fn")
+    return tensors, [_seed(t, g, i) for i, (t, g) in enumerate(zip(tensors, grads))]
+
+
+def _wrt_leaves(walk: Walk) -> list[Val]:
+    return [v for v, kind in zip(walk.leaves, walk.kinds) if kind == WRT]
+
+
+def gradient_model(tensors: Sequence[Tensor] | Tensor,
+                   grad_tensors: Sequence[Any] | None = None) -> GradientModel:
+    """The ONNX model ``backward(tensors, grad_tensors)`` would run, with its feeds.
+
+    Nothing is run, accumulated or freed, so it can be called before ``backward`` (tests compare
+    runtimes on it; tools export it).
+    """
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    tensors, seeds = _prepare(tensors, grad_tensors)
+    walk = Walk([t._v for t in tensors], _follow, _classify)
+    model, kept = _gradient_ir(walk)
+    feeds = _feeds(walk, [v.name for v in model.graph.inputs], seeds)
+    wrt_leaves = _wrt_leaves(walk)
+    return GradientModel(ir.serde.serialize_model(model), feeds,
+                         [v.name for v in model.graph.outputs],
+                         [wrt_leaves[k].leaf() for k in kept])
 
 
 def backward(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None = None, *,
@@ -70,27 +133,16 @@ def backward(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None = Non
     if create_graph:
         raise NotImplementedError("create_graph=True is not supported in eager mode; "
                                   "differentiate the exported graph with onnxgrad.passes instead")
-    tensors = list(tensors)
-    grads = list(grad_tensors) if grad_tensors is not None else [None] * len(tensors)
-    for i, t in enumerate(tensors):
-        if not t.requires_grad:
-            raise RuntimeError(f"element {i} of tensors does not require grad and does not have "
-                               "a grad_fn")
-    seeds = [_seed(t, g, i) for i, (t, g) in enumerate(zip(tensors, grads))]
+    tensors, seeds = _prepare(tensors, grad_tensors)
     trace = state.active_trace()
     if trace is not None:
         trace.backward(tensors, seeds)
         return
-    roots = [t._v for t in tensors]
-    walk = Walk(roots, _follow, _classify)
-    plan = _sessions.get_or_make(walk.key, lambda: _build_plan(walk, len(roots)))
-    feeds = {
-        name: (seeds[int(name[4:])] if name.startswith("seed") else walk.data_of(name))
-        for name in plan.feeds
-    }
-    results = plan.session.run(plan.outputs, feeds)
+    walk = Walk([t._v for t in tensors], _follow, _classify)
+    plan = _sessions.get_or_make(walk.key, lambda: _build_plan(walk))
+    results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
     stats["backward_runs"] += 1
-    wrt_leaves = [v for v, kind in zip(walk.leaves, walk.kinds) if kind == WRT]
+    wrt_leaves = _wrt_leaves(walk)
     for k, g in zip(plan.kept, results):
         accumulate(wrt_leaves[k], g)
     if not retain_graph:

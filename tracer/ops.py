@@ -6,6 +6,7 @@ are plain compositions of these.
 """
 from __future__ import annotations
 
+import builtins
 from collections import namedtuple
 from collections.abc import Sequence
 from typing import Any
@@ -289,12 +290,14 @@ def _norm_dims(x: Tensor, dim: Any) -> list[int] | None:
     if dim is None:
         return None
     dims = [dim] if isinstance(dim, (int, np.integer)) else list(dim)
+    # NOTE: builtins.max, since this module defines torch-style max/min/sum/abs.
+    rank = builtins.max(x.ndim, 1)
     out = []
     for d in dims:
-        if not -max(x.ndim, 1) <= d < max(x.ndim, 1):
+        if not -rank <= d < rank:
             raise IndexError(f"dimension {d} out of range for a tensor of shape "
                              f"{_fmt(x.shape)}{_where()}")
-        out.append(int(d) % max(x.ndim, 1))
+        out.append(int(d) % rank)
     return sorted(set(out))
 
 
@@ -417,7 +420,7 @@ def unsqueeze(x: Tensor, dim: int) -> Tensor:
 
 def permute(x: Tensor, *dims: Any) -> Tensor:
     perm = list(_shape_args(dims))
-    if sorted(d % max(x.ndim, 1) for d in perm) != list(range(x.ndim)):
+    if sorted(d % builtins.max(x.ndim, 1) for d in perm) != list(range(x.ndim)):
         raise ValueError(f"permute: {perm} is not a permutation of the {x.ndim} dims{_where()}")
     perm = [d % x.ndim for d in perm]
     if perm == list(range(x.ndim)):
@@ -510,15 +513,16 @@ def getitem(x: Tensor, index: Any) -> Tensor:
         index = (index,)
     if any(isinstance(i, Tensor) and i.dtype == np.bool_ for i in index):
         raise TypeError(f"boolean mask indexing has a data-dependent shape; use og.where{_where()}")
+    # NOTE: identity tests only: `in`, .count and .index would call Tensor.__eq__ on tensor items.
     n_real = len([i for i in index if i is not None and i is not Ellipsis])
     if n_real > x.ndim:
         raise IndexError(f"too many indices for tensor of dimension {x.ndim}{_where()}")
-    if index.count(Ellipsis) > 1:
-        raise IndexError("an index can only have a single ellipsis ('...')")
-    if Ellipsis in index:
-        at = index.index(Ellipsis)
-        index = index[:at] + (slice(None),) * (x.ndim - n_real) + index[at + 1:]
-    index = index + (slice(None),) * (x.ndim - n_real)
+    ellipses = [k for k, i in enumerate(index) if i is Ellipsis]
+    if len(ellipses) > 1:
+        raise IndexError(f"an index can only have a single ellipsis ('...'){_where()}")
+    # The ellipsis (implicitly at the end when absent) stands for all dims not indexed.
+    at = ellipses[0] if ellipses else len(index)
+    index = index[:at] + (slice(None),) * (x.ndim - n_real) + index[at + 1:]
 
     starts, ends, axes, steps = [], [], [], []
     squeeze_axes, new_axes, gathers = [], [], []
@@ -544,7 +548,7 @@ def getitem(x: Tensor, index: Any) -> Tensor:
                 raise ValueError(f"step must be greater than zero{_where()}")
             if (start, stop, step) != (None, None, None):
                 s, e, st = slice(start, stop, step).indices(size)
-                starts.append(s), ends.append(builtin_max(e, s)), axes.append(axis)
+                starts.append(s), ends.append(builtins.max(e, s)), axes.append(axis)
                 steps.append(st)
             out_pos += 1
         elif isinstance(item, (Tensor, list, np.ndarray)):
@@ -552,7 +556,7 @@ def getitem(x: Tensor, index: Any) -> Tensor:
             if idx.dtype.kind not in "iu":
                 raise IndexError(f"tensors used as indices must be long or int{_where()}")
             gathers.append((axis, idx))
-            out_pos += 1
+            out_pos += idx.ndim  # Gather puts the index's dims where the axis was
         else:
             raise TypeError(f"unsupported index {item!r}")
         axis += 1
@@ -580,9 +584,6 @@ def getitem(x: Tensor, index: Any) -> Tensor:
     if v is x._v:
         v = emit("Identity", [v])[0]
     return _wrap(v)
-
-
-builtin_max = __builtins__["max"] if isinstance(__builtins__, dict) else __builtins__.max
 
 
 # --------------------------------------------------------------------------- Tensor methods

@@ -24,6 +24,12 @@ def _restore(b, node, g, axes):
     return b.op("Unsqueeze", g, b.ints(axes))
 
 
+def _no_axes_grad(node) -> list[None]:
+    # The axes input is optional (a full reduction has none): one None per extra input, so the
+    # driver's arity check holds either way.
+    return [None] * (len(node.inputs) - 1)
+
+
 def _shape(b, x):
     d = dims(x)
     if d is not None and all(isinstance(v, int) for v in d):
@@ -35,7 +41,7 @@ def _shape(b, x):
 def reduce_sum(b, node, grads, needs):
     x = node.inputs[0]
     g = _restore(b, node, grads[0], _axes(node))
-    return [b.op("Expand", g, _shape(b, x)), None]
+    return [b.op("Expand", g, _shape(b, x))] + _no_axes_grad(node)
 
 
 @rule("ReduceMean")
@@ -50,7 +56,7 @@ def reduce_mean(b, node, grads, needs):
         g = b.op("Div", g, b.op("Cast", size, to=x.dtype))
     else:
         g = b.op("Div", g, b.const_like(count, x))
-    return [b.op("Expand", g, _shape(b, x)), None]
+    return [b.op("Expand", g, _shape(b, x))] + _no_axes_grad(node)
 
 
 @rule("ReduceMax", "ReduceMin")
@@ -62,4 +68,4 @@ def reduce_max(b, node, grads, needs):
     out = _restore(b, node, node.outputs[0], axes)
     mask = b.op("Cast", b.op("Equal", x, out), to=x.dtype)
     count = b.op("ReduceSum", mask, b.ints(axes), keepdims=1)
-    return [b.op("Mul", b.op("Div", g, count), mask), None]
+    return [b.op("Mul", b.op("Div", g, count), mask)] + _no_axes_grad(node)
