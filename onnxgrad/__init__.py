@@ -5,9 +5,11 @@ The public front: tensor factories, ops, ``no_grad``, providers. Layers live in
 """
 from __future__ import annotations
 
+from .inspection import inspect, summary
 from .runtime import get_providers, set_providers
 from .tracer import Tensor, TraceError, as_tensor, enable_grad, grad, no_grad, set_grad_enabled
 from .tracer import tensor
+from .tracer.compile import compile
 from .tracer.factories import (arange, full, manual_seed, ones, ones_like, rand, randint, randn,
                                zeros, zeros_like)
 from .tracer.ops import (abs, amax, amin, argmax, argmin, cat, chunk, clamp, exp, flatten, log,

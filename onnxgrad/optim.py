@@ -78,9 +78,11 @@ class SGD:
         for gi, group in enumerate(self.param_groups):
             _check_hyper(group)
         flags = [_flags(g) for g in self.param_groups]
-        bufs = [self._buffer(p, self.param_groups[gi], flags[gi]) for gi, p in entries]
-        used = sorted({gi for gi, _ in entries})
         trace = tracer_state.active_trace()
+        if trace is not None:
+            trace.add_optimizer(self)
+        bufs = [self._buffer(p, flags[gi], trace) for gi, p in entries]
+        used = sorted({gi for gi, _ in entries})
         hypers = {gi: self._hyper_vals(gi, flags[gi], entries, trace) for gi in used}
 
         inputs: list[Val] = []
@@ -98,7 +100,6 @@ class SGD:
         session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
         outs = session.run(None, {f"in{i}": v.data for i, v in enumerate(inputs)})
         if trace is not None:
-            trace.add_optimizer(self)
             vals = emit_macro("SGD", inputs, outs, expand, key=structure, origin="opt")
         else:
             vals = [Val(o) for o in outs]
@@ -118,7 +119,7 @@ class SGD:
                 k += 1
         return loss
 
-    def _buffer(self, p: Tensor, group: dict[str, Any], flags: SGDFlags) -> Tensor | None:
+    def _buffer(self, p: Tensor, flags: SGDFlags, trace: Any) -> Tensor | None:
         if not flags.momentum:
             return None
         buf = self.state.get(p, {}).get("momentum_buffer")
@@ -127,6 +128,8 @@ class SGD:
             # (momentum * 0 + d_p == d_p), so the first step has the graph of every later one.
             buf = Tensor(Val(np.zeros_like(p._v.data)))
             self.state.setdefault(p, {})["momentum_buffer"] = buf
+            if trace is not None:
+                trace.remember(buf)
         return buf
 
     def _hyper_vals(self, gi: int, flags: SGDFlags, entries, trace) -> list[Val | None]:

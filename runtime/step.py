@@ -1,0 +1,125 @@
+"""Running a training step again and again with its state kept in the runtime.
+
+State (parameters, momentum buffers, BatchNorm statistics) lives in two sets of buffers bound
+with IOBinding: step k reads set A and writes set B, step k+1 the reverse, so no parameter is
+copied and nothing is allocated per step. A buffer is never bound as both an input and an output
+of one run: ONNX Runtime cannot alias an output to an input that other nodes still read.
+
+On the CPU provider the buffers are NumPy arrays shared with ONNX Runtime (reading state is free);
+on CUDA they are device OrtValues, copied to the host only when read.
+
+Knows nothing of tensors: state is named arrays; the tracer maps them to tensors.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .session import get_providers, make_session
+
+
+class StepRunner:
+    """One compiled step: ``run(feeds)`` returns the per-call outputs; state advances in place.
+
+    ``state`` maps each state input name to the output that holds its next value. ``carried``
+    outputs (gradients) are double-buffered too, without being fed back. All other outputs are
+    allocated per call: they are handed to the caller, who may keep them.
+    """
+
+    def __init__(self, model_bytes: bytes, state: Mapping[str, str],
+                 initial: Mapping[str, np.ndarray], carried: Sequence[str] = ()):
+        self.session = make_session(model_bytes)
+        self.state = dict(state)
+        self.carried = list(carried)
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # sets[parity][name]: a run at parity p reads state set p and writes set 1 - p.
+        self._host: list[dict[str, np.ndarray]] = [{}, {}]
+        self._sets: list[dict[str, ort.OrtValue]] = [{}, {}]
+        for name in self.state:
+            first = np.ascontiguousarray(initial[name])
+            self._add(name, [first, np.empty_like(first)])
+        for name in self.carried:
+            meta = outputs[name]
+            shape, dtype = [int(d) for d in meta.shape], _np_type(meta.type)
+            self._add(name, [np.empty(shape, dtype), np.empty(shape, dtype)])
+        fed_back = set(self.state.values())
+        self._free = [n for n in outputs if n not in fed_back and n not in self.carried]
+        self._bindings = [self._binding(parity) for parity in (0, 1)]
+        self._pinned: dict[str, np.ndarray] = {}
+        self.parity = 0
+        self.runs = 0
+
+    def _add(self, name: str, arrays: list[np.ndarray]) -> None:
+        for parity, array in enumerate(arrays):
+            if self.device == "cpu":
+                self._host[parity][name] = array  # shared with the OrtValue: no copy
+                self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array)
+            else:
+                self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+
+    def _binding(self, parity: int) -> ort.IOBinding:
+        binding = self.session.io_binding()
+        src, dst = self._sets[parity], self._sets[1 - parity]
+        for name, out in self.state.items():
+            binding.bind_ortvalue_input(name, src[name])
+            binding.bind_ortvalue_output(out, dst[name])
+        for name in self.carried:
+            binding.bind_ortvalue_output(name, dst[name])
+        for name in self._free:
+            binding.bind_output(name, "cpu")
+        return binding
+
+    # ----------------------------------------------------------------- state access
+    def _read(self, parity: int, name: str) -> np.ndarray:
+        if self.device == "cpu":
+            return self._host[parity][name]
+        return self._sets[parity][name].numpy()
+
+    def current(self, name: str) -> np.ndarray:
+        """State input ``name`` as the next run will read it (on the CPU, the live buffer)."""
+        return self._read(self.parity, name)
+
+    def carried_output(self, name: str) -> np.ndarray:
+        """What the last run wrote to carried output ``name``."""
+        return self._read(self.parity, name)
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        """An eager edit: the next run reads ``value`` for state ``name``."""
+        if self.device == "cpu":
+            target = self._host[self.parity][name]
+            if value is not target:
+                np.copyto(target, value, casting="same_kind")
+        else:
+            self._sets[self.parity][name].update_inplace(np.ascontiguousarray(value))
+
+    def bind_input(self, name: str, value: np.ndarray) -> None:
+        """Bind a read-only input (frozen state) for every later run, without copying on the CPU."""
+        array = np.ascontiguousarray(value)
+        self._pinned[name] = array  # the OrtValue borrows the array's memory: keep it alive
+        ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
+                    else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        for binding in self._bindings:
+            binding.bind_ortvalue_input(name, ortvalue)
+
+    # ----------------------------------------------------------------- running
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self._bindings[self.parity]
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        first_free = len(self.state) + len(self.carried)  # outputs come in binding order
+        results = {name: values[first_free + i].numpy() for i, name in enumerate(self._free)}
+        self.parity = 1 - self.parity
+        self.runs += 1
+        return results
+
+
+def _np_type(onnx_type: str) -> np.dtype:
+    return np.dtype({
+        "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    }[onnx_type])

@@ -1,0 +1,454 @@
+"""``og.compile``: trace a step function once into one ONNX model, then run only that model.
+
+Tracing runs the function eagerly with a :class:`Trace` active. Every op is recorded; a
+``backward`` inside becomes a macro record that the autodiff pass expands, ``optimizer.step()``
+one that the SGD pass expands, and BatchNorm's running-statistics updates are ordinary recorded
+nodes. The recording is then materialized as a single graph whose inputs are the call's tensors,
+the state (parameters, buffers, momentum buffers) and the optimizer's scalar hyperparameters, and
+whose outputs are the function's results, the state's new values and the gradients.
+
+Tracing leaves no trace: state is put back as it was and the first call runs the compiled graph
+like every later one, so resuming from a checkpoint is bit-identical to not stopping.
+"""
+from __future__ import annotations
+
+import functools
+import inspect as pyinspect
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..passes import gradients
+from ..passes.cleanup import cleanup
+from ..runtime import IR_VERSION, OPSET
+from ..runtime.export import DATA_INPUTS_KEY, STATE_KEY, save_model
+from ..runtime.step import StepRunner
+from . import state
+from .graph import CONST, DATA, Walk, ir_type
+from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
+
+
+class Trace:
+    """What a traced call touched: modules, optimizers, scalar inputs, and the state it read."""
+
+    def __init__(self) -> None:
+        self.modules: list[Any] = []
+        self.optimizers: list[Any] = []
+        self.scalars: dict[str, tuple[Val, Callable[[], Any]]] = {}
+        self.initial: dict[int, tuple[Tensor, Val]] = {}  # id(tensor) -> (tensor, its Val then)
+        self.grads_before: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    def _remember(self, t: Tensor) -> None:
+        if id(t) not in self.initial:
+            self.initial[id(t)] = (t, t._v)
+            self.grads_before[id(t)] = (t, t.grad)
+
+    def add_module(self, module: Any) -> None:
+        if all(m is not module for m in self.modules):
+            self.modules.append(module)
+            for t in module._state_tensors().values():
+                self._remember(t)
+
+    def add_optimizer(self, optimizer: Any) -> None:
+        if all(o is not optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._remember(p)
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    self._remember(buf)
+
+    def remember(self, t: Tensor) -> None:
+        """Make ``t`` (state created during the trace, e.g. a zero momentum buffer) an input."""
+        self._remember(t)
+
+    def created_buffers(self) -> list[tuple[Any, Tensor, Tensor]]:
+        """Momentum buffers that the traced step created from scratch (PyTorch's first step)."""
+        return [(opt, p, s["momentum_buffer"]) for opt in self.optimizers
+                for p, s in opt.state.items()
+                if "momentum_buffer" in s and id(s["momentum_buffer"]) not in self.initial]
+
+    def scalar_input(self, name: str, getter: Callable[[], Any], dtype: np.dtype) -> Val:
+        """A scalar graph input fed from ``getter()`` at every call (learning rate, momentum)."""
+        if name not in self.scalars:
+            self.scalars[name] = (Val(np.asarray(getter(), dtype=dtype)), getter)
+        return self.scalars[name][0]
+
+    def backward(self, tensors: Sequence[Tensor], seeds: Sequence[np.ndarray]) -> None:
+        """A traced ``backward``: gradients become the autodiff pass's nodes in the step graph.
+
+        NOTE: gradient values are not computed while tracing (zeros stand in): the traced values
+        are discarded and the first call runs the compiled graph.
+        """
+        from .autograd import _classify, _follow
+
+        roots = [t._v for t in tensors]
+        walk = Walk(roots, _follow, _classify)
+        wrt = [v for v, kind in zip(walk.leaves, walk.kinds) if kind == "w"]
+        seed_vals = [Val(_contig(s), const=True) for s in seeds]
+        n = len(roots)
+
+        def expand(b, values):
+            found = gradients(b, values[:n], values[n:2 * n], values[2 * n:])
+            return [g for g in found if g is not None]
+
+        reach = _reachable(roots, wrt)
+        outs = [np.zeros(v.data.shape, v.data.dtype) for v, ok in zip(wrt, reach) if ok]
+        vals = emit_macro("Gradients", roots + seed_vals + wrt, outs, expand,
+                          key=(n, tuple(reach)), origin="grad")
+        for v, g in zip([v for v, ok in zip(wrt, reach) if ok], vals):
+            t = v.leaf() if v.leaf is not None else None
+            if t is None:
+                continue
+            self._remember(t)
+            t.grad = Tensor(g) if t.grad is None else Tensor(emit("Add", [t.grad._v, g])[0])
+
+
+def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
+    """Which ``wrt`` leaves lie under ``roots`` through requires_grad values (the pass agrees)."""
+    seen: set[int] = set()
+    stack = [v for v in roots]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.rec is not None and v.requires_grad:
+            stack.extend(u for u in v.rec.inputs if u is not None and u.requires_grad)
+    return [id(v) in seen for v in wrt]
+
+
+# --------------------------------------------------------------------------- the compiled program
+class _Program:
+    """One traced signature: its ONNX model and the runner that keeps its state."""
+
+    def __init__(self, model: onnx.ModelProto, runner: StepRunner, data_names: list[str],
+                 output_names: list[str], output_tree: Any, updated: dict[str, Tensor],
+                 readonly: dict[str, Tensor], grads: dict[str, Tensor],
+                 scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
+                 created: dict[str, tuple[Any, Tensor]]):
+        self.model = model
+        self.runner = runner
+        self.data_names = data_names
+        self.output_names = output_names
+        self.output_tree = output_tree
+        self.updated = updated      # state input name -> tensor, new value written each step
+        self.readonly = readonly    # state input name -> tensor, read only
+        self.grads = grads          # gradient output name -> parameter
+        self.scalars = scalars      # scalar input name -> (getter, dtype)
+        self.created = created      # output name -> (optimizer, parameter): a new momentum buffer
+        self.synced: dict[str, Val] = {}
+
+    def run(self, args: Sequence[np.ndarray]) -> Any:
+        runner, synced = self.runner, self.synced
+        for name, t in self.updated.items():
+            if synced.get(name) is not t._v:  # an eager edit since the last call
+                runner.write(name, t._v.data)
+        for name, t in self.readonly.items():
+            if synced.get(name) is not t._v:
+                runner.bind_input(name, t._v.data)
+                synced[name] = t._v
+        feeds = dict(zip(self.data_names, args))
+        for name, (getter, dtype) in self.scalars.items():
+            feeds[name] = np.asarray(getter(), dtype=dtype)
+        results = runner.run(feeds)
+        for name, t in self.updated.items():
+            t._set_leaf_data(runner.current(name))  # no copy: the tensor views the live buffer
+            synced[name] = t._v
+        for name, p in self.grads.items():
+            p.grad = Tensor(Val(runner.carried_output(name)))
+        for name, (opt, p) in self.created.items():
+            opt.state.setdefault(p, {})["momentum_buffer"] = Tensor(Val(results[name]))
+        outs = [Tensor(Val(results[n])) for n in self.output_names]
+        return _unflatten(self.output_tree, outs)
+
+
+class CompiledFunction:
+    """The callable ``og.compile`` returns; one program per input signature and module mode."""
+
+    def __init__(self, fn: Callable[..., Any], module: Any = None):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self._module = module
+        self._programs: dict[Any, _Program] = {}
+        self._modules: list[Any] = [module] if module is not None else []
+        self._optimizers: list[Any] = []
+        self.last: _Program | None = None
+        self.traces = 0
+        try:
+            params = list(pyinspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            params = []
+        self._arg_names = [p for p in params if p not in ("self",)]
+
+    def _key(self, arrays: Sequence[np.ndarray], static: tuple) -> tuple:
+        modes = tuple(m.training for root in self._modules for m in root.modules())
+        # The optimizer's structure (not its values, which are inputs): which terms exist, and
+        # with dampening, which momentum buffers exist yet (PyTorch's first step differs).
+        optim = tuple((g["momentum"] != 0, g["dampening"] != 0, g["weight_decay"] != 0,
+                       bool(g["nesterov"]), bool(g.get("maximize", False)),
+                       g["dampening"] != 0 and tuple(
+                           o.state.get(p, {}).get("momentum_buffer") is None
+                           for p in g["params"]))
+                      for o in self._optimizers for g in o.param_groups)
+        return (tuple((a.dtype.str, a.shape) for a in arrays), static, modes, optim)
+
+    def __call__(self, *args: Any) -> Any:
+        arrays, static = _split_args(args)
+        key = self._key(arrays, static)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._trace(args)
+            key = self._key(arrays, static)  # modules and optimizers are known now
+            self._programs[key] = program
+        self.last = program
+        return program.run(arrays)
+
+    # ----------------------------------------------------------------- tracing
+    def _trace(self, args: Sequence[Any]) -> _Program:
+        if state.active_trace() is not None:
+            raise TraceError("og.compile: a compiled function cannot be called while tracing")
+        trace = Trace()
+        for m in self._modules:
+            trace.add_module(m)
+        for o in self._optimizers:
+            trace.add_optimizer(o)
+        inputs = [Tensor(Val(_contig(a._v.data if isinstance(a, Tensor) else a)))
+                  if _is_tensor_arg(a) else a for a in args]
+        state.set_trace(trace)
+        try:
+            result = self.fn(*inputs)
+        finally:
+            state.set_trace(None)
+            final = {tid: t._v for tid, (t, _) in trace.initial.items()}
+            grads_after = {tid: t.grad for tid, (t, _) in trace.grads_before.items()}
+            for t, val in trace.initial.values():
+                t._v = val  # tracing leaves state as it was
+            for t, grad in trace.grads_before.values():
+                t.grad = grad
+            created = trace.created_buffers()
+            for opt, p, _ in created:
+                del opt.state[p]["momentum_buffer"]  # the compiled step creates it
+        self.traces += 1
+        for m in trace.modules:
+            if all(m is not k for k in self._modules):
+                self._modules.append(m)
+        for o in trace.optimizers:
+            if all(o is not k for k in self._optimizers):
+                self._optimizers.append(o)
+        return self._build(trace, inputs, result, final, grads_after, created)
+
+    def _build(self, trace: Trace, inputs: list[Any], result: Any, final: dict[int, Val],
+               grads_after: dict[int, Tensor | None],
+               created_buffers: list[tuple[Any, Tensor, Tensor]]) -> _Program:
+        names = _state_names(trace)
+        out_tree, out_tensors = _flatten(result)
+        data_inputs = [t for t in inputs if isinstance(t, Tensor)]
+        data_names = _data_names(self._arg_names, inputs)
+        data_ids = {id(t._v): n for t, n in zip(data_inputs, data_names)}
+        scalar_ids = {id(v): name for name, (v, _) in trace.scalars.items()}
+        state_ids = {id(val): tid for tid, (_, val) in trace.initial.items()}
+
+        # Roots: results, state that changed, and gradients the step left in .grad.
+        roots: list[Val] = [t._v for t in out_tensors]
+        root_names = (["output"] if len(out_tensors) == 1
+                      else [f"output.{i}" for i in range(len(out_tensors))])
+        state_pairs: dict[str, str] = {}
+        for tid, (t, val) in trace.initial.items():
+            if final[tid] is not val:
+                roots.append(final[tid])
+                root_names.append(f"{names[tid]}.new")
+                state_pairs[names[tid]] = f"{names[tid]}.new"
+        created: dict[str, tuple[Any, Tensor]] = {}
+        for opt, p, buf in created_buffers:
+            roots.append(buf._v)
+            root_names.append(f"momentum.{names[id(p)]}")
+            created[f"momentum.{names[id(p)]}"] = (opt, p)
+        grads: dict[str, Tensor] = {}
+        for tid, (t, _) in trace.grads_before.items():
+            g = grads_after.get(tid)
+            if g is not None and g._v.rec is not None:
+                roots.append(g._v)
+                root_names.append(f"grad.{names[tid]}")
+                grads[f"grad.{names[tid]}"] = t
+
+        def classify(v: Val) -> str:
+            return DATA if (id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids) \
+                else CONST
+
+        walk = Walk(roots, lambda v: v.rec is not None, classify)
+        used_state: dict[str, Tensor] = {}
+
+        def leaf_value(k: int, v: Val, kind: str) -> ir.Value:
+            if id(v) in data_ids:
+                name = data_ids[id(v)]
+            elif id(v) in scalar_ids:
+                name = scalar_ids[id(v)]
+            elif id(v) in state_ids:
+                tid = state_ids[id(v)]
+                name = names[tid]
+                used_state[name] = trace.initial[tid][0]
+            else:
+                name = f"const{k}"
+            value = ir.Value(name=name, shape=ir.Shape(v.data.shape), type=ir_type(v.data))
+            if kind == CONST:
+                value.const_value = ir.tensor(v.data, name=name)
+            return value
+
+        leaves, nodes, root_values = walk.materialize(leaf_value)
+        graph_inputs = [v for v, kind in zip(leaves, walk.kinds) if kind == DATA]
+        initializers = [v for v, kind in zip(leaves, walk.kinds) if kind == CONST]
+        # State that is read but never updated (e.g. frozen BatchNorm statistics) is still an input.
+        outputs = _name_outputs(root_values, root_names, nodes, graph_inputs + initializers)
+        order = {n: i for i, n in enumerate(data_names)}
+        graph_inputs.sort(key=lambda v: (0, order[v.name]) if v.name in order
+                          else (1, 0) if v.name in trace.scalars else (2, 0))
+        graph = ir.Graph(graph_inputs, outputs, nodes=nodes, initializers=initializers,
+                         opset_imports={"": OPSET}, name="train_step")
+        model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
+        cleanup(model)
+        input_names = {v.name for v in model.graph.inputs}
+        state_pairs = {k: v for k, v in state_pairs.items() if k in input_names}
+        model.metadata_props[STATE_KEY] = json.dumps({v: k for k, v in state_pairs.items()})
+        model.metadata_props[DATA_INPUTS_KEY] = json.dumps(data_names)
+        proto = ir.serde.serialize_model(model)
+        _dump("compiled", proto)
+
+        updated = {name: t for name, t in used_state.items() if name in state_pairs}
+        readonly = {name: t for name, t in used_state.items() if name not in state_pairs}
+        runner = StepRunner(proto.SerializeToString(), state_pairs,
+                            {name: t._v.data for name, t in updated.items()}, carried=list(grads))
+        scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
+        return _Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
+                        updated, readonly, grads, scalars, created)
+
+    # ----------------------------------------------------------------- export
+    def export(self, path: str | os.PathLike[str]) -> None:
+        """Write the last-run step as a standard ONNX model that other runtimes can loop."""
+        program = self.last
+        if program is None:
+            raise RuntimeError("export: call the compiled function once first (it traces then)")
+        defaults = {name: program.runner.current(name) for name in program.updated}
+        defaults.update({name: t._v.data for name, t in program.readonly.items()})
+        save_model(program.model, path, defaults)
+
+    def __onnxgrad_model__(self) -> onnx.ModelProto:
+        if self.last is None:
+            raise RuntimeError("the compiled function has not been traced yet; call it once")
+        return self.last.model
+
+
+def compile(fn: Any) -> CompiledFunction:  # noqa: A001  (og.compile, as torch.compile)
+    """Compile a step function (or a module's forward) into one ONNX model run by ONNX Runtime."""
+    if hasattr(fn, "_state_tensors") and callable(fn):
+        module = fn
+        return CompiledFunction(lambda *xs: module(*xs), module=module)
+    if not callable(fn):
+        raise TypeError(f"og.compile expects a function or a Module, got {type(fn).__name__}")
+    return CompiledFunction(fn)
+
+
+# --------------------------------------------------------------------------- helpers
+def _is_tensor_arg(a: Any) -> bool:
+    return isinstance(a, (Tensor, np.ndarray))
+
+
+def _split_args(args: Sequence[Any]) -> tuple[list[np.ndarray], tuple]:
+    arrays, static = [], []
+    for a in args:
+        if isinstance(a, Tensor):
+            arrays.append(a._v.data)
+        elif isinstance(a, np.ndarray):
+            arrays.append(_contig(a))
+        else:
+            static.append(repr(a))  # Python values are baked into the trace
+    return arrays, tuple(static)
+
+
+def _data_names(arg_names: list[str], inputs: list[Any]) -> list[str]:
+    names = []
+    for i, a in enumerate(inputs):
+        if isinstance(a, Tensor):
+            names.append(arg_names[i] if i < len(arg_names) else f"input.{i}")
+    return names
+
+
+def _state_names(trace: Trace) -> dict[int, str]:
+    """Torch-style qualified names for every state tensor the trace remembered."""
+    names: dict[int, str] = {}
+    for j, module in enumerate(trace.modules):
+        prefix = "" if j == 0 else f"module{j}."
+        for name, t in module._state_tensors().items():
+            names.setdefault(id(t), prefix + name)
+    for j, opt in enumerate(trace.optimizers):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                base = names.setdefault(id(p), f"param{len(names)}")
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    names.setdefault(id(buf), f"momentum.{base}" if j == 0
+                                     else f"optimizer{j}.momentum.{base}")
+    for tid in trace.initial:
+        names.setdefault(tid, f"state{len(names)}")
+    return names
+
+
+def _flatten(result: Any) -> tuple[Any, list[Tensor]]:
+    if isinstance(result, Tensor):
+        return "t", [result]
+    if result is None:
+        return None, []
+    if isinstance(result, (tuple, list)):
+        tree, tensors = [], []
+        for item in result:
+            sub, ts = _flatten(item)
+            tree.append((sub, len(ts)))
+            tensors += ts
+        return (type(result), tree), tensors
+    raise TypeError(f"og.compile: a compiled function must return tensors (or tuples/lists of "
+                    f"them), got {type(result).__name__}")
+
+
+def _unflatten(tree: Any, tensors: list[Tensor]) -> Any:
+    if tree == "t":
+        return tensors[0]
+    if tree is None:
+        return None
+    kind, items = tree
+    out, i = [], 0
+    for sub, n in items:
+        out.append(_unflatten(sub, tensors[i:i + n]))
+        i += n
+    return kind(out)
+
+
+def _name_outputs(values: list[ir.Value], names: list[str], nodes: list[ir.Node],
+                  inputs: list[ir.Value]) -> list[ir.Value]:
+    """Give root values their output names; a value needed twice, or a graph input, gets a copy."""
+    seen: set[int] = set()
+    input_ids = {id(v) for v in inputs}
+    out = []
+    for value, name in zip(values, names):
+        if id(value) in seen or id(value) in input_ids or value.producer() is None:
+            # NOTE: the only Identity outputs: a result that is an input, or one value twice.
+            copy = ir.Value(name=name, shape=value.shape, type=value.type)
+            node = ir.Node("", "Identity", [value], outputs=[copy], name=f"copy_{name}")
+            nodes.append(node)
+            value = copy
+        value.name = name
+        seen.add(id(value))
+        out.append(value)
+    return out
+
+
+def _dump(name: str, proto: onnx.ModelProto) -> None:
+    from ..runtime.dump import dump_graph
+
+    dump_graph(name, proto)
+
