@@ -1,7 +1,12 @@
 """Rules for linear algebra and neural-network ops."""
 from __future__ import annotations
 
-from ..builder import dims
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from ..builder import dims, np_dtype, static_shape
 from . import attr, rule
 
 
@@ -88,3 +93,340 @@ def log_softmax(b, node, grads, needs):
     g = grads[0]
     s = b.op("ReduceSum", g, b.ints([axis]), keepdims=1)
     return [b.op("Sub", g, b.op("Mul", b.op("Exp", y), s))]
+
+
+# =========================================================================== convolution
+# The Conv rule below picks, per layer shape, one of several standard-ONNX formulations of the
+# input and weight gradients. Every formulation is kept callable on its own (the tests check
+# each against central differences; benchmarks/conv_grad.py times them); ``CONV_GRAD_OVERRIDE``
+# forces one for tests and benchmarks.
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Static sizes of one N-d ``Conv``: batch, channels, spatial sizes and attributes."""
+
+    n: int
+    c: int                       # input channels
+    o: int                       # output channels
+    groups: int
+    size: tuple[int, ...]        # input spatial sizes
+    out: tuple[int, ...]         # output spatial sizes
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.size)
+
+    @property
+    def span(self) -> tuple[int, ...]:
+        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilations, self.kernel))
+
+    def attrs(self) -> dict:
+        return {"kernel_shape": list(self.kernel), "strides": list(self.strides),
+                "dilations": list(self.dilations), "pads": list(self.pads_begin + self.pads_end)}
+
+
+def _explicit_pads(node, size, kernel, strides, dilations):
+    """``pads`` as (begin, end), resolving the deprecated ``auto_pad`` of imported models."""
+    rank = len(size)
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, strides, dilations):
+            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return tuple(begin), tuple(end)
+    if auto_pad == "VALID":
+        return (0,) * rank, (0,) * rank
+    pads = list(attr(node, "pads", [0] * (2 * rank)))
+    return tuple(pads[:rank]), tuple(pads[rank:])
+
+
+def conv_geometry(node) -> ConvGeometry:
+    x, w = node.inputs[0], node.inputs[1]
+    xs, ws, ys = static_shape(x), static_shape(w), static_shape(node.outputs[0])
+    if xs is None or ws is None or ys is None:
+        raise ValueError(f"{node.op_type} node {node.name}: the gradient needs static shapes of "
+                         f"input, weight and output (got {xs}, {ws}, {ys})")
+    rank = len(xs) - 2
+    kernel = tuple(attr(node, "kernel_shape", ws[2:]))
+    strides = tuple(attr(node, "strides", [1] * rank))
+    dilations = tuple(attr(node, "dilations", [1] * rank))
+    begin, end = _explicit_pads(node, xs[2:], kernel, strides, dilations)
+    return ConvGeometry(xs[0], xs[1], ws[0], attr(node, "group", 1), tuple(xs[2:]),
+                        tuple(ys[2:]), kernel, strides, dilations, begin, end)
+
+
+def _transpose_pads(size, out, kernel, strides, dilations, pads_begin):
+    """End pads and output_padding making ``ConvTranspose`` of an ``out``-sized input yield
+    exactly ``size``: the begin pads crop like the forward's, then the end is cropped
+    (or, when the forward dropped a tail the windows never read, padded with zeros)."""
+    ends, extra = [], []
+    for n, o, k, s, d, pb in zip(size, out, kernel, strides, dilations, pads_begin):
+        total = (o - 1) * s + d * (k - 1) + 1 - pb
+        ends.append(max(total - n, 0))
+        extra.append(max(n - total, 0))
+    return ends, extra
+
+
+def _permute(b, v, shape, perm):
+    """Transpose ``v``; a Reshape when only size-1 axes move (same memory order, no copy)."""
+    moved = [a for a in perm if shape[a] != 1]
+    if moved == sorted(moved):
+        return b.op("Reshape", v, b.ints([shape[a] for a in perm]))
+    return b.op("Transpose", v, perm=list(perm))
+
+
+def conv_input_grad_transpose(b, g, w, geo: ConvGeometry):
+    """dX = ConvTranspose(dY, W) with the forward's strides, dilations and begin pads.
+
+    NOTE: onnx's reference ConvTranspose (1.23) is wrong for group > 1 unless every group has one
+    input and one output channel, so other grouped convolutions run one ConvTranspose per group.
+    """
+    ends, extra = _transpose_pads(geo.size, geo.out, geo.kernel, geo.strides, geo.dilations,
+                                  geo.pads_begin)
+    attrs = {"kernel_shape": list(geo.kernel), "strides": list(geo.strides),
+             "dilations": list(geo.dilations), "pads": list(geo.pads_begin) + ends}
+    if any(extra):
+        attrs["output_padding"] = extra
+    cg, og = geo.c // geo.groups, geo.o // geo.groups
+    if geo.groups == 1 or (cg == 1 and og == 1):
+        return b.op("ConvTranspose", g, w, group=geo.groups, **attrs)
+    split = b.ints([og] * geo.groups)
+    gs = b.op("Split", g, split, axis=1, _outputs=geo.groups)
+    ws = b.op("Split", w, split, axis=0, _outputs=geo.groups)
+    parts = [b.op("ConvTranspose", gj, wj, **attrs) for gj, wj in zip(gs, ws)]
+    return b.op("Concat", *parts, axis=1)
+
+
+def conv_input_grad_conv(b, g, w, geo: ConvGeometry):
+    """dX = Conv(dY, W flipped and transposed per group); stride 1 only.
+
+    The pads are those of the "full" correlation, d*(k-1) minus the forward's pads; None when
+    that would need a negative pad (a 1x1 kernel with padding, say).
+    """
+    if any(s != 1 for s in geo.strides):
+        return None
+    begin = [d * (k - 1) - p for d, k, p in zip(geo.dilations, geo.kernel, geo.pads_begin)]
+    end = [d * (k - 1) - p for d, k, p in zip(geo.dilations, geo.kernel, geo.pads_end)]
+    if min(begin + end) < 0:
+        return None
+    rank, groups = geo.rank, geo.groups
+    cg, og = geo.c // groups, geo.o // groups
+    spatial = list(range(2, 2 + rank))
+    flipped = b.op("Slice", w, b.ints([-1] * rank), b.ints([-(k + 1) for k in geo.kernel]),
+                   b.ints(spatial), b.ints([-1] * rank))
+    if groups == 1:
+        wt = _permute(b, flipped, (geo.o, cg) + geo.kernel, [1, 0] + spatial)
+    else:
+        five = b.op("Reshape", flipped, b.ints([groups, og, cg, *geo.kernel]))
+        wt = _permute(b, five, (groups, og, cg) + geo.kernel,
+                      [0, 2, 1] + [a + 1 for a in spatial])
+        wt = b.op("Reshape", wt, b.ints([geo.c, og, *geo.kernel]))
+    return b.op("Conv", g, wt, kernel_shape=list(geo.kernel), dilations=list(geo.dilations),
+                pads=begin + end, group=groups)
+
+
+def conv_weight_grad_conv(b, x, g, geo: ConvGeometry):
+    """dW as one Conv with batch and channels swapped: the input's channels become the batch,
+    dY's channels the filters, and the forward stride becomes the dilation (and vice versa)."""
+    rank, groups = geo.rank, geo.groups
+    n, cg, og = geo.n, geo.c // groups, geo.o // groups
+    spatial = list(range(2, 2 + rank))
+    if groups == 1:
+        xt = _permute(b, x, (n, geo.c) + geo.size, [1, 0] + spatial)
+    else:
+        # [N, G*Cg, ...] -> [Cg, G*N, ...]: group j's channels of image i become channel j*N+i,
+        # so Conv's own grouping pairs them with group j's filters.
+        five = b.op("Reshape", x, b.ints([n, groups, cg, *geo.size]))
+        xt = _permute(b, five, (n, groups, cg) + geo.size, [2, 1, 0] + [a + 1 for a in spatial])
+        xt = b.op("Reshape", xt, b.ints([cg, groups * n, *geo.size]))
+    gt = _permute(b, g, (n, geo.o) + geo.out, [1, 0] + spatial)
+    # The correlation yields k + floor(rest / d) taps where rest is what the forward's windows
+    # never reached; trimming the end padding by it keeps the result at exactly k taps.
+    ends, crop = [], False
+    for size, o, k, s, d, pb, pe in zip(geo.size, geo.out, geo.kernel, geo.strides,
+                                        geo.dilations, geo.pads_begin, geo.pads_end):
+        rest = size + pb + pe - ((o - 1) * s + 1) - d * (k - 1)
+        trim = min(pe, rest)
+        ends.append(pe - trim)
+        crop = crop or rest - trim >= d
+    dw = b.op("Conv", xt, gt, kernel_shape=list(geo.out), strides=list(geo.dilations),
+              dilations=list(geo.strides), pads=list(geo.pads_begin) + ends, group=groups)
+    if crop:
+        dw = b.op("Slice", dw, b.ints([0] * rank), b.ints(list(geo.kernel)), b.ints(spatial))
+    return _permute(b, dw, (cg, geo.o) + geo.kernel, [1, 0] + spatial)
+
+
+def conv_weight_grad_unfold(b, x, g, geo: ConvGeometry):
+    """dW = dY @ unfold(X)^T: im2col as a Conv with one-hot kernels over [N*C, 1, H, W] (a
+    strided Slice, or nothing, for an unpadded 1x1 kernel), then one MatMul summed over N.
+
+    2-D, groups=1 only (None otherwise).
+    """
+    if geo.rank != 2 or geo.groups != 1:
+        return None
+    n, c, o = geo.n, geo.c, geo.o
+    taps = int(np.prod(geo.kernel))
+    length = int(np.prod(geo.out))
+    dtype = np_dtype(x)
+    if geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end):
+        cols = x
+        if geo.strides != (1, 1):
+            stop = [(out - 1) * s + 1 for out, s in zip(geo.out, geo.strides)]
+            cols = b.op("Slice", x, b.ints([0, 0]), b.ints(stop), b.ints([2, 3]),
+                        b.ints(list(geo.strides)))
+    else:
+        eye = np.eye(taps, dtype=dtype).reshape(taps, 1, *geo.kernel)
+        planes = b.op("Reshape", x, b.ints([n * c, 1, *geo.size]))
+        cols = b.op("Conv", planes, b.const(eye), **geo.attrs())
+    if n == 1:
+        g2 = b.op("Reshape", g, b.ints([o, length]))
+        cols2 = b.op("Reshape", cols, b.ints([c * taps, length]))
+        dw = b.op("Gemm", g2, cols2, transB=1)
+    else:
+        g3 = b.op("Reshape", g, b.ints([n, o, length]))
+        cols3 = b.op("Reshape", cols, b.ints([n, c * taps, length]))
+        prod = b.op("MatMul", g3, b.op("Transpose", cols3, perm=[0, 2, 1]))
+        dw = b.op("ReduceSum", prod, b.ints([0]), keepdims=0)
+    return b.op("Reshape", dw, b.ints([o, c, *geo.kernel]))
+
+
+CONV_INPUT_GRADS = {"transpose": conv_input_grad_transpose, "conv": conv_input_grad_conv}
+CONV_WEIGHT_GRADS = {"conv": conv_weight_grad_conv, "unfold": conv_weight_grad_unfold}
+# {"input": name, "weight": name} forces a formulation (tests, benchmarks); empty: measured choice.
+CONV_GRAD_OVERRIDE: dict[str, str] = {}
+
+
+def choose_conv_input_grad(geo: ConvGeometry) -> str:
+    return "transpose"
+
+
+def choose_conv_weight_grad(geo: ConvGeometry) -> str:
+    return "conv"
+
+
+@rule("Conv")
+def conv(b, node, grads, needs):
+    x, w = node.inputs[0], node.inputs[1]
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    g = grads[0]
+    geo = conv_geometry(node)
+    dx = dw = db = None
+    if needs[0]:
+        name = CONV_GRAD_OVERRIDE.get("input") or choose_conv_input_grad(geo)
+        dx = CONV_INPUT_GRADS[name](b, g, w, geo)
+        if dx is None:  # that formulation does not apply to this shape
+            dx = conv_input_grad_transpose(b, g, w, geo)
+    if needs[1]:
+        name = CONV_GRAD_OVERRIDE.get("weight") or choose_conv_weight_grad(geo)
+        dw = CONV_WEIGHT_GRADS[name](b, x, g, geo)
+        if dw is None:
+            dw = conv_weight_grad_conv(b, x, g, geo)
+    if has_bias and needs[2]:
+        db = b.op("ReduceSum", g, b.ints([0] + list(range(2, 2 + geo.rank))), keepdims=0)
+    return [dx, dw] + ([db] if len(node.inputs) > 2 else [])
+
+
+# =========================================================================== pooling
+def _pool_geometry(node, xs, ys):
+    rank = len(xs) - 2
+    kernel = tuple(attr(node, "kernel_shape"))
+    strides = tuple(attr(node, "strides", [1] * rank))
+    dilations = tuple(attr(node, "dilations", [1] * rank))
+    begin, end = _explicit_pads(node, xs[2:], kernel, strides, dilations)
+    return kernel, strides, dilations, begin, end
+
+
+def _static_io(node):
+    xs, ys = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if xs is None or ys is None:
+        raise ValueError(f"{node.op_type} node {node.name}: the gradient needs static input and "
+                         f"output shapes (got {xs}, {ys})")
+    return xs, ys
+
+
+@rule("MaxPool")
+def max_pool(b, node, grads, needs):
+    g = grads[0]
+    if g is None:  # only Indices was used: it has no gradient
+        return [None]
+    x = node.inputs[0]
+    xs, ys = _static_io(node)
+    if len(node.outputs) > 1 and attr(node, "storage_order", 0) == 0:
+        indices = node.outputs[1]
+    else:
+        # An imported MaxPool without Indices (or column-major ones): recompute row-major ones.
+        attrs = {k: a.value for k, a in node.attributes.items() if k != "storage_order"}
+        _, indices = b.op("MaxPool", x, _outputs=2, **attrs)
+        indices.dtype = ir.DataType.INT64
+    planes = xs[0] * xs[1]
+    plane = int(np.prod(xs[2:]))
+    windows = int(np.prod(ys[2:]))
+    # NOTE: Indices are flat over N*C*H*W in ONNX Runtime (and the spec's reading), but the onnx
+    # reference evaluator gives flat-per-plane ones for stride-1 pools. Taking them modulo H*W and
+    # scattering per plane is right under either convention, for one cheap Mod on an int tensor.
+    local = b.op("Mod", indices, b.const(np.asarray(plane, dtype=np.int64)))
+    local = b.op("Reshape", local, b.ints([planes, windows]))
+    zeros = b.op("ConstantOfShape", b.ints([planes, plane]),
+                 value=ir.tensor(np.zeros(1, dtype=np_dtype(x))))
+    # Overlapping windows that picked the same element accumulate, as in PyTorch; ties were
+    # already broken by the forward (first maximum in window order, as in PyTorch).
+    dx = b.op("ScatterElements", zeros, local, b.op("Reshape", g, b.ints([planes, windows])),
+              axis=1, reduction="add")
+    return [b.op("Reshape", dx, b.ints(xs))]
+
+
+def average_pool_divisors(size, out, kernel, stride, dilation, pad_begin, pad_end,
+                          count_include_pad) -> np.ndarray:
+    """Per-output-position window sizes along one axis, as ONNX Runtime and PyTorch divide:
+    taps inside the input, plus (count_include_pad) those in the padding, never those that ceil
+    mode lets run past the end padding."""
+    low, high = (-pad_begin, size + pad_end) if count_include_pad else (0, size)
+    taps = np.arange(out)[:, None] * stride - pad_begin + np.arange(kernel)[None, :] * dilation
+    return ((taps >= low) & (taps < high)).sum(axis=1)
+
+
+@rule("AveragePool")
+def average_pool(b, node, grads, needs):
+    g = grads[0]
+    xs, ys = _static_io(node)
+    kernel, strides, dilations, begin, end = _pool_geometry(node, xs, ys)
+    cip = attr(node, "count_include_pad", 0)
+    counts = [average_pool_divisors(n, o, k, s, d, pb, pe, cip)
+              for n, o, k, s, d, pb, pe in zip(xs[2:], ys[2:], kernel, strides, dilations,
+                                               begin, end)]
+    divisor = counts[0].astype(np.float64)
+    for more in counts[1:]:
+        divisor = np.multiply.outer(divisor, more)
+    dtype = np_dtype(node.inputs[0])
+    # dX is a transposed convolution of dY / divisor with a kernel of ones, run on [N*C, 1, ...]
+    # so one single-channel kernel serves every channel.
+    planes = b.op("Reshape", g, b.ints([xs[0] * xs[1], 1, *ys[2:]]))
+    if np.all(divisor == divisor.flat[0]):
+        weight = np.full((1, 1, *kernel), 1.0 / divisor.flat[0], dtype=dtype)
+    else:
+        weight = np.ones((1, 1, *kernel), dtype=dtype)
+        planes = b.op("Mul", planes, b.const((1.0 / divisor).astype(dtype)))
+    ends, extra = _transpose_pads(xs[2:], ys[2:], kernel, strides, dilations, begin)
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides),
+             "dilations": list(dilations), "pads": list(begin) + ends}
+    if any(extra):
+        attrs["output_padding"] = extra
+    dx = b.op("ConvTranspose", planes, b.const(weight), **attrs)
+    return [b.op("Reshape", dx, b.ints(xs))]
+
+
+@rule("GlobalAveragePool")
+def global_average_pool(b, node, grads, needs):
+    xs, _ = _static_io(node)
+    scale = b.const(np.asarray(1.0 / np.prod(xs[2:]), dtype=np_dtype(node.inputs[0])))
+    return [b.op("Expand", b.op("Mul", grads[0], scale), b.ints(xs))]
