@@ -312,13 +312,16 @@ class CompiledFunction:
         graph = ir.Graph(graph_inputs, outputs, nodes=nodes, initializers=initializers,
                          opset_imports={"": OPSET}, name="train_step")
         model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
+        # ONNXGRAD_DUMP: the step as traced (forward, then what autodiff and the SGD pass appended,
+        # each node tagged with its origin), then after cleanup.
+        _dump("traced", model)
         cleanup(model)
         input_names = {v.name for v in model.graph.inputs}
         state_pairs = {k: v for k, v in state_pairs.items() if k in input_names}
         model.metadata_props[STATE_KEY] = json.dumps({v: k for k, v in state_pairs.items()})
         model.metadata_props[DATA_INPUTS_KEY] = json.dumps(data_names)
         proto = ir.serde.serialize_model(model)
-        _dump("compiled", proto)
+        _dump("cleanup", proto)
 
         updated = {name: t for name, t in used_state.items() if name in state_pairs}
         readonly = {name: t for name, t in used_state.items() if name not in state_pairs}
@@ -447,7 +450,7 @@ def _name_outputs(values: list[ir.Value], names: list[str], nodes: list[ir.Node]
     return out
 
 
-def _dump(name: str, proto: onnx.ModelProto) -> None:
+def _dump(name: str, proto: onnx.ModelProto | ir.Model) -> None:
     from ..runtime.dump import dump_graph
 
     dump_graph(name, proto)
