@@ -39,7 +39,10 @@ class StepRunner:
         self._host: list[dict[str, np.ndarray]] = [{}, {}]
         self._sets: list[dict[str, ort.OrtValue]] = [{}, {}]
         for name in self.state:
-            first = np.ascontiguousarray(initial[name])
+            # A copy: the runtime writes into these buffers, and the caller's array may be shared
+            # (a state_dict taken earlier) or read-only. NOTE: not np.ascontiguousarray, which
+            # turns a 0-d state (BatchNorm's num_batches_tracked) into shape [1].
+            first = np.array(initial[name], order="C", copy=True)
             self._add(name, [first, np.empty_like(first)])
         for name in self.carried:
             meta = outputs[name]
@@ -93,11 +96,11 @@ class StepRunner:
             if value is not target:
                 np.copyto(target, value, casting="same_kind")
         else:
-            self._sets[self.parity][name].update_inplace(np.ascontiguousarray(value))
+            self._sets[self.parity][name].update_inplace(_c_order(value))
 
     def bind_input(self, name: str, value: np.ndarray) -> None:
         """Bind a read-only input (frozen state) for every later run, without copying on the CPU."""
-        array = np.ascontiguousarray(value)
+        array = _c_order(value)
         self._pinned[name] = array  # the OrtValue borrows the array's memory: keep it alive
         ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
                     else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
@@ -116,6 +119,12 @@ class StepRunner:
         self.parity = 1 - self.parity
         self.runs += 1
         return results
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    """C-contiguous without copying when it already is, keeping 0-d arrays 0-d."""
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
 def _np_type(onnx_type: str) -> np.dtype:
