@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .inspection import inspect, summary
 from .runtime import get_providers, set_providers
+from .serialization import load, save
 from .tracer import Tensor, TraceError, as_tensor, enable_grad, grad, no_grad, set_grad_enabled
 from .tracer import tensor
 from .tracer.compile import compile

@@ -1,0 +1,151 @@
+"""Checkpoint files: named arrays plus one metadata string, as ``.npz`` or ``.safetensors``.
+
+The bottom layer of ``og.save`` / ``og.load``: it knows nothing of tensors or state dicts. The
+front flattens a state dict into arrays and a JSON description of the rest; this module writes
+and reads them. The format follows the file's extension.
+
+- ``.npz``: NumPy's zip of ``.npy`` members, one per array. The metadata, when there is any, is
+  one more member, :data:`NPZ_METADATA_KEY`, a 0-d unicode array (readable without pickle).
+  Without metadata the file is a plain ``np.savez`` archive that any NumPy reads.
+- ``.safetensors``: the metadata sits in the header's ``__metadata__`` under
+  :data:`SAFETENSORS_METADATA_KEY`, so the arrays are exactly what ``safetensors`` (or
+  ``safetensors.torch``) loads. Needs the optional ``safetensors`` package
+  (``pip install 'onnxgrad[safetensors]'``).
+
+Writes are atomic: the file is written beside the target under a temporary name, flushed to disk,
+then renamed over the target, so a crash mid-write leaves the old file (or none) and never a
+partial one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+NPZ_METADATA_KEY = "__onnxgrad__"
+SAFETENSORS_METADATA_KEY = "onnxgrad"
+SUFFIXES = (".npz", ".safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or file that cannot be written or read."""
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise CheckpointError(f"checkpoint {str(path)!r}: unsupported extension {suffix!r}; "
+                              f"use one of {', '.join(SUFFIXES)}")
+    return suffix[1:]
+
+
+def _safetensors_numpy(path: Path, action: str):
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError(
+            f"{action} {str(path)!r} needs the optional 'safetensors' package: "
+            "pip install 'onnxgrad[safetensors]' (or pip install safetensors), or use a .npz "
+            "path") from None
+    return safetensors.numpy
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    # NOTE: not np.ascontiguousarray, which turns 0-d arrays (num_batches_tracked) into shape [1].
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def write_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
+                 metadata: str | None = None) -> Path:
+    """Write ``arrays`` (and the ``metadata`` string) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    fmt = _format(path)
+    if fmt == "npz" and NPZ_METADATA_KEY in arrays:
+        raise CheckpointError(f"checkpoint: the array name {NPZ_METADATA_KEY!r} is reserved")
+    arrays = {name: _c_order(a) for name, a in arrays.items()}
+    if fmt == "npz":
+        members = dict(arrays)
+        if metadata is not None:
+            members[NPZ_METADATA_KEY] = np.array(metadata)
+
+        def write(f) -> None:
+            np.savez(f, **members)  # a file object, so NumPy appends no second ".npz"
+    else:
+        st = _safetensors_numpy(path, "writing")
+        header = None if metadata is None else {SAFETENSORS_METADATA_KEY: metadata}
+        # Checked before the temporary file exists: safetensors refuses object/unicode arrays.
+        blob = st.save(arrays, metadata=header)
+
+        def write(f) -> None:
+            f.write(blob)
+    _atomic_write(path, write)
+    return path
+
+
+def read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], str | None]:
+    """The arrays of a checkpoint (in file order) and its metadata string (None if it has none).
+
+    Reads any ``.npz`` or ``.safetensors`` file, not only those :func:`write_arrays` wrote.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if fmt == "npz":
+        # allow_pickle=False: loading a checkpoint must never run code from the file.
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        meta = arrays.pop(NPZ_METADATA_KEY, None)
+        return arrays, None if meta is None else str(meta[()])
+    _safetensors_numpy(path, "reading")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        header = f.metadata() or {}
+        arrays = {key: f.get_tensor(key) for key in f.keys()}
+    return arrays, header.get(SAFETENSORS_METADATA_KEY)
+
+
+def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is a rename within one file system (atomic on POSIX and Windows).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        # mkstemp makes the file private (0600); the checkpoint gets an ordinary file's mode.
+        os.chmod(tmp, file_mode())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the process umask."""
+    umask = os.umask(0)  # the only portable way to read the umask is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX only; best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
