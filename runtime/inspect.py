@@ -1,12 +1,9 @@
 """Inspection of ONNX models: loading with clear errors, a typed text dump, a summary, DOT/SVG.
 
-Works on any ONNX file, not only onnxgrad's. onnxgrad's own graphs carry extra metadata that is
-shown when present:
-
-- node ``metadata_props``: ``onnxgrad.origin`` (``fwd``, ``grad``, ``opt``, ``bn-stats``),
-  ``onnxgrad.source`` (the user's source line) and ``onnxgrad.module`` (``layer1.0.conv1``);
-- model ``metadata_props``: ``onnxgrad.state`` (JSON object: state output name -> the input it feeds
-  on the next step) and ``onnxgrad.data_inputs`` (JSON list of input names).
+Works on any ONNX model (``onnx.ModelProto``, ``onnx_ir.Model`` or ``onnx_ir.Graph``), not only
+onnxgrad's. onnxgrad's own graphs carry extra metadata (keys in ``runtime.metadata``) that is shown
+when present: each node's origin (``fwd``, ``grad``, ``opt``, ``bn-stats``; "unknown" elsewhere),
+the user's source line and module path, and the model's state mapping and data inputs.
 
 Only onnx, onnx_ir, numpy and the standard library are used (``runtime`` is the bottom layer).
 """
@@ -29,34 +26,26 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from .metadata import (DATA_INPUTS, MODULE, ORIGIN, ORIGINS, PARAMETERS, SOURCE, STATE,
+                       UNKNOWN_ORIGIN)
+from .opset import IR_VERSION
+
 __all__ = [
-    "DATA_INPUTS_KEY",
-    "MODULE_KEY",
-    "ORIGIN_KEY",
-    "ORIGINS",
-    "SOURCE_KEY",
-    "STATE_KEY",
+    "ORIGIN_COLOURS",
+    "GraphLike",
     "InspectError",
     "Summary",
     "TensorInfo",
+    "atomic_write",
     "find_dot",
     "format_graph",
     "format_node",
     "load_model",
+    "module_path",
     "summary",
     "to_dot",
-    "write_dot",
     "write_svg",
 ]
-
-# Metadata keys shared with the tracer / passes / export code that writes them.
-ORIGIN_KEY = "onnxgrad.origin"
-SOURCE_KEY = "onnxgrad.source"
-MODULE_KEY = "onnxgrad.module"
-STATE_KEY = "onnxgrad.state"
-DATA_INPUTS_KEY = "onnxgrad.data_inputs"
-
-ORIGINS = ("fwd", "grad", "opt", "bn-stats", "unknown")
 
 GraphLike = Union[onnx.ModelProto, ir.Model, ir.Graph]
 Dims = tuple[Union[int, str, None], ...]  # int: static, str: symbolic, None: unknown dim
@@ -73,7 +62,7 @@ class InspectError(ValueError):
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model (and its external data), raising `InspectError` with a one-line reason.
 
-    ``check=False`` skips `onnx.checker.check_model`, for models the installed checker is too old
+    ``check=False`` skips ``onnx.checker.check_model``, for models the installed checker is too old
     or too strict for.
     """
     p = Path(path)
@@ -107,6 +96,8 @@ def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.Mode
     if check:
         try:
             # The path form resolves external data relative to the file and handles > 2 GB models.
+            # It also catches truncation at a field boundary, which protobuf parses without error
+            # (e.g. a model cut just before its opset imports).
             onnx.checker.check_model(str(p))
         except Exception as exc:  # noqa: BLE001 - any checker failure means "invalid model"
             raise InspectError(
@@ -162,45 +153,23 @@ _DTYPE_NAMES = {
 def _dtype_str(dtype: ir.DataType | None) -> str:
     if dtype is None or dtype == ir.DataType.UNDEFINED:
         return "?"
-    if dtype in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype]
-    short = getattr(dtype, "short_name", None)  # float8 and friends, on onnx_ir versions that have it
-    return short() if callable(short) else dtype.name.lower()
+    return _DTYPE_NAMES.get(dtype) or dtype.name.lower()  # float8 and friends by their ONNX name
 
 
-def _dtype_bits(dtype: ir.DataType) -> int | None:
-    if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
+def _dtype_bits(dtype: ir.DataType | None) -> int | None:
+    if dtype is None or dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
         return None
-    bits = getattr(dtype, "bitwidth", None)
-    if bits is not None:
-        return int(bits)
-    try:
-        return int(np.dtype(dtype.numpy()).itemsize * 8)
-    except Exception:  # noqa: BLE001 - exotic dtype numpy cannot name: size unknown
-        return None
+    return int(dtype.bitwidth)
 
 
 def _is_float(dtype: ir.DataType | None) -> bool:
-    if dtype is None:
-        return False
-    is_fp = getattr(dtype, "is_floating_point", None)
-    if callable(is_fp):
-        return bool(is_fp())
-    return dtype in (
-        ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE
-    )
+    return dtype is not None and dtype.is_floating_point()
 
 
 def _dims(shape: ir.Shape | None) -> Dims | None:
     if shape is None:
         return None
-    out: list[int | str | None] = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(d)
-        else:
-            out.append(getattr(d, "value", None))
-    return tuple(out)
+    return tuple(d if isinstance(d, int) else getattr(d, "value", None) for d in shape)
 
 
 def _shape_str(dims: Dims | None) -> str:
@@ -212,7 +181,7 @@ def _shape_str(dims: Dims | None) -> str:
 def _static(dims: Dims | None, symbols: set[str] | None = None) -> tuple[int, ...] | None:
     """Dims as ints, or None when any is unknown.
 
-    With `symbols` given, symbolic dims (a dynamic batch ``N``) count as 1 and their names are
+    With ``symbols`` given, symbolic dims (a dynamic batch ``N``) count as 1 and their names are
     added to it, so costs of dynamic-shape models come out "per N=1" instead of unknown.
     """
     if dims is None:
@@ -229,11 +198,10 @@ def _static(dims: Dims | None, symbols: set[str] | None = None) -> tuple[int, ..
     return tuple(out)
 
 
-def _nbytes(
-    dtype: ir.DataType | None, dims: Dims | None, symbols: set[str] | None = None
-) -> int | None:
+def _nbytes(dtype: ir.DataType | None, dims: Dims | None,
+            symbols: set[str] | None = None) -> int | None:
     static = _static(dims, symbols)
-    bits = _dtype_bits(dtype) if dtype is not None else None
+    bits = _dtype_bits(dtype)
     if static is None or bits is None:
         return None
     return (math.prod(static) * bits + 7) // 8
@@ -250,27 +218,38 @@ def _type_str(type_: ir.TypeProtocol | None, dims: Dims | None) -> str:
     return prefix + _dtype_str(type_.dtype) + _shape_str(dims)
 
 
+# --------------------------------------------------------------------------------------------
+# A graph as inspection sees it
+
+
 @dataclass
 class _View:
-    """A graph plus what inspection knows beside it: model metadata and inferred value types."""
+    """A graph plus what inspection knows beside it: its model, metadata and inferred types."""
 
-    graph: ir.Graph | None
+    graph: ir.Graph
+    model: ir.Model | None
     metadata: dict[str, str]
     inferred: dict[str, tuple[ir.TypeProtocol | None, ir.Shape | None]] = field(
         default_factory=dict
     )
 
     def type_and_dims(self, value: ir.Value) -> tuple[ir.TypeProtocol | None, Dims | None]:
-        type_, shape = value.type, value.shape
-        if (type_ is None or shape is None) and value.name in self.inferred:
-            inf_type, inf_shape = self.inferred[value.name]
-            type_ = type_ if type_ is not None else inf_type
-            shape = shape if shape is not None else inf_shape
-        return type_, _dims(shape)
+        """The value's own type and dims, completed by inference where they are unknown."""
+        type_, dims = value.type, _dims(value.shape)
+        if value.name not in self.inferred:
+            return type_, dims
+        inf_type, inf_shape = self.inferred[value.name]
+        inf_dims = _dims(inf_shape)
+        if dims is None:
+            dims = inf_dims
+        elif inf_dims is not None and len(inf_dims) == len(dims):
+            # Files often declare outputs as [?,?] that inference can size.
+            dims = tuple(map(_better_dim, dims, inf_dims))
+        return (type_ if type_ is not None else inf_type), dims
 
     def dtype(self, value: ir.Value) -> ir.DataType | None:
         type_, _ = self.type_and_dims(value)
-        return getattr(type_, "dtype", None) if isinstance(type_, ir.TensorType) else None
+        return type_.dtype if isinstance(type_, ir.TensorType) else None
 
     def dims(self, value: ir.Value | None) -> Dims | None:
         return None if value is None else self.type_and_dims(value)[1]
@@ -279,13 +258,24 @@ class _View:
         return f"{_value_ref(value)}: {_type_str(*self.type_and_dims(value))}"
 
     def state(self) -> dict[str, str]:
-        return _json_meta(self.metadata, STATE_KEY, dict) or {}
+        return _json_meta(self.metadata, STATE, dict) or {}
 
     def data_inputs(self) -> list[str]:
-        return _json_meta(self.metadata, DATA_INPUTS_KEY, list) or []
+        return _json_meta(self.metadata, DATA_INPUTS, list) or []
+
+    def parameters(self) -> list[str]:
+        return _json_meta(self.metadata, PARAMETERS, list) or []
 
 
-def _json_meta(metadata: Mapping[str, str], key: str, kind: type) -> object | None:
+def _better_dim(declared: int | str | None, inferred: int | str | None) -> int | str | None:
+    """A static size beats a symbol, a symbol beats unknown; ties keep the declared dim."""
+    def rank(d: int | str | None) -> int:
+        return 2 if isinstance(d, int) else 1 if isinstance(d, str) else 0
+
+    return declared if rank(declared) >= rank(inferred) else inferred
+
+
+def _json_meta(metadata: Mapping[str, str], key: str, kind: type) -> dict | list | None:
     """Metadata JSON of the expected kind, or None when absent or malformed (foreign files)."""
     raw = metadata.get(key)
     if raw is None:
@@ -304,17 +294,24 @@ def _json_meta(metadata: Mapping[str, str], key: str, kind: type) -> object | No
 def _view(obj: GraphLike, *, infer: bool) -> _View:
     if isinstance(obj, onnx.ModelProto):
         model = ir.serde.deserialize_model(obj)
-        inferred = _infer_types(obj) if infer else {}
-        return _View(model.graph, _metadata(model), inferred)
+        return _View(model.graph, model, _metadata(model), _infer_types(obj) if infer else {})
     if isinstance(obj, ir.Model):
         # NOTE: inference runs on a serialized copy so that the caller's ir.Model is never mutated.
-        inferred = _infer_types(ir.serde.serialize_model(obj)) if infer else {}
-        return _View(obj.graph, _metadata(obj), inferred)
+        inferred = _infer_types(_serialize(obj)) if infer else {}
+        return _View(obj.graph, obj, _metadata(obj), inferred)
     if isinstance(obj, ir.Graph):
-        return _View(obj, dict(obj.metadata_props))
+        inferred = _infer_types(_serialize(ir.Model(obj, ir_version=IR_VERSION))) if infer else {}
+        return _View(obj, None, dict(obj.metadata_props), inferred)
     raise TypeError(
         f"expected onnx.ModelProto, onnx_ir.Model or onnx_ir.Graph, got {type(obj).__name__}"
     )
+
+
+def _serialize(model: ir.Model) -> onnx.ModelProto | None:
+    try:
+        return ir.serde.serialize_model(model)
+    except Exception:  # noqa: BLE001 - a graph under construction may not serialize; no inference
+        return None
 
 
 def _metadata(model: ir.Model) -> dict[str, str]:
@@ -326,16 +323,19 @@ def _metadata(model: ir.Model) -> dict[str, str]:
 _INFER_KEEP_ELEMENTS = 1024
 
 
-def _infer_types(proto: onnx.ModelProto) -> dict[str, tuple[ir.TypeProtocol | None, ir.Shape | None]]:
+def _infer_types(
+    proto: onnx.ModelProto | None,
+) -> dict[str, tuple[ir.TypeProtocol | None, ir.Shape | None]]:
     """Value name -> (type, shape) from ONNX shape inference; best effort, {} on failure."""
+    if proto is None:
+        return {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(
+        graph = onnx.shape_inference.infer_shapes(
             _inference_skeleton(proto), strict_mode=False, data_prop=True
-        )
+        ).graph
     except Exception:  # noqa: BLE001 - inference is best effort: custom ops, odd models
-        inferred = proto
+        return {}
     out: dict[str, tuple[ir.TypeProtocol | None, ir.Shape | None]] = {}
-    graph = inferred.graph
     for info in (*graph.input, *graph.value_info, *graph.output):
         if not info.HasField("type") or info.type.WhichOneof("value") is None:
             continue
@@ -382,8 +382,14 @@ def _inference_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+def _origin(node: ir.Node) -> str:
+    return node.metadata_props.get(ORIGIN) or UNKNOWN_ORIGIN
+
+
 # --------------------------------------------------------------------------------------------
 # Text dump
+
+_SHOW_VALUES = 8  # constants with at most this many elements print their values (axes, scalars)
 
 
 def _value_ref(value: ir.Value | None) -> str:
@@ -397,23 +403,33 @@ def _op_name(node: ir.Node) -> str:
 
 
 def _float_str(v: float) -> str:
-    # ONNX stores float attributes as float32: print the shortest float32 text (0.1, not 0.100000001).
+    # ONNX stores floats as float32: print the shortest float32 text (0.1, not 0.100000001).
     return str(np.float32(v))
 
 
-def _tensor_str(t: object) -> str:
-    dtype = getattr(t, "dtype", None)
-    shape = getattr(t, "shape", None)
-    return f"<tensor {_dtype_str(dtype)}{_shape_str(_dims(shape))}>"
-
-
-def _graph_str(g: object) -> str:
-    name = getattr(g, "name", None) or "graph"
+def _values_str(t: ir.TensorProtocol) -> str | None:
+    """The values of a small tensor (``0.9``, ``[0,2]``), or None for a big or unreadable one."""
+    dims = _static(_dims(t.shape))
+    if dims is None or math.prod(dims) > _SHOW_VALUES or t.dtype in (
+        ir.DataType.STRING, ir.DataType.UNDEFINED
+    ):
+        return None
     try:
-        n = len(g)  # type: ignore[arg-type]
-    except TypeError:
-        n = 0
-    return f"<graph {name}: {n} nodes>"
+        array = np.asarray(t.numpy())
+    except Exception:  # noqa: BLE001 - exotic dtypes, missing external data: just the type
+        return None
+    items = [_float_str(x) if array.dtype.kind == "f" else str(x) for x in array.reshape(-1).tolist()]
+    return items[0] if array.ndim == 0 else "[" + ",".join(items) + "]"
+
+
+def _tensor_str(t: ir.TensorProtocol) -> str:
+    values = _values_str(t)
+    text = _dtype_str(t.dtype) + _shape_str(_dims(t.shape))
+    return f"<tensor {text}" + (f": {values}>" if values is not None else ">")
+
+
+def _graph_str(g: ir.Graph) -> str:
+    return f"<graph {g.name or 'graph'}: {len(g)} nodes>"
 
 
 def _attr_str(attr: ir.Attr) -> str:
@@ -457,34 +473,40 @@ def _format_node(node: ir.Node, view: _View) -> str:
             f"{name}={_attr_str(node.attributes[name])}" for name in sorted(node.attributes)
         )
         line += f" {{{attrs}}}"
-    origin = node.metadata_props.get(ORIGIN_KEY)
-    source = node.metadata_props.get(SOURCE_KEY)
-    note = "  ".join(" ".join(s.split()) for s in (origin, source) if s)  # keep it one line
-    if note:
-        line += f"  # {note}"
+    # NOTE: nodes without an origin (any model onnxgrad did not make) get no comment rather than
+    # "# unknown" on every line; the summary counts them as "unknown".
+    origin = node.metadata_props.get(ORIGIN)
+    source = node.metadata_props.get(SOURCE)
+    if origin or source:
+        line += f"  # {origin or UNKNOWN_ORIGIN}"
+        if source:
+            line += f"  ({' '.join(source.split())})"  # keep it one line
     return line
 
 
 def format_node(node: ir.Node) -> str:
-    """One typed line for a node: ``%y: f32[2,4] = Relu(%x)  # fwd  model.py:3: y = x.relu()``.
+    """One typed line for a node: ``%y: f32[2,4] = Relu(%x)  # fwd  (model.py:3: y = x.relu())``.
 
     Meant for error messages about a node (DESIGN: errors include the node's line).
     """
-    return _format_node(node, _View(node.graph, {}))
+    # Only value types are read from the view, so a node outside any graph works too.
+    return _format_node(node, _View(node.graph, None, {}))  # type: ignore[arg-type]
 
 
-def format_graph(graph_or_model: GraphLike, *, infer_shapes: bool = False) -> str:
-    """A typed text dump of a graph: header (inputs, initializers), one line per node, outputs.
+def format_graph(graph_or_model: GraphLike, *, infer_shapes: bool = True) -> str:
+    """A typed text dump: inputs, initializers, one line per node, outputs.
 
-    ``infer_shapes=True`` fills value types missing from the file with ONNX shape inference
-    (models only; an `onnx_ir.Graph` is printed as it is).
+    Types missing from the graph are filled in by ONNX shape inference (best effort) unless
+    ``infer_shapes=False``; the caller's graph is never modified.
     """
     view = _view(graph_or_model, infer=infer_shapes)
     g = view.graph
-    assert g is not None
     state = view.state()
-    state_inputs = set(state.values())
+    feeds = {inp: out for out, inp in state.items()}
     data_inputs = set(view.data_inputs())
+    parameters = set(view.parameters())
+    input_names = {v.name for v in g.inputs}
+    initializers = [v for name, v in g.initializers.items() if name not in input_names]
 
     lines = [
         f"graph {g.name or '(unnamed)'}: {len(g.inputs)} inputs, {len(g.initializers)} "
@@ -492,20 +514,27 @@ def format_graph(graph_or_model: GraphLike, *, infer_shapes: bool = False) -> st
         "inputs:",
     ]
     for v in g.inputs:
-        marks = [m for m, on in (
-            ("state", v.name in state_inputs),
-            ("data", v.name in data_inputs),
-            ("default", v.name in g.initializers),
-        ) if on]
+        marks = []
+        if v.name in feeds:
+            marks.append(f"state <- %{feeds[v.name]}")
+        if v.name in data_inputs:
+            marks.append("data")
+        if v.name in parameters:
+            marks.append("parameter")
+        if v.name in g.initializers:
+            marks.append("has default")
         lines.append(f"  {view.typed(v)}" + (f"  ({', '.join(marks)})" if marks else ""))
-    n_init_only = sum(1 for name in g.initializers if name not in {v.name for v in g.inputs})
-    lines.append(f"initializers: {len(g.initializers)} ({n_init_only} not graph inputs)")
+    if initializers:
+        lines.append("initializers:")
+        for v in initializers:
+            values = _values_str(v.const_value) if v.const_value is not None else None
+            lines.append(f"  {view.typed(v)}" + (f" = {values}" if values is not None else ""))
     lines.append("nodes:")
     lines.extend(f"  {_format_node(node, view)}" for node in g)
     lines.append("outputs:")
     for v in g.outputs:
-        feeds = f"  (state -> %{state[v.name]})" if v.name in state else ""
-        lines.append(f"  {view.typed(v)}{feeds}")
+        feeds_next = f"  (state -> %{state[v.name]})" if v.name in state else ""
+        lines.append(f"  {view.typed(v)}{feeds_next}")
     return "\n".join(lines)
 
 
@@ -530,13 +559,13 @@ class TensorInfo:
         return f"{self.name}: {self.type}"
 
 
-@dataclass
+@dataclass(repr=False)
 class Summary:
-    """What a model holds and costs; ``str()`` renders a readable report."""
+    """What a model holds and costs; ``str()`` (and the REPL) shows a readable report."""
 
     graph_name: str
     producer: str
-    ir_version: int
+    ir_version: int | None
     opsets: dict[str, int]
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
@@ -548,8 +577,14 @@ class Summary:
     op_counts: dict[str, int]  # most frequent first
     origin_counts: dict[str, int]
     num_initializers: int
+    # Float tensors carried from run to run, each counted once: the state inputs and declared
+    # parameters of onnxgrad's graphs, else (foreign models) the initializers. Those read only by
+    # optimizer nodes (momentum buffers) are optimizer state, the rest are parameters (BatchNorm
+    # running statistics included, as in any ONNX file).
     param_count: int
     param_bytes: int
+    opt_state_count: int
+    opt_state_bytes: int
     flops: int  # known part; see flops_unknown
     flops_by_op: dict[str, int]
     flops_unknown: list[str]  # nodes of counted op types whose shapes are unknown
@@ -560,31 +595,30 @@ class Summary:
     def __str__(self) -> str:
         return _render_summary(self)
 
+    __repr__ = __str__
+
 
 _FLOP_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+_LARGEST = 10
 
 
-def summary(model: onnx.ModelProto | ir.Model) -> Summary:
+def summary(model: GraphLike) -> Summary:
     """Inputs/outputs, state mapping, node counts, parameters, FLOPs, largest intermediates."""
     view = _view(model, infer=True)
-    g = view.graph
-    assert g is not None
-    meta = view.metadata
-    if isinstance(model, onnx.ModelProto):
-        producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
-        ir_version = model.ir_version
-        opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    g, meta = view.graph, view.metadata
+    ir_model = view.model
+    if ir_model is not None:
+        producer = " ".join(p for p in (ir_model.producer_name, ir_model.producer_version) if p)
+        ir_version: int | None = ir_model.ir_version
     else:
-        producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
-        ir_version = model.ir_version
-        opsets = {(d or "ai.onnx"): v for d, v in model.opset_imports.items()}
+        producer, ir_version = "", None
+    opsets = {(d or "ai.onnx"): v for d, v in g.opset_imports.items()}
 
     warnings: list[str] = []
-    for key, kind in ((STATE_KEY, dict), (DATA_INPUTS_KEY, list)):
+    for key, kind in ((STATE, dict), (DATA_INPUTS, list), (PARAMETERS, list)):
         if key in meta and _json_meta(meta, key, kind) is None:
             warnings.append(f"metadata {key!r} is not a JSON {kind.__name__}; ignored")
     state = view.state()
-    data_inputs = view.data_inputs()
     input_names = {v.name for v in g.inputs}
     output_names = {v.name for v in g.outputs}
     for out, inp in state.items():
@@ -592,26 +626,30 @@ def summary(model: onnx.ModelProto | ir.Model) -> Summary:
             warnings.append(f"state entry {out!r} -> {inp!r} names a missing output or input")
 
     def info(v: ir.Value, symbols: set[str] | None = None) -> TensorInfo:
-        dtype, dims = view.dtype(v), view.dims(v)
-        type_, _ = view.type_and_dims(v)
+        type_, dims = view.type_and_dims(v)
+        dtype = view.dtype(v)
         dtype_text = _dtype_str(dtype) if isinstance(type_, ir.TensorType) else _type_str(type_, None)
         return TensorInfo(v.name or "", dtype_text, dims, _nbytes(dtype, dims, symbols))
 
-    # Parameters: every float tensor the model carries from run to run, each name once.
-    param_count = param_bytes = 0
-    counted: set[str] = set()
-    state_inputs = set(state.values())
-    carried = [*g.initializers.values(), *(v for v in g.inputs if v.name in state_inputs)]
-    for v in carried:
-        if v.name in counted or not _is_float(view.dtype(v)):
+    declared = set(state.values()) | set(view.parameters())
+    if declared:
+        # NOTE: initializers of onnxgrad's graphs are baked constants (axes, scalars), not weights.
+        carried = {v.name: v for v in g.inputs if v.name in declared}
+    else:
+        carried = dict(g.initializers)
+    params = [0, 0]
+    opt_state = [0, 0]
+    for v in carried.values():
+        dtype, dims = view.dtype(v), _static(view.dims(v))
+        if not _is_float(dtype):
             continue
-        dims, nbytes = _static(view.dims(v)), _nbytes(view.dtype(v), view.dims(v))
-        if dims is None or nbytes is None:
+        if dims is None:
             warnings.append(f"parameter {v.name!r} has an unknown shape; not counted")
             continue
-        counted.add(v.name)
-        param_count += math.prod(dims)
-        param_bytes += nbytes
+        readers = {_origin(use.node) for use in v.uses()}
+        bucket = opt_state if readers == {"opt"} else params
+        bucket[0] += math.prod(dims)
+        bucket[1] += _nbytes(dtype, dims) or 0
 
     flops = 0
     flops_by_op: Counter[str] = Counter()
@@ -633,7 +671,7 @@ def summary(model: onnx.ModelProto | ir.Model) -> Summary:
     ]
     largest = sorted(
         (t for t in intermediates if t.nbytes is not None), key=lambda t: (-t.nbytes, t.name)
-    )[:10]
+    )[:_LARGEST]
 
     total_nodes = sum(1 for _ in ir.traversal.RecursiveGraphIterator(g))
     return Summary(
@@ -644,15 +682,17 @@ def summary(model: onnx.ModelProto | ir.Model) -> Summary:
         inputs=[info(v) for v in g.inputs],
         outputs=[info(v) for v in g.outputs],
         state=state,
-        data_inputs=data_inputs,
+        data_inputs=view.data_inputs(),
         defaults=[v.name for v in g.inputs if v.name in g.initializers],
         num_nodes=len(g),
         num_subgraph_nodes=total_nodes - len(g),
         op_counts=_most_common(Counter(_op_name(n) for n in g)),
-        origin_counts=_most_common(Counter(n.metadata_props.get(ORIGIN_KEY) or "unknown" for n in g)),
+        origin_counts=_most_common(Counter(_origin(n) for n in g)),
         num_initializers=len(g.initializers),
-        param_count=param_count,
-        param_bytes=param_bytes,
+        param_count=params[0],
+        param_bytes=params[1],
+        opt_state_count=opt_state[0],
+        opt_state_bytes=opt_state[1],
         flops=flops,
         flops_by_op=_most_common(flops_by_op),
         flops_unknown=flops_unknown,
@@ -667,9 +707,9 @@ def _most_common(counts: Counter[str]) -> dict[str, int]:
 
 
 def _node_flops(node: ir.Node, view: _View, symbols: set[str]) -> int | None:
-    """Multiply-adds x 2 of a Conv/ConvTranspose/MatMul/Gemm node; None when shapes are unknown.
+    """2 x multiply-adds of a Conv/ConvTranspose/MatMul/Gemm node; None when shapes are unknown.
 
-    Symbolic dims count as 1 and are added to `symbols`.
+    Symbolic dims count as 1 and are added to ``symbols``.
     """
     inputs = list(node.inputs)
     a = _static(view.dims(inputs[0] if inputs else None), symbols)
@@ -687,16 +727,15 @@ def _node_flops(node: ir.Node, view: _View, symbols: set[str]) -> int | None:
             return None
         return 2 * math.prod(a) * math.prod(b[1:])
     if op == "MatMul":
+        # Every output element is a dot product over A's last dim (batch dims broadcast).
         if a is None or y is None or not a:
             return None
         return 2 * math.prod(y) * a[-1]
     if op == "Gemm":
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
-        trans_a = _int_attr(node, "transA")
-        trans_b = _int_attr(node, "transB")
-        m, k = (a[1], a[0]) if trans_a else (a[0], a[1])
-        n = b[0] if trans_b else b[1]
+        m, k = (a[1], a[0]) if _int_attr(node, "transA") else a
+        n = b[0] if _int_attr(node, "transB") else b[1]
         return 2 * m * n * k
     return None
 
@@ -709,13 +748,16 @@ def _int_attr(node: ir.Node, name: str, default: int = 0) -> int:
 
 
 def _human(n: float, unit: str, base: int = 1000) -> str:
-    prefixes = ["", "K", "M", "G", "T", "P"] if base == 1000 else ["", "Ki", "Mi", "Gi", "Ti", "Pi"]
-    value = float(n)
+    """``1.50 MFLOP``, ``2.00 KiB``; plain integers below one ``base``."""
+    prefixes = ("K", "M", "G", "T", "P") if base == 1000 else ("Ki", "Mi", "Gi", "Ti", "Pi")
+    if abs(n) < base:
+        return f"{n:.0f} {unit}"
+    value, prefix = float(n), ""
     for prefix in prefixes:
-        if abs(value) < base or prefix == prefixes[-1]:
-            return f"{value:.0f} {prefix}{unit}" if not prefix else f"{value:.2f} {prefix}{unit}"
         value /= base
-    raise AssertionError("unreachable")
+        if abs(value) < base:
+            break
+    return f"{value:.2f} {prefix}{unit}"
 
 
 def _table(rows: Iterable[tuple[str, ...]], indent: str = "  ") -> list[str]:
@@ -723,28 +765,27 @@ def _table(rows: Iterable[tuple[str, ...]], indent: str = "  ") -> list[str]:
     if not rows:
         return [f"{indent}(none)"]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    out = []
-    for r in rows:
-        cells = [c.ljust(w) for c, w in zip(r, widths)] + [r[-1]]
-        out.append((indent + "  ".join(cells)).rstrip())
-    return out
+    return [
+        (indent + "  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]])).rstrip()
+        for r in rows
+    ]
 
 
 def _render_summary(s: Summary) -> str:
     opsets = ", ".join(f"{d} {v}" for d, v in s.opsets.items()) or "none"
+    ir_version = s.ir_version if s.ir_version is not None else "-"
     lines = [
         f"graph: {s.graph_name or '(unnamed)'}",
-        f"producer: {s.producer or '(unknown)'}   ir_version: {s.ir_version}   opsets: {opsets}",
+        f"producer: {s.producer or '(unknown)'}   ir_version: {ir_version}   opsets: {opsets}",
         "",
         f"inputs ({len(s.inputs)}):",
     ]
-    state_inputs = set(s.state.values())
-    data, defaults = set(s.data_inputs), set(s.defaults)
     feeds = {inp: out for out, inp in s.state.items()}
+    data, defaults = set(s.data_inputs), set(s.defaults)
 
     def input_role(t: TensorInfo) -> str:
         roles = []
-        if t.name in state_inputs:
+        if t.name in feeds:
             roles.append(f"state <- {feeds[t.name]}")
         if t.name in data:
             roles.append("data")
@@ -764,9 +805,11 @@ def _render_summary(s: Summary) -> str:
     lines.append("  by origin: " + ", ".join(f"{k} {v}" for k, v in s.origin_counts.items()))
     lines.append("  by op:     " + ", ".join(f"{k} {v}" for k, v in s.op_counts.items()))
     lines.append(f"initializers: {s.num_initializers}")
-    lines.append(
-        f"parameters: {s.param_count:,} ({_human(s.param_bytes, 'B', 1024)})"
-    )
+    lines.append(f"parameters: {s.param_count:,} ({_human(s.param_bytes, 'B', 1024)})")
+    if s.opt_state_count:
+        lines.append(
+            f"optimizer state: {s.opt_state_count:,} ({_human(s.opt_state_bytes, 'B', 1024)})"
+        )
     per = ", ".join(f"{name}=1" for name in s.symbols_as_1)
     per = f" with {per}" if per else ""
     flops = f"FLOPs per run{per}: {s.flops:,} ({_human(s.flops, 'FLOP')})"
@@ -774,8 +817,10 @@ def _render_summary(s: Summary) -> str:
         flops += f", plus {len(s.flops_unknown)} node(s) with unknown shapes"
     lines.append(flops)
     if s.flops_by_op:
-        lines.append("  by op: " + ", ".join(f"{k} {_human(v, 'FLOP')}" for k, v in s.flops_by_op.items()))
-    lines.append(f"largest intermediate tensors{per} ({len(s.largest_intermediates)}):")
+        lines.append(
+            "  by op: " + ", ".join(f"{k} {_human(v, 'FLOP')}" for k, v in s.flops_by_op.items())
+        )
+    lines.append(f"largest intermediate tensors{per}:")
     lines += _table(
         (t.name, t.type, _human(t.nbytes or 0, "B", 1024)) for t in s.largest_intermediates
     )
@@ -789,18 +834,15 @@ def _render_summary(s: Summary) -> str:
 # Graphviz
 
 ORIGIN_COLOURS = {
-    "fwd": "#cfe2ff",
-    "grad": "#f8d7da",
-    "opt": "#d1e7dd",
-    "bn-stats": "#fff3cd",
-    "unknown": "#e9ecef",
+    **dict(zip(ORIGINS, ("#cfe2ff", "#f8d7da", "#d1e7dd", "#fff3cd"))),
+    UNKNOWN_ORIGIN: "#e9ecef",
 }
 _IO_COLOUR = "#ffffff"
 _MAX_CLUSTER_DEPTH = 2  # deeper nesting makes resnet-size graphs unreadable (and slow to lay out)
 
 
 def _q(text: str) -> str:
-    """A DOT quoted string; "\\n" in `text` stays a DOT line break."""
+    """A DOT quoted string; a newline in ``text`` becomes a DOT line break."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
@@ -811,18 +853,19 @@ def module_path(node: ir.Node) -> str:
     scopes by attribute (``/layer1/layer1.0/conv1/Conv``), onnxgrad by qualified module name
     (``layer1.0.conv1/Conv_3``); both end in the node's own name, which is dropped.
     """
-    meta = node.metadata_props.get(MODULE_KEY)
+    meta = node.metadata_props.get(MODULE)
     if meta:
         return meta
-    name = node.name or ""
-    parts = [p for p in name.split("/")[:-1] if p]
+    parts = [p for p in (node.name or "").split("/")[:-1] if p]
     dotted = ""
     for part in parts:
+        # torch repeats the prefix ("layer1", "layer1.0"): extend instead of appending twice.
         dotted = part if not dotted or part.startswith(dotted + ".") else f"{dotted}.{part}"
     return dotted
 
 
 def _cluster_key(path: str) -> tuple[str, ...]:
+    """``layer1.0.conv1`` -> ("layer1", "layer1.0"): the nested clusters a node is drawn in."""
     comps = [c for c in path.split(".") if c]
     return tuple(".".join(comps[: i + 1]) for i in range(min(len(comps), _MAX_CLUSTER_DEPTH)))
 
@@ -840,10 +883,9 @@ def to_dot(model: GraphLike) -> str:
 
     Initializers are not drawn (a resnet has hundreds); graph inputs and outputs are.
     """
-    view = _view(model, infer=not isinstance(model, ir.Graph))
+    view = _view(model, infer=True)
     g = view.graph
-    assert g is not None
-    state_inputs = set(view.state().values())
+    feeds = {inp: out for out, inp in view.state().items()}
     data_inputs = set(view.data_inputs())
 
     lines = [
@@ -856,70 +898,58 @@ def to_dot(model: GraphLike) -> str:
     ]
     for origin, colour in ORIGIN_COLOURS.items():
         lines.append(f"    {_q('legend_' + origin)} [label={_q(origin)}, fillcolor={_q(colour)}];")
-    legend_ids = [_q("legend_" + o) for o in ORIGIN_COLOURS]
-    lines.append("    " + " -> ".join(legend_ids) + " [style=invis];")
+    lines.append("    " + " -> ".join(_q("legend_" + o) for o in ORIGIN_COLOURS) + " [style=invis];")
     lines.append("  }")
 
     # Graph inputs: old exporters list every initializer as an input too; those stay hidden
     # unless metadata says they are state.
-    ids: dict[int, str] = {}  # id(ir.Value) of drawn inputs -> DOT id
+    ids: dict[int, str] = {}  # id(ir.Value or ir.Node) -> DOT id
     for i, v in enumerate(g.inputs):
-        if v.name in g.initializers and v.name not in state_inputs:
+        if v.name in g.initializers and v.name not in feeds:
             continue
-        dot_id = f"in_{i}"
-        ids[id(v)] = dot_id
-        role = " (state)" if v.name in state_inputs else " (data)" if v.name in data_inputs else ""
+        ids[id(v)] = f"in_{i}"
+        role = " (state)" if v.name in feeds else " (data)" if v.name in data_inputs else ""
         label = f"{v.name}{role}\n{_type_str(*view.type_and_dims(v))}"
-        lines.append(f"  {dot_id} [label={_q(label)}, shape=ellipse, fillcolor={_q(_IO_COLOUR)}];")
+        lines.append(f"  in_{i} [label={_q(label)}, shape=ellipse, fillcolor={_q(_IO_COLOUR)}];")
 
-    node_ids: dict[int, str] = {}
     clusters: dict[tuple[str, ...], list[str]] = {}
     for i, node in enumerate(g):
-        dot_id = f"n{i}"
-        node_ids[id(node)] = dot_id
-        origin = node.metadata_props.get(ORIGIN_KEY) or "unknown"
-        colour = ORIGIN_COLOURS.get(origin, ORIGIN_COLOURS["unknown"])
+        ids[id(node)] = f"n{i}"
+        origin = _origin(node)
+        colour = ORIGIN_COLOURS.get(origin, ORIGIN_COLOURS[UNKNOWN_ORIGIN])
         tooltip = "\n".join(
-            s for s in (node.name, f"origin: {origin}", node.metadata_props.get(SOURCE_KEY)) if s
+            s for s in (node.name, f"origin: {origin}", node.metadata_props.get(SOURCE)) if s
         )
-        decl = (
-            f"{dot_id} [label={_q(_op_name(node))}, fillcolor={_q(colour)}, "
-            f"tooltip={_q(tooltip)}];"
+        clusters.setdefault(_cluster_key(module_path(node)), []).append(
+            f"n{i} [label={_q(_op_name(node))}, fillcolor={_q(colour)}, tooltip={_q(tooltip)}];"
         )
-        clusters.setdefault(_cluster_key(module_path(node)), []).append(decl)
     lines += _render_clusters(clusters)
+
+    def edge(v: ir.Value, dst: str) -> None:
+        producer = v.producer()
+        src = ids.get(id(producer) if producer is not None else id(v))
+        if src is None:
+            return  # an initializer or an outer-scope value
+        label = _short_shape(view.dims(v))
+        lines.append(f"  {src} -> {dst}" + (f" [label={_q(label)}]" if label else "") + ";")
 
     for node in g:
         for v in node.inputs:
-            if v is None:
-                continue
-            producer = v.producer()
-            src = node_ids.get(id(producer)) if producer is not None else ids.get(id(v))
-            if src is None:
-                continue  # an initializer or an outer-scope value
-            label = _short_shape(view.dims(v))
-            attrs = f" [label={_q(label)}]" if label else ""
-            lines.append(f"  {src} -> {node_ids[id(node)]}{attrs};")
-
+            if v is not None:
+                edge(v, ids[id(node)])
     for i, v in enumerate(g.outputs):
-        dot_id = f"out_{i}"
         label = f"{v.name}\n{_type_str(*view.type_and_dims(v))}"
         lines.append(
-            f"  {dot_id} [label={_q(label)}, shape=ellipse, peripheries=2, "
+            f"  out_{i} [label={_q(label)}, shape=ellipse, peripheries=2, "
             f"fillcolor={_q(_IO_COLOUR)}];"
         )
-        producer = v.producer()
-        src = node_ids.get(id(producer)) if producer is not None else ids.get(id(v))
-        if src is not None:
-            label = _short_shape(view.dims(v))
-            attrs = f" [label={_q(label)}]" if label else ""
-            lines.append(f"  {src} -> {dot_id}{attrs};")
+        edge(v, f"out_{i}")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def _render_clusters(clusters: dict[tuple[str, ...], list[str]]) -> list[str]:
-    """Nested `subgraph cluster_*` blocks; keys are at most _MAX_CLUSTER_DEPTH long."""
+    """Nested ``subgraph cluster_*`` blocks; keys are at most _MAX_CLUSTER_DEPTH long."""
     children: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
     for key in clusters:
         for depth in range(1, len(key) + 1):
@@ -952,40 +982,33 @@ def find_dot() -> str:
     exe = shutil.which("dot")
     if exe is None:
         raise InspectError(
-            "Graphviz 'dot' not found on PATH; install graphviz (e.g. apt-get install graphviz) "
-            "or use --dot"
+            "Graphviz 'dot' not found on PATH: install graphviz (e.g. apt-get install graphviz, "
+            "brew install graphviz) to render SVG, or write DOT text with --dot"
         )
     return exe
 
 
 def write_svg(dot_text: str, path: str | os.PathLike[str]) -> None:
     """Render DOT text to an SVG file with Graphviz (written atomically)."""
-    exe = find_dot()
-    proc = subprocess.run([exe, "-Tsvg"], input=dot_text.encode(), capture_output=True)
+    proc = subprocess.run([find_dot(), "-Tsvg"], input=dot_text.encode(), capture_output=True)
     if proc.returncode != 0:
         detail = proc.stderr.decode(errors="replace").strip().splitlines()
         raise InspectError(
             f"Graphviz 'dot' failed (exit {proc.returncode})" + (f": {detail[0]}" if detail else "")
         )
-    _atomic_write(Path(path), proc.stdout)
+    atomic_write(path, proc.stdout)
 
 
-def write_dot(dot_text: str, path: str | os.PathLike[str]) -> None:
-    """Write DOT text to a file atomically."""
-    _atomic_write(Path(path), dot_text.encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A temp file in the target's own directory, so os.replace is a same-filesystem rename and
-    # readers never see a half-written file.
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a half-written file."""
+    path = Path(path)
+    # A temp file in the target's own directory, so os.replace is a same-filesystem rename.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        # mkstemp creates 0600; give the file the mode a plain open() would have had.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp, mode)
+        # mkstemp creates 0600: keep the mode of the file being replaced, else a plain 0644.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:
