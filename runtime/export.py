@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-STATE_KEY = "onnxgrad.state"
-DATA_INPUTS_KEY = "onnxgrad.data_inputs"
+from .metadata import DATA_INPUTS as DATA_INPUTS_KEY  # the keys are defined once
+from .metadata import STATE as STATE_KEY
+
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
