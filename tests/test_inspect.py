@@ -378,6 +378,34 @@ def test_inspect_accepts_models_paths_and_the_protocol(tmp_path: Path) -> None:
         og.inspect(tmp_path / "missing.onnx")
 
 
+def test_inspect_a_compiled_step_and_its_export(tmp_path: Path) -> None:
+    nn = og.nn
+    og.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    optim = og.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+    @og.compile
+    def step(x, y):
+        optim.zero_grad()
+        loss = og.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        optim.step()
+        return loss
+
+    step(np.ones((5, 3), np.float32), np.zeros(5, np.int64))
+    s = og.summary(step)  # through __onnxgrad_model__
+    assert {"fwd", "grad", "opt"} <= set(s.origin_counts)
+    n_params = 3 * 4 + 4 + 4 * 2 + 2
+    assert (s.param_count, s.opt_state_count) == (n_params, n_params)
+    assert set(s.data_inputs) == {"x", "y"} and len(s.state) == 2 * 4
+    text = og.inspect(step)
+    assert "# fwd  (test_inspect.py:" in text and "optim.step())" in text
+
+    path = tmp_path / "step.onnx"
+    step.export(path)
+    assert og.summary(path).param_count == n_params
+
+
 # --------------------------------------------------------------------------- ONNXGRAD_DUMP
 
 
