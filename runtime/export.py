@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .checkpoint import file_mode
 from .metadata import DATA_INPUTS as DATA_INPUTS_KEY  # the keys are defined once
 from .metadata import STATE as STATE_KEY
 
@@ -45,6 +46,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, file_mode())  # mkstemp's file is private (0600); an export is an ordinary file
     data_name = path.name + ".data"
     tmp_data = folder / f".{data_name}.tmp"
     try:
