@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .passes.builder import Builder
-from .passes.sgd import SGDFlags, SGDHyper, sgd_update
+from .passes.sgd import SGDFlags, sgd_updates
 from .runtime import IR_VERSION, OPSET, make_session
 from .runtime.session import _LRU
 from .tracer import state as tracer_state
@@ -77,11 +77,11 @@ class SGD:
             return loss
         for gi, group in enumerate(self.param_groups):
             _check_hyper(group)
-        flags = [_flags(g) for g in self.param_groups]
+        flags = [sgd_flags(g) for g in self.param_groups]
         trace = tracer_state.active_trace()
         if trace is not None:
             trace.add_optimizer(self)
-        bufs = [self._buffer(p, flags[gi], trace) for gi, p in entries]
+        bufs = [self.momentum_buffer(p, flags[gi], trace) for gi, p in entries]
         used = sorted({gi for gi, _ in entries})
         hypers = {gi: self._hyper_vals(gi, flags[gi], entries, trace) for gi in used}
 
@@ -94,7 +94,7 @@ class SGD:
         structure = (layout, tuple(flags[gi] for gi in used), tuple(used))
 
         def expand(b: Builder, values: list[ir.Value]) -> list[ir.Value]:
-            return _update_nodes(b, values, layout, flags, used)
+            return sgd_updates(b, values, layout, flags, used)
 
         key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
         session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
@@ -119,7 +119,8 @@ class SGD:
                 k += 1
         return loss
 
-    def _buffer(self, p: Tensor, flags: SGDFlags, trace: Any) -> Tensor | None:
+    def momentum_buffer(self, p: Tensor, flags: SGDFlags, trace: Any = None) -> Tensor | None:
+        """``p``'s buffer for the next step: None before a dampened first step."""
         if not flags.momentum:
             return None
         buf = self.state.get(p, {}).get("momentum_buffer")
@@ -136,26 +137,15 @@ class SGD:
         group = self.param_groups[gi]
         dtype = next(p.dtype for g, p in entries if g == gi)
         suffix = "" if gi == 0 else f".group{gi}"
-        values = {
-            "lr": group["lr"],
-            "momentum": group["momentum"] if flags.momentum else None,
-            "dampening": 1 - group["dampening"] if flags.momentum and flags.dampening else None,
-            "weight_decay": group["weight_decay"] if flags.weight_decay else None,
-        }
-        getters = {
-            "lr": lambda: group["lr"],
-            "momentum": lambda: group["momentum"],
-            "dampening": lambda: 1 - group["dampening"],
-            "weight_decay": lambda: group["weight_decay"],
-        }
+        getters = hyper_inputs(group, flags)
         out: list[Val | None] = []
         for name in _HYPER:
-            if values[name] is None:
+            if name not in getters:
                 out.append(None)
             elif trace is not None:
                 out.append(trace.scalar_input(f"{name}{suffix}", getters[name], dtype))
             else:
-                out.append(Val(np.asarray(values[name], dtype=dtype)))
+                out.append(Val(np.asarray(getters[name](), dtype=dtype)))
         return out
 
     # ----------------------------------------------------------------- checkpoints
@@ -210,32 +200,28 @@ def _check_hyper(group: dict[str, Any]) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def _flags(group: dict[str, Any]) -> SGDFlags:
+def hyper_inputs(group: dict[str, Any], flags: SGDFlags) -> dict[str, Any]:
+    """The group's scalar graph inputs that ``flags`` switch on, by name, with their getters.
+
+    The names (``lr``, ``momentum``, ``dampening`` holding 1 - dampening, ``weight_decay``) are
+    those of a compiled step's inputs; getters read the group at every call, so changing a value
+    in ``param_groups`` never changes the graph.
+    """
+    getters = {"lr": lambda: group["lr"]}
+    if flags.momentum:
+        getters["momentum"] = lambda: group["momentum"]
+        if flags.dampening:
+            getters["dampening"] = lambda: 1 - group["dampening"]
+    if flags.weight_decay:
+        getters["weight_decay"] = lambda: group["weight_decay"]
+    return getters
+
+
+def sgd_flags(group: dict[str, Any]) -> SGDFlags:
+    """Which update terms a parameter group has: the structure of its update nodes."""
     return SGDFlags(momentum=group["momentum"] != 0, dampening=group["dampening"] != 0,
                     weight_decay=group["weight_decay"] != 0, nesterov=bool(group["nesterov"]),
                     maximize=bool(group["maximize"]))
-
-
-def _update_nodes(b: Builder, values: list[ir.Value], layout, flags, used) -> list[ir.Value]:
-    """Apply ``passes.sgd`` to the flat input list laid out as ``SGD.step`` builds it."""
-    n_state = sum(3 if has_buf else 2 for _, has_buf in layout)
-    hyper_values = iter(values[n_state:])
-    hypers: dict[int, SGDHyper] = {}
-    for gi in used:
-        f = flags[gi]
-        present = [True, f.momentum, f.momentum and f.dampening, f.weight_decay]
-        lr, mom, damp, wd = (next(hyper_values) if on else None for on in present)
-        hypers[gi] = SGDHyper(lr=lr, momentum=mom, dampening=damp, weight_decay=wd)
-    outs: list[ir.Value] = []
-    it = iter(values[:n_state])
-    for gi, has_buf in layout:
-        p, g = next(it), next(it)
-        buf = next(it) if has_buf else None
-        new_p, new_buf = sgd_update(b, p, g, buf, hypers[gi], flags[gi])
-        outs.append(new_p)
-        if new_buf is not None:
-            outs.append(new_buf)
-    return outs
 
 
 def _session(expand, inputs: list[Val]):

@@ -129,3 +129,22 @@ class Builder:
         if ones:
             g = self.op("ReduceSum", g, self.ints(ones), keepdims=1)
         return g
+
+
+def name_outputs(values: list[ir.Value], names: list[str], nodes: list[ir.Node],
+                 inputs: list[ir.Value]) -> list[ir.Value]:
+    """Give root values their output names; a value needed twice, or a graph input, gets a copy."""
+    seen: set[int] = set()
+    input_ids = {id(v) for v in inputs}
+    out = []
+    for value, name in zip(values, names):
+        if id(value) in seen or id(value) in input_ids or value.producer() is None:
+            # NOTE: the only Identity outputs: a result that is an input, or one value twice.
+            copy = ir.Value(name=name, shape=value.shape, type=value.type)
+            node = ir.Node("", "Identity", [value], outputs=[copy], name=f"copy_{name}")
+            nodes.append(node)
+            value = copy
+        value.name = name
+        seen.add(id(value))
+        out.append(value)
+    return out

@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from ..passes import gradients
+from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
 from ..runtime import IR_VERSION, OPSET
 from ..runtime.export import DATA_INPUTS_KEY, STATE_KEY, save_model
@@ -125,8 +126,11 @@ def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
 
 
 # --------------------------------------------------------------------------- the compiled program
-class _Program:
-    """One traced signature: its ONNX model and the runner that keeps its state."""
+class Program:
+    """One traced signature: its ONNX model and the runner that keeps its state.
+
+    Shared with ``onnxgrad.training``, whose steps of imported models run and export the same way.
+    """
 
     def __init__(self, model: onnx.ModelProto, runner: StepRunner, data_names: list[str],
                  output_names: list[str], output_tree: Any, updated: dict[str, Tensor],
@@ -168,6 +172,12 @@ class _Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
+    def export(self, path: str | os.PathLike[str]) -> None:
+        """Write the model with the state's current values as the inputs' defaults."""
+        defaults = {name: self.runner.current(name) for name in self.updated}
+        defaults.update({name: t._v.data for name, t in self.readonly.items()})
+        save_model(self.model, path, defaults)
+
 
 class CompiledFunction:
     """The callable ``og.compile`` returns; one program per input signature and module mode."""
@@ -176,10 +186,10 @@ class CompiledFunction:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self._module = module
-        self._programs: dict[Any, _Program] = {}
+        self._programs: dict[Any, Program] = {}
         self._modules: list[Any] = [module] if module is not None else []
         self._optimizers: list[Any] = []
-        self.last: _Program | None = None
+        self.last: Program | None = None
         self.traces = 0
         try:
             params = list(pyinspect.signature(fn).parameters)
@@ -211,7 +221,7 @@ class CompiledFunction:
         return program.run(arrays)
 
     # ----------------------------------------------------------------- tracing
-    def _trace(self, args: Sequence[Any]) -> _Program:
+    def _trace(self, args: Sequence[Any]) -> Program:
         if state.active_trace() is not None:
             raise TraceError("og.compile: a compiled function cannot be called while tracing")
         trace = Trace()
@@ -246,7 +256,7 @@ class CompiledFunction:
 
     def _build(self, trace: Trace, inputs: list[Any], result: Any, final: dict[int, Val],
                grads_after: dict[int, Tensor | None],
-               created_buffers: list[tuple[Any, Tensor, Tensor]]) -> _Program:
+               created_buffers: list[tuple[Any, Tensor, Tensor]]) -> Program:
         names = _state_names(trace)
         out_tree, out_tensors = _flatten(result)
         data_inputs = [t for t in inputs if isinstance(t, Tensor)]
@@ -305,7 +315,7 @@ class CompiledFunction:
         graph_inputs = [v for v, kind in zip(leaves, walk.kinds) if kind == DATA]
         initializers = [v for v, kind in zip(leaves, walk.kinds) if kind == CONST]
         # State that is read but never updated (e.g. frozen BatchNorm statistics) is still an input.
-        outputs = _name_outputs(root_values, root_names, nodes, graph_inputs + initializers)
+        outputs = name_outputs(root_values, root_names, nodes, graph_inputs + initializers)
         order = {n: i for i, n in enumerate(data_names)}
         graph_inputs.sort(key=lambda v: (0, order[v.name]) if v.name in order
                           else (1, 0) if v.name in trace.scalars else (2, 0))
@@ -328,18 +338,15 @@ class CompiledFunction:
         runner = StepRunner(proto.SerializeToString(), state_pairs,
                             {name: t._v.data for name, t in updated.items()}, carried=list(grads))
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
-        return _Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                        updated, readonly, grads, scalars, created)
+        return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
+                       updated, readonly, grads, scalars, created)
 
     # ----------------------------------------------------------------- export
     def export(self, path: str | os.PathLike[str]) -> None:
         """Write the last-run step as a standard ONNX model that other runtimes can loop."""
-        program = self.last
-        if program is None:
+        if self.last is None:
             raise RuntimeError("export: call the compiled function once first (it traces then)")
-        defaults = {name: program.runner.current(name) for name in program.updated}
-        defaults.update({name: t._v.data for name, t in program.readonly.items()})
-        save_model(program.model, path, defaults)
+        self.last.export(path)
 
     def __onnxgrad_model__(self) -> onnx.ModelProto:
         if self.last is None:
@@ -429,25 +436,6 @@ def _unflatten(tree: Any, tensors: list[Tensor]) -> Any:
         out.append(_unflatten(sub, tensors[i:i + n]))
         i += n
     return kind(out)
-
-
-def _name_outputs(values: list[ir.Value], names: list[str], nodes: list[ir.Node],
-                  inputs: list[ir.Value]) -> list[ir.Value]:
-    """Give root values their output names; a value needed twice, or a graph input, gets a copy."""
-    seen: set[int] = set()
-    input_ids = {id(v) for v in inputs}
-    out = []
-    for value, name in zip(values, names):
-        if id(value) in seen or id(value) in input_ids or value.producer() is None:
-            # NOTE: the only Identity outputs: a result that is an input, or one value twice.
-            copy = ir.Value(name=name, shape=value.shape, type=value.type)
-            node = ir.Node("", "Identity", [value], outputs=[copy], name=f"copy_{name}")
-            nodes.append(node)
-            value = copy
-        value.name = name
-        seen.add(id(value))
-        out.append(value)
-    return out
 
 
 def _dump(name: str, proto: onnx.ModelProto | ir.Model) -> None:
