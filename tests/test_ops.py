@@ -221,6 +221,19 @@ CASES: list[OpCase] = [
          grad=False),
     case("eq/int", lambda i, j: i == j, np.equal, index([1, 2, 3]), index([1, 0, 3]), grad=False),
     case("not", lambda a: ~(a > 1), lambda a: ~(a > 1), fixed(TIES), grad=False),
+    case("relu/int", og.relu, lambda i: np.maximum(i, 0), index([-2, 0, 3]), grad=False),
+    case("clamp/int-float-bounds", lambda i: i.clamp(0.5, 2), lambda i: np.clip(i, 0.5, 2)
+         .astype(np.float32), index([-2, 1, 3]), grad=False),
+    case("pow/bool-int", lambda m: m ** 2, lambda m: m.astype(np.int64) ** 2,
+         fixed([True, False]), grad=False),
+    # ------------------------------------------------------------------ in-place (non-leaf)
+    case("add_", lambda a, b: (a * 1).add_(b), lambda a, b: a + b, (2, 3), (3,)),
+    case("sub_", lambda a, b: (a * 1).sub_(b), lambda a, b: a - b, (2, 3), (2, 3)),
+    case("mul_/chain", lambda a, b: (a * 2).mul_(b).mul_(a), lambda a, b: a * 2 * b * a,
+         (2, 3), (2, 1)),
+    case("div_", lambda a, b: (a + 0).div_(b), np.divide, (3,), pos(3)),
+    case("add_/float64-into-float32", lambda a: (a * 1).add_(og.ones(3, dtype=og.float64)),
+         lambda a: a + 1, (3,), grad=False),
     # ------------------------------------------------------------------ compositions
     case("chain/fanout", lambda a: a * og.exp(a) + a.sum(),
          lambda a: a * np.exp(a) + a.sum(), (2, 3)),

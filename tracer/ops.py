@@ -124,7 +124,19 @@ def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     return _binary("Add", a, b)
 
 
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, (bool, np.bool_)) or (isinstance(x, Tensor) and x.dtype == np.bool_)
+
+
 def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
+    # NOTE: PyTorch's checks and wording; ONNX Sub has no bool kernel, so ORT would fail later.
+    if _is_bool(a) and _is_bool(b):
+        raise TypeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
+                        f"Use the `^` or `logical_xor()` operator instead{_where()}")
+    if _is_bool(a) or _is_bool(b):
+        raise TypeError("Subtraction, the `-` operator, with a bool tensor is not supported. If you "
+                        "are trying to invert a mask, use the `~` or `logical_not()` operator "
+                        f"instead{_where()}")
     if alpha != 1:
         b = mul(b, alpha)
     return _binary("Sub", a, b)
@@ -141,10 +153,18 @@ def div(a: Any, b: Any) -> Tensor:
 
 
 def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
+    if (isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b < 0
+            and result_type(a, b).kind in "iub"):
+        # ONNX Pow would silently give 0 (1/x truncated); PyTorch refuses.
+        raise ValueError(f"Integers to negative integer powers are not allowed{_where()}")
     return _binary("Pow", a, b)
 
 
 def neg(a: Tensor) -> Tensor:
+    if a.dtype == np.bool_:
+        raise TypeError("Negation, the `-` operator, on a bool tensor is not supported. If you are "
+                        "trying to invert a mask, use the `~` or `logical_not()` operator "
+                        f"instead{_where()}")
     return _wrap(emit("Neg", [a._v])[0])
 
 
@@ -215,6 +235,9 @@ def sigmoid(x: Tensor) -> Tensor:
 
 
 def relu(x: Tensor) -> Tensor:
+    if x.dtype.kind != "f":
+        # ONNX Relu is float-only; torch.relu keeps integer dtypes, as Max(x, 0) does.
+        return maximum(x, 0)
     return _wrap(emit("Relu", [x._v])[0])
 
 
@@ -236,8 +259,6 @@ def to(x: Tensor, dtype: Any) -> Tensor:
 def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002
     if min is None and max is None:
         raise ValueError(f"clamp: at least one of min and max must be given{_where()}")
-    dtype = x.dtype
-    bounds = [None if v is None else _val(v, dtype) for v in (min, max)]
     if any(isinstance(v, Tensor) for v in (min, max)):
         out = x
         if min is not None:
@@ -245,7 +266,10 @@ def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002
         if max is not None:
             out = minimum(out, max)
         return out
-    return _wrap(emit("Clip", [x._v, *bounds])[0])
+    # As torch: an int tensor clamped to float bounds becomes float.
+    dtype = result_type(x, *(v for v in (min, max) if v is not None))
+    bounds = [None if v is None else _val(v, dtype) for v in (min, max)]
+    return _wrap(emit("Clip", [_val(x, dtype), *bounds])[0])
 
 
 def maximum(a: Any, b: Any) -> Tensor:
@@ -586,6 +610,49 @@ def getitem(x: Tensor, index: Any) -> Tensor:
     return _wrap(v)
 
 
+# --------------------------------------------------------------------------- in-place
+_TORCH_NAMES = {"float16": "Half", "float32": "Float", "float64": "Double", "int8": "Char",
+                "uint8": "Byte", "int32": "Int", "int64": "Long", "bool": "Bool"}
+
+
+def _can_cast(src: np.dtype, dst: np.dtype) -> bool:
+    """torch.can_cast: no float -> integer and nothing but bool -> bool; widths may shrink."""
+    return _category(src) <= _category(dst)
+
+
+def _inplace(fn, name: str):
+    """``self op= other`` as PyTorch: same handle, same dtype and shape, leaves guarded.
+
+    A Tensor is a handle on an immutable Val, so the update swaps the handle's Val; records that
+    read the old value keep it, which is what autograd's saved tensors need.
+    """
+
+    def method(self: Tensor, other: Any) -> Tensor:
+        if self.requires_grad and self.is_leaf and state.grad_enabled():
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               f"operation ({name}){_where()}")
+        out = fn(self, other)
+        if not _can_cast(out.dtype, self.dtype):
+            raise TypeError(f"result type {_TORCH_NAMES.get(out.dtype.name, out.dtype.name)} "
+                            f"can't be cast to the desired output type "
+                            f"{_TORCH_NAMES.get(self.dtype.name, self.dtype.name)} ({name})"
+                            f"{_where()}")
+        if out.shape != self.shape:
+            raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
+                             f"shape {_fmt(out.shape)} ({name}){_where()}")
+        out = to(out, self.dtype)
+        if self.requires_grad and self.is_leaf:
+            # Under no_grad (an optimizer step): a leaf stays a leaf, .grad and all.
+            self._set_leaf_data(out._v.data)
+        else:
+            self._v = out._v
+            self._version += 1
+        return self
+
+    method.__name__ = name
+    return method
+
+
 # --------------------------------------------------------------------------- Tensor methods
 def _reflect(fn):
     return lambda self, other: fn(other, self)
@@ -615,6 +682,10 @@ def _install() -> None:
     T.__ge__ = ge
     T.__invert__ = logical_not
     T.__getitem__ = getitem
+    for op, fn in (("add", add), ("sub", sub), ("mul", mul), ("truediv", div), ("pow", pow)):
+        setattr(T, f"__i{op}__", _inplace(fn, f"__i{op}__"))
+    for op, fn in (("add_", add), ("sub_", sub), ("mul_", mul), ("div_", div)):
+        setattr(T, op, _inplace(fn, op))
     T.__hash__ = object.__hash__
     for name in ("add", "sub", "mul", "div", "pow", "neg", "matmul", "eq", "ne", "lt", "le", "gt",
                  "ge", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sum", "mean",

@@ -324,7 +324,7 @@ class Tensor:
         data = self._v.data
         prefix = "tensor("
         if data.dtype.kind == "f":
-            finite = data[np.isfinite(data)]
+            finite = data[np.isfinite(data)].astype(np.float64)  # float16 would overflow at 1e8
             integral = finite.size == 0 or bool(np.all(finite == np.round(finite)))
             big = finite.size and np.max(np.abs(finite)) >= 1e8
             small = finite.size and 0 < np.min(np.abs(finite[finite != 0]), initial=np.inf) < 1e-4
