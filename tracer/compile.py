@@ -176,6 +176,10 @@ class Program:
         """Write the model with the state's current values as the inputs' defaults."""
         defaults = {name: self.runner.current(name) for name in self.updated}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
+        # The hyperparameters' current values too, so that every input other than the data has a
+        # default: the file trains with the metadata alone (a caller may still feed a schedule).
+        defaults.update({name: np.asarray(getter(), dtype)
+                         for name, (getter, dtype) in self.scalars.items()})
         save_model(self.model, path, defaults)
 
 
