@@ -163,9 +163,11 @@ def _verify(path: Path, train_step, x: np.ndarray, y: np.ndarray, og) -> bool:
     import onnx
     from onnx.reference import ReferenceEvaluator
 
+    from onnxgrad.runtime.metadata import STATE
+
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
-    state = json.loads(meta["onnxgrad.state"])
+    state = json.loads(meta[STATE])
     names = [o.name for o in model.graph.output]
     inputs = {i.name for i in model.graph.input}
     defaults = {t.name for t in model.graph.initializer}

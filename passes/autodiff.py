@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from .builder import SOURCE, Builder, dims
+from .builder import MODULE, SOURCE, Builder, dims
 from .rules import BROADCASTING, RULES
 
 
@@ -93,6 +93,7 @@ def gradients(
             )
         needs = [v is not None and id(v) in active for v in node.inputs]
         b.source = node.metadata_props.get(SOURCE)
+        b.module = node.metadata_props.get(MODULE)  # gradient nodes cluster with their layer
         grad_in = rule(b, node, grad_out, needs)
         if len(grad_in) != len(node.inputs):
             raise RuntimeError(
@@ -109,7 +110,7 @@ def gradients(
                 if out_dims != in_dims:
                     g = b.sum_to(g, out_dims, in_dims)
             pending.setdefault(id(value), []).append(g)
-    b.source = None
+    b.source = b.module = None
     for v in wrt:
         results[id(v)] = total(v)
     return [results[id(v)] for v in wrt]
