@@ -1,0 +1,453 @@
+"""``og.compile``: compiled == eager, the exported step in other runtimes, guards, runtime state.
+
+Tolerances. The MLP runs the very kernels eager runs (DESIGN decision 4), node for node, so its
+compiled and eager steps are compared bit for bit. ResNet-18 is compared with rtol 1e-4 / atol
+1e-5: today it is bit-identical too, but its step is one large graph on which ONNX Runtime's
+graph optimizer may fuse nodes (Conv + activation, BatchNorm folding in eval) differently from the
+single-node eager kernels, changing float32 summation order (about 1e-7 relative per op), and five
+SGD steps with momentum on a batch of 2 amplify that by a few orders of magnitude at most. The
+exported step run by ``onnx.reference.ReferenceEvaluator`` (NumPy, its own summation order) is
+compared with rtol 1e-4 / atol 1e-5 for the same reason; a fresh plain ``InferenceSession`` (other
+session options: the default ENABLE_ALL level, no denormal flush) with rtol 1e-5 / atol 1e-6.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import onnxgrad as og
+from onnxgrad import nn
+from onnxgrad.models import mlp, resnet18
+from onnxgrad.runtime.export import DATA_INPUTS_KEY, STATE_KEY
+
+F = og.nn.functional
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- helpers
+def _mlp() -> nn.Module:
+    og.manual_seed(0)
+    return mlp(12, [16, 16], 5)
+
+
+def _convnet() -> nn.Module:
+    """Conv, BatchNorm (train-mode statistics, an int64 counter), MaxPool, Linear: small enough
+    for the reference evaluator."""
+    og.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+
+
+def _data(shape: tuple[int, ...], classes: int = 5, seed: int = 0
+          ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape, dtype=np.float32), rng.integers(0, classes, shape[0])
+
+
+def _trainer(make: Callable[[], nn.Module], compiled: bool = True, **sgd):
+    """(model, optimizer, step): the issue's training step, compiled or eager."""
+    model = make()
+    optim = og.optim.SGD(model.parameters(), **{"lr": 0.1, "momentum": 0.9, **sgd})
+
+    def step(x, y):
+        optim.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optim.step()
+        return loss
+
+    return model, optim, (og.compile(step) if compiled else step)
+
+
+def _run(make, steps: int, x: np.ndarray, y: np.ndarray, compiled: bool, **sgd
+         ) -> tuple[list[float], dict[str, np.ndarray]]:
+    model, _, step = _trainer(make, compiled, **sgd)
+    losses = [float(step(og.tensor(x), og.tensor(y))) for _ in range(steps)]
+    return losses, {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _state(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- compiled == eager
+SGD_CASES = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    # PyTorch's first step with dampening makes the buffer the gradient itself (no dampening),
+    # a different graph from every later step: the compiled step retraces once.
+    "dampening": dict(momentum=0.9, dampening=0.5),
+    "nesterov+weight_decay": dict(momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "weight_decay": dict(momentum=0.0, weight_decay=1e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_mlp_compiled_equals_eager(case: str) -> None:
+    x, y = _data((8, 12))
+    eager = _run(_mlp, 5, x, y, compiled=False, **SGD_CASES[case])
+    compiled = _run(_mlp, 5, x, y, compiled=True, **SGD_CASES[case])
+    assert compiled[0] == eager[0]  # bit for bit: the same kernels run
+    for name, value in eager[1].items():
+        np.testing.assert_array_equal(compiled[1][name], value, err_msg=name)
+
+
+def test_dampening_retraces_once_after_the_first_step() -> None:
+    x, y = _data((8, 12))
+    model, optim, step = _trainer(_mlp, momentum=0.9, dampening=0.5)
+    for _ in range(3):
+        step(x, y)
+    assert step.traces == 2  # the first step, then every later step
+    assert all("momentum_buffer" in optim.state[p] for p in model.parameters())
+
+
+def test_resnet18_compiled_close_to_eager() -> None:
+    x, y = _data((2, 3, 32, 32), classes=10)
+
+    def make() -> nn.Module:
+        og.manual_seed(0)
+        return resnet18(num_classes=10)
+
+    eager = _run(make, 5, x, y, compiled=False, lr=1e-2)
+    compiled = _run(make, 5, x, y, compiled=True, lr=1e-2)
+    np.testing.assert_allclose(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    assert list(compiled[1]) == list(eager[1])
+    for name, value in eager[1].items():
+        np.testing.assert_allclose(compiled[1][name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert compiled[1]["bn1.num_batches_tracked"].shape == ()
+    assert int(compiled[1]["bn1.num_batches_tracked"]) == 5
+
+
+# --------------------------------------------------------------------------- the exported file
+def _metadata(model: onnx.ModelProto) -> tuple[dict[str, str], list[str]]:
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[STATE_KEY]), json.loads(props[DATA_INPUTS_KEY])
+
+
+def _loop(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], model: onnx.ModelProto,
+          batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Train with any runtime, knowing only the metadata: state outputs feed the next step, the
+    hyperparameters keep their defaults."""
+    feeds_for, data_inputs = _metadata(model)
+    state = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+             if i.name in feeds_for.values()}
+    results = []
+    for batch in batches:
+        assert set(batch) == set(data_inputs)
+        out = run({**batch, **state})
+        state = {feeds_for[name]: out[name] for name in feeds_for}
+        results.append(out)
+    return results
+
+
+def test_exported_step_loops_in_reference_evaluator_and_plain_ort(tmp_path: Path) -> None:
+    model, optim, step = _trainer(_convnet, lr=0.05, momentum=0.9)
+    batches = [dict(zip(("x", "y"), _data((2, 3, 6, 6), seed=s))) for s in range(4)]
+    step(batches[0]["x"], batches[0]["y"])
+    path = tmp_path / "train_step.onnx"
+    step.export(path)
+    exported = onnx.load(path)
+    feeds_for, data_inputs = _metadata(exported)
+    assert data_inputs == ["x", "y"]
+    assert feeds_for["0.weight.new"] == "0.weight"
+    assert feeds_for["momentum.0.weight.new"] == "momentum.0.weight"
+    assert feeds_for["1.num_batches_tracked.new"] == "1.num_batches_tracked"
+    defaults = {i.name: numpy_helper.to_array(i) for i in exported.graph.initializer}
+    # Every input but the data has a default: the hyperparameters' current values included.
+    assert {i.name for i in exported.graph.input} - set(data_inputs) <= set(defaults)
+    assert defaults["lr"] == np.float32(0.05) and defaults["momentum"] == np.float32(0.9)
+
+    # The compiled step's own results for the next 3 batches.
+    expected = []
+    for batch in batches[1:]:
+        loss = step(batch["x"], batch["y"])
+        expected.append({"output": loss.numpy(), **{f"{k}.new": v.copy()
+                                                    for k, v in _state(model).items()}})
+
+    names = [o.name for o in exported.graph.output]
+    reference = ReferenceEvaluator(exported)
+    ref = _loop(lambda f: dict(zip(names, reference.run(None, f))), exported, batches[1:])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # state inputs with initializers are meant: no warning
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    plain = _loop(lambda f: dict(zip(names, session.run(None, f))), exported, batches[1:])
+    for k in range(3):
+        for name, value in expected[k].items():
+            np.testing.assert_allclose(ref[k][name], value, rtol=1e-4, atol=1e-5,
+                                       err_msg=f"reference, step {k}: {name}")
+            np.testing.assert_allclose(plain[k][name], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"onnxruntime, step {k}: {name}")
+    assert int(plain[2]["1.num_batches_tracked.new"]) == 4
+
+
+@pytest.mark.parametrize("make", [_mlp, _convnet], ids=["mlp", "convnet"])
+def test_exported_model_is_standard_onnx(tmp_path: Path, make) -> None:
+    _, _, step = _trainer(make)
+    shape = (4, 12) if make is _mlp else (2, 3, 6, 6)
+    step(*_data(shape))
+    path = tmp_path / "step.onnx"
+    step.export(path)
+    exported = onnx.load(path)
+    onnx.checker.check_model(exported, full_check=True)
+    assert {o.domain for o in exported.opset_import} <= {"", "ai.onnx"}
+    assert {n.domain for n in exported.graph.node} <= {"", "ai.onnx"}
+    # The state inputs carry the current values as (overridable) defaults.
+    initialized = {i.name for i in exported.graph.initializer}
+    assert set(_metadata(exported)[0].values()) <= initialized
+    assert {i.name for i in exported.graph.input} >= set(_metadata(exported)[0].values())
+
+
+def test_graph_outputs_are_made_by_real_nodes() -> None:
+    for make, shape in ((_mlp, (4, 12)), (_convnet, (2, 3, 6, 6))):
+        _, _, step = _trainer(make)
+        step(*_data(shape))
+        graph = step.last.model.graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        copies = [o.name for o in graph.output if producer.get(o.name) == "Identity"]
+        assert not copies, copies
+
+    # The documented exception: a result that is a graph input is copied by an Identity.
+    @og.compile
+    def passthrough(x):
+        return x, x * 2
+
+    a, b = passthrough(np.ones(3, np.float32))
+    np.testing.assert_array_equal(a.numpy(), np.ones(3))
+    np.testing.assert_array_equal(b.numpy(), np.full(3, 2.0))
+
+
+def test_crash_while_exporting_leaves_no_partial_file(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, step = _trainer(_mlp)
+    step(*_data((4, 12)))
+    target = tmp_path / "step.onnx"
+
+    def crash(model, f, *args, **kwargs) -> None:
+        Path(f).write_bytes(b"\x08\x0a half a model")
+        raise OSError("disk full")
+
+    real = onnx.save_model
+    monkeypatch.setattr(onnx, "save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        step.export(target)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(onnx, "save_model", real)
+    step.export(target)
+    before = target.read_bytes()
+    step(*_data((4, 12)))
+    monkeypatch.setattr(onnx, "save_model", crash)
+    with pytest.raises(OSError):
+        step.export(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["step.onnx"]
+    assert target.read_bytes() == before  # the previous export is untouched
+
+
+# --------------------------------------------------------------------------- guards
+def test_new_input_shape_retraces_and_old_shape_reuses() -> None:
+    _, _, step = _trainer(_mlp)
+    step(*_data((4, 12)))
+    step(*_data((4, 12), seed=1))
+    assert step.traces == 1
+    step(*_data((6, 12)))
+    assert step.traces == 2
+    step(*_data((4, 12), seed=2))
+    assert step.traces == 2
+    step(og.tensor(_data((4, 12))[0], dtype=og.float64).numpy().astype(np.float32),
+         _data((4, 12))[1])
+    assert step.traces == 2  # same dtype and shape, through a tensor or an array alike
+
+
+def test_lr_change_takes_effect_without_retracing() -> None:
+    model, optim, step = _trainer(_mlp, momentum=0.0)
+    x, y = _data((4, 12))
+    step(x, y)
+    optim.param_groups[0]["lr"] = 0.0
+    before = _state(model)
+    step(x, y)
+    after = _state(model)
+    assert step.traces == 1
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    optim.param_groups[0]["lr"] = 0.5
+    step(x, y)
+    assert step.traces == 1
+    assert not np.array_equal(_state(model)["0.weight"], before["0.weight"])
+
+
+def test_eval_mode_retraces() -> None:
+    og.manual_seed(0)
+    model = _convnet()
+    forward = og.compile(model)
+    x, _ = _data((2, 3, 6, 6))
+    train_out = forward(x).numpy()
+    assert forward.traces == 1
+    model.eval()
+    eval_out = forward(x).numpy()
+    assert forward.traces == 2
+    assert not np.allclose(train_out, eval_out)  # batch statistics vs running statistics
+    np.testing.assert_array_equal(eval_out, model(og.tensor(x)).detach().numpy())
+    model.train()
+    forward(x)
+    assert forward.traces == 2  # back to the first program
+
+
+def test_eager_edits_are_seen_by_the_next_call() -> None:
+    x, y = _data((4, 12))
+    model, optim, step = _trainer(_mlp, momentum=0.0)
+    initial = _state(model)
+    first = float(step(x, y))
+    step(x, y)
+    # load_state_dict puts the initial weights back: the next step is the first again.
+    model.load_state_dict(initial)
+    assert float(step(x, y)) == first
+    # p.data = ...: zero weights give uniform logits, a loss of log(classes).
+    for p in model.parameters():
+        p.data = np.zeros(p.shape, p.dtype)
+    assert float(step(x, y)) == pytest.approx(np.log(5), rel=1e-6)
+    assert step.traces == 1
+
+
+def test_momentum_buffers_are_state_and_load_state_dict_reaches_them() -> None:
+    x, y = _data((4, 12))
+    model, optim, step = _trainer(_mlp, momentum=0.9)
+    step(x, y)
+    saved = (_state(model), optim.state_dict())
+    second = float(step(x, y))
+    step(x, y)
+    model.load_state_dict(saved[0])
+    optim.load_state_dict(saved[1])
+    assert float(step(x, y)) == second
+
+
+@pytest.mark.parametrize("what", ["item", "bool"])
+def test_value_dependent_python_raises_naming_the_line(what: str) -> None:
+    model = _mlp()
+
+    def item(x):
+        return model(x) * model(x).mean().item()  # the line the error names (item)
+
+    def truth(x):
+        out = model(x)
+        if out.sum() > 0:  # the line the error names (bool)
+            return out
+        return -out
+
+    fn = {"item": item, "bool": truth}[what]
+    with pytest.raises(og.TraceError) as info:
+        og.compile(fn)(_data((4, 12))[0])
+    message = str(info.value)
+    marker = {"item": "(item)", "bool": "(bool)"}[what]
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+                if text.rstrip().endswith(marker))
+    assert f"test_compile.py:{line}:" in message, message
+
+
+# --------------------------------------------------------------------------- not only training
+def test_forward_evaluation_and_module_compile() -> None:
+    model = _mlp()
+    x, _ = _data((4, 12))
+    expected = model(og.tensor(x)).detach().numpy()
+
+    forward = og.compile(model)
+    np.testing.assert_array_equal(forward(x).numpy(), expected)
+
+    @og.compile
+    def evaluate(x):
+        with og.no_grad():
+            logits = model(x)
+        return logits, logits.argmax(1)
+
+    logits, predicted = evaluate(x)
+    np.testing.assert_array_equal(logits.numpy(), expected)
+    np.testing.assert_array_equal(predicted.numpy(), expected.argmax(1))
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(n.endswith(".new") for n in (o.name for o in evaluate.last.model.graph.output))
+
+
+def test_compiled_module_in_train_mode_updates_batchnorm_statistics() -> None:
+    x, _ = _data((2, 3, 6, 6))
+    eager, compiled = _convnet(), _convnet()
+    eager(og.tensor(x))
+    og.compile(compiled)(x)
+    for name, value in _state(eager).items():
+        np.testing.assert_array_equal(_state(compiled)[name], value, err_msg=name)
+
+
+# --------------------------------------------------------------------------- runtime state
+def test_state_lives_in_the_runner_buffers_and_alternates() -> None:
+    model, optim, step = _trainer(_mlp)
+    x, y = _data((4, 12))
+    param = dict(model.named_parameters())["0.weight"]
+    addresses = []
+    for _ in range(4):
+        step(x, y)
+        runner = step.last.runner
+        live = runner.current("0.weight")
+        assert np.shares_memory(param._v.data, live)  # the parameter views the buffer: no copy
+        buf = optim.state[param]["momentum_buffer"]
+        assert np.shares_memory(buf._v.data, runner.current("momentum.0.weight"))
+        addresses.append(live.__array_interface__["data"][0])
+    # Two buffer sets, read and written in turn: A B A B, never a new allocation.
+    assert addresses[0] == addresses[2] and addresses[1] == addresses[3]
+    assert addresses[0] != addresses[1]
+    # The gradients are double-buffered outputs too; Python sees them without a copy.
+    assert np.shares_memory(param.grad._v.data, runner.carried_output("grad.0.weight"))
+
+
+def test_results_handed_out_are_never_overwritten() -> None:
+    model, optim, step = _trainer(_mlp)
+    batches = [_data((4, 12), seed=s) for s in range(5)]
+    losses = [step(*b) for b in batches]
+    kept = [float(loss) for loss in losses]
+    again = _trainer(_mlp)[2]
+    assert kept == [float(again(*b)) for b in batches]
+    assert len({id(loss._v.data) for loss in losses}) == len(losses)
+
+
+# --------------------------------------------------------------------------- the documented loop
+def _documented_loop() -> str:
+    """The plain-onnxruntime loop of docs/export_format.md (merged into the README)."""
+    text = (ROOT / "docs" / "export_format.md").read_text()
+    loop = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S)
+                if "import onnxruntime" in block)
+    assert len(loop.strip().splitlines()) <= 15
+    assert "onnxgrad" not in loop.replace('"onnxgrad.', "")  # only the metadata keys name it
+    return loop
+
+
+def test_documented_plain_onnxruntime_loop_trains_from_the_export(tmp_path: Path) -> None:
+    model, optim, step = _trainer(_convnet, lr=0.05)
+    batches = [_data((2, 3, 6, 6), seed=s) for s in range(4)]
+    step(*batches[0])
+    step.export(tmp_path / "train_step.onnx")
+    np.savez(tmp_path / "batches.npz", *[a for batch in batches[1:] for a in batch])
+    losses = [float(step(*batch)) for batch in batches[1:]]
+
+    prelude = ("import numpy as np\n"
+               "with np.load('batches.npz') as f:\n"
+               "    arrays = [f[f'arr_{i}'] for i in range(len(f.files))]\n"
+               "batches = list(zip(arrays[0::2], arrays[1::2]))\n")
+    epilogue = ("import sys\n"
+                "assert not [m for m in sys.modules if m.split('.')[0] == 'onnxgrad']\n"
+                "np.savez('trained.npz', **state)\n")
+    done = subprocess.run([sys.executable, "-c", prelude + _documented_loop() + epilogue],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [float(line) for line in done.stdout.split()]
+    np.testing.assert_allclose(printed, losses, rtol=1e-5, atol=1e-6)
+    with np.load(tmp_path / "trained.npz") as trained:
+        assert set(trained.files) == set(_state(model)) | {f"momentum.{n}" for n, _ in
+                                                            model.named_parameters()}
+        for name, value in _state(model).items():
+            np.testing.assert_allclose(trained[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
