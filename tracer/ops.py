@@ -116,11 +116,18 @@ def _binary(op: str, a: Any, b: Any, *, out_bool: bool = False) -> Tensor:
     return _wrap(emit(op, [va, vb], differentiable=not out_bool)[0])
 
 
+def _logical(op: str, a: Any, b: Any) -> Tensor:
+    _check_broadcast(op, np.shape(a._v.data if isinstance(a, Tensor) else a),
+                     np.shape(b._v.data if isinstance(b, Tensor) else b))
+    bool_ = np.dtype(np.bool_)
+    return _wrap(emit(op, [_val(a, bool_), _val(b, bool_)], differentiable=False)[0])
+
+
 def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     if alpha != 1:
         b = mul(b, alpha)
-    if isinstance(a, Tensor) and a.dtype == np.bool_ and isinstance(b, Tensor) and b.dtype == np.bool_:
-        return _wrap(emit("Or", [a._v, b._v], differentiable=False)[0])
+    if result_type(a, b) == np.bool_:  # torch: bool + bool is logical or (ONNX Add has no bool)
+        return _logical("Or", a, b)
     return _binary("Add", a, b)
 
 
@@ -143,8 +150,8 @@ def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
 
 
 def mul(a: Any, b: Any) -> Tensor:
-    if isinstance(a, Tensor) and a.dtype == np.bool_ and isinstance(b, Tensor) and b.dtype == np.bool_:
-        return _wrap(emit("And", [a._v, b._v], differentiable=False)[0])
+    if result_type(a, b) == np.bool_:  # torch: bool * bool is logical and
+        return _logical("And", a, b)
     return _binary("Mul", a, b)
 
 
@@ -500,6 +507,8 @@ def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
 
 
 def chunk(x: Tensor, chunks: int, dim: int = 0) -> list[Tensor]:
+    if chunks <= 0:
+        raise ValueError(f"chunk expects `chunks` to be greater than 0, got: {chunks}{_where()}")
     d = _norm_dims(x, dim)[0]
     size = -(-x.shape[d] // chunks)
     return split(x, size, d)
@@ -631,16 +640,21 @@ def _inplace(fn, name: str):
         if self.requires_grad and self.is_leaf and state.grad_enabled():
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                f"operation ({name}){_where()}")
-        out = fn(self, other)
-        if not _can_cast(out.dtype, self.dtype):
-            raise TypeError(f"result type {_TORCH_NAMES.get(out.dtype.name, out.dtype.name)} "
+        # Checked before anything runs: the result's dtype and shape follow from the operands.
+        dtype = result_type(self, other)
+        if fn is div and dtype.kind != "f":
+            dtype = get_default_dtype()
+        if not _can_cast(dtype, self.dtype):
+            raise TypeError(f"result type {_TORCH_NAMES.get(dtype.name, dtype.name)} "
                             f"can't be cast to the desired output type "
                             f"{_TORCH_NAMES.get(self.dtype.name, self.dtype.name)} ({name})"
                             f"{_where()}")
-        if out.shape != self.shape:
+        other_shape = other.shape if isinstance(other, Tensor) else np.shape(other)
+        shape = _check_broadcast(name, self.shape, other_shape)
+        if shape != self.shape:
             raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
-                             f"shape {_fmt(out.shape)} ({name}){_where()}")
-        out = to(out, self.dtype)
+                             f"shape {_fmt(shape)} ({name}){_where()}")
+        out = to(fn(self, other), self.dtype)
         if self.requires_grad and self.is_leaf:
             # Under no_grad (an optimizer step): a leaf stays a leaf, .grad and all.
             self._set_leaf_data(out._v.data)
