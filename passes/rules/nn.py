@@ -121,10 +121,6 @@ class ConvGeometry:
     def rank(self) -> int:
         return len(self.size)
 
-    @property
-    def span(self) -> tuple[int, ...]:
-        return tuple(d * (k - 1) + 1 for d, k in zip(self.dilations, self.kernel))
-
     def attrs(self) -> dict:
         return {"kernel_shape": list(self.kernel), "strides": list(self.strides),
                 "dilations": list(self.dilations), "pads": list(self.pads_begin + self.pads_end)}
@@ -207,34 +203,6 @@ def conv_input_grad_transpose(b, g, w, geo: ConvGeometry):
     return b.op("Concat", *parts, axis=1)
 
 
-def conv_input_grad_conv(b, g, w, geo: ConvGeometry):
-    """dX = Conv(dY, W flipped and transposed per group); stride 1 only.
-
-    The pads are those of the "full" correlation, d*(k-1) minus the forward's pads; None when
-    that would need a negative pad (a 1x1 kernel with padding, say).
-    """
-    if any(s != 1 for s in geo.strides):
-        return None
-    begin = [d * (k - 1) - p for d, k, p in zip(geo.dilations, geo.kernel, geo.pads_begin)]
-    end = [d * (k - 1) - p for d, k, p in zip(geo.dilations, geo.kernel, geo.pads_end)]
-    if min(begin + end) < 0:
-        return None
-    rank, groups = geo.rank, geo.groups
-    cg, og = geo.c // groups, geo.o // groups
-    spatial = list(range(2, 2 + rank))
-    flipped = b.op("Slice", w, b.ints([-1] * rank), b.ints([-(k + 1) for k in geo.kernel]),
-                   b.ints(spatial), b.ints([-1] * rank))
-    if groups == 1:
-        wt = _permute(b, flipped, (geo.o, cg) + geo.kernel, [1, 0] + spatial)
-    else:
-        five = b.op("Reshape", flipped, b.ints([groups, og, cg, *geo.kernel]))
-        wt = _permute(b, five, (groups, og, cg) + geo.kernel,
-                      [0, 2, 1] + [a + 1 for a in spatial])
-        wt = b.op("Reshape", wt, b.ints([geo.c, og, *geo.kernel]))
-    return b.op("Conv", g, wt, kernel_shape=list(geo.kernel), dilations=list(geo.dilations),
-                pads=begin + end, group=groups)
-
-
 def conv_weight_grad_conv(b, x, g, geo: ConvGeometry):
     """dW as one Conv with batch and channels swapped: the input's channels become the batch,
     dY's channels the filters, and the forward stride becomes the dilation (and vice versa)."""
@@ -266,52 +234,123 @@ def conv_weight_grad_conv(b, x, g, geo: ConvGeometry):
     return _permute(b, dw, (cg, geo.o) + geo.kernel, [1, 0] + spatial)
 
 
-def conv_weight_grad_unfold(b, x, g, geo: ConvGeometry):
-    """dW = dY @ unfold(X)^T: im2col as a Conv with one-hot kernels over [N*C, 1, H, W] (a
-    strided Slice, or nothing, for an unpadded 1x1 kernel), then one MatMul summed over N.
+def _strided(b, x, geo: ConvGeometry):
+    """What an unpadded 1x1 kernel reads of X: every stride-th position (X itself at stride 1)."""
+    if all(s == 1 for s in geo.strides) and geo.out == geo.size:
+        return x
+    stop = [(out - 1) * s + 1 for out, s in zip(geo.out, geo.strides)]
+    return b.op("Slice", x, b.ints([0, 0]), b.ints(stop), b.ints([2, 3]), b.ints(list(geo.strides)))
 
-    2-D, groups=1 only (None otherwise).
-    """
+
+def conv_weight_grad_unfold(b, x, g, geo: ConvGeometry):
+    """dW = sum over images of dY_n @ unfold(X_n)^T: im2col as a Conv with one-hot kernels over
+    X viewed as [N*C, 1, H, W] (a strided Slice for an unpadded 1x1 kernel), then one batched
+    MatMul and a ReduceSum over N. 2-D, groups=1 only (None otherwise)."""
     if geo.rank != 2 or geo.groups != 1:
         return None
     n, c, o = geo.n, geo.c, geo.o
     taps = int(np.prod(geo.kernel))
     length = int(np.prod(geo.out))
-    dtype = np_dtype(x)
     if geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end):
-        cols = x
-        if geo.strides != (1, 1):
-            stop = [(out - 1) * s + 1 for out, s in zip(geo.out, geo.strides)]
-            cols = b.op("Slice", x, b.ints([0, 0]), b.ints(stop), b.ints([2, 3]),
-                        b.ints(list(geo.strides)))
+        cols = _strided(b, x, geo)
     else:
-        eye = np.eye(taps, dtype=dtype).reshape(taps, 1, *geo.kernel)
+        eye = np.eye(taps, dtype=np_dtype(x)).reshape(taps, 1, *geo.kernel)
         planes = b.op("Reshape", x, b.ints([n * c, 1, *geo.size]))
-        cols = b.op("Conv", planes, b.const(eye), **geo.attrs())
-    if n == 1:
-        g2 = b.op("Reshape", g, b.ints([o, length]))
-        cols2 = b.op("Reshape", cols, b.ints([c * taps, length]))
-        dw = b.op("Gemm", g2, cols2, transB=1)
-    else:
-        g3 = b.op("Reshape", g, b.ints([n, o, length]))
-        cols3 = b.op("Reshape", cols, b.ints([n, c * taps, length]))
-        prod = b.op("MatMul", g3, b.op("Transpose", cols3, perm=[0, 2, 1]))
-        dw = b.op("ReduceSum", prod, b.ints([0]), keepdims=0)
+        cols = b.op("Conv", planes, b.const(eye), **geo.attrs())     # [N*C, k*k, Ho, Wo]
+    cols3 = b.op("Reshape", cols, b.ints([n, c * taps, length]))
+    g3t = _permute(b, b.op("Reshape", g, b.ints([n, o, length])), (n, o, length), [0, 2, 1])
+    # [N, C*k*k, L] @ [N, L, O]: transposing dY rather than the k*k-times larger columns.
+    prod = b.op("MatMul", cols3, g3t)
+    dw = b.op("Transpose", b.op("ReduceSum", prod, b.ints([0]), keepdims=0), perm=[1, 0])
     return b.op("Reshape", dw, b.ints([o, c, *geo.kernel]))
 
 
-CONV_INPUT_GRADS = {"transpose": conv_input_grad_transpose, "conv": conv_input_grad_conv}
-CONV_WEIGHT_GRADS = {"conv": conv_weight_grad_conv, "unfold": conv_weight_grad_unfold}
+def conv_weight_grad_unfold_nl(b, x, g, geo: ConvGeometry):
+    """dW = dY[O, N*L] @ unfold(X)[C*k*k, N*L]^T as one Gemm: the unfold is a Conv over X with
+    batch and channels swapped and one-hot kernels [k*k*N, N, kh, kw], whose output channels
+    (tap, image) come out in the order the Gemm wants. 2-D, groups=1 only."""
+    if geo.rank != 2 or geo.groups != 1:
+        return None
+    n, c, o = geo.n, geo.c, geo.o
+    taps = int(np.prod(geo.kernel))
+    length = int(np.prod(geo.out))
+    if geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end):
+        # A 1x1 kernel reads a strided subsample of X: a Slice and a Transpose, no Conv.
+        cols = _strided(b, x, geo)
+        cols = _permute(b, cols, (n, c) + geo.out, [1, 0, 2, 3])
+    else:
+        eye = np.zeros((taps, n, n, taps), dtype=np_dtype(x))
+        for t in range(taps):
+            eye[t, :, :, t] = np.eye(n)
+        eye = eye.reshape(taps * n, n, *geo.kernel)
+        xt = _permute(b, x, (n, c) + geo.size, [1, 0, 2, 3])
+        cols = b.op("Conv", xt, b.const(eye), **geo.attrs())      # [C, k*k*N, Ho, Wo]
+    cols2 = b.op("Reshape", cols, b.ints([c * taps, n * length]))
+    gt = _permute(b, g, (n, o) + geo.out, [1, 0, 2, 3])
+    dw = b.op("Gemm", b.op("Reshape", gt, b.ints([o, n * length])), cols2, transB=1)
+    return b.op("Reshape", dw, b.ints([o, c, *geo.kernel]))
+
+
+def conv_input_grad_col2im(b, g, w, geo: ConvGeometry):
+    """dX = Col2Im(W^T dY): the transposed convolution spelled as MatMul + Col2Im. 2-D,
+    groups=1 only (None otherwise)."""
+    if geo.rank != 2 or geo.groups != 1:
+        return None
+    n, c, o = geo.n, geo.c, geo.o
+    taps = int(np.prod(geo.kernel))
+    length = int(np.prod(geo.out))
+    w2 = b.op("Reshape", w, b.ints([o, c * taps]))
+    g3 = b.op("Reshape", g, b.ints([n, o, length]))
+    cols_t = b.op("MatMul", b.op("Transpose", g3, perm=[0, 2, 1]), w2)
+    cols = b.op("Transpose", cols_t, perm=[0, 2, 1])
+    return b.op("Col2Im", cols, b.ints(list(geo.size)), b.ints(list(geo.kernel)),
+                dilations=list(geo.dilations), pads=list(geo.pads_begin + geo.pads_end),
+                strides=list(geo.strides))
+
+
+CONV_INPUT_GRADS = {"transpose": conv_input_grad_transpose, "col2im": conv_input_grad_col2im}
+CONV_WEIGHT_GRADS = {"conv": conv_weight_grad_conv, "unfold": conv_weight_grad_unfold,
+                     "unfold_nl": conv_weight_grad_unfold_nl}
 # {"input": name, "weight": name} forces a formulation (tests, benchmarks); empty: measured choice.
 CONV_GRAD_OVERRIDE: dict[str, str] = {}
 
 
+# NOTE: the per-shape choice below is measured (benchmarks/conv_grad.py, one run, resnet18's conv
+# shapes at batch 1 and 8 at 64x64 and batch 4 at 224x224; CPU time of one ORT thread on this
+# 2-core host, whose load average of 60-360 made wall-clock times swing 10x), as ratios to the
+# forward Conv of the same shape:
+# - dX: ConvTranspose costs 0.98-1.35x the forward wherever the output has >= 8x8 positions,
+#   but 2.0-3.2x on the 4x4 and 2x2 outputs of layer3/4 at 64x64 (ORT packs the transposed
+#   weight on every call). MatMul + Col2Im, which reads the weight in its stored layout, costs
+#   0.69-2.25x there (7x7 at 224: 1.15-1.47x against 1.34-1.47x). A Conv with flipped weights
+#   (stride 1 only) measured 1.0-18x and never won: dropped.
+# - dW: a Conv with batch and channels swapped re-reads dY once per input channel: 1.7-5.9x on
+#   3x3 layers (1.1-1.6x only on layer4 at batch 8), 6-18x on 1x1 downsamples. It stays for the
+#   3-channel stem (1.3-1.8x; the unfolds 1.7-5.5x) and for grouped or non-2-D convs.
+#   unfold + one Gemm over [C*k*k, N*L] (unfold_nl): 0.95-1.96x at batch 1, 0.67-1.41x on 1x1
+#   kernels, 0.60-1.72x on outputs up to 14x14 at batch > 1. Its one-hot unfold repeats the
+#   work N times, so on larger outputs at batch > 1 the per-image unfold + batched MatMul
+#   (unfold) wins: 1.31-1.64x against 1.45-2.34x.
+# Over all of resnet18's convs (with multiplicity), the chosen dW costs 1.57x / 1.12x / 1.29x the
+# forward (batch 1@64 / 8@64 / 4@224) where the swapped Conv alone costs 4.51x / 1.82x / 2.22x;
+# the chosen dX costs 1.55x / 1.31x / 1.24x.
+
 def choose_conv_input_grad(geo: ConvGeometry) -> str:
+    if geo.rank == 2 and geo.groups == 1 and int(np.prod(geo.out)) < 64:
+        return "col2im"
     return "transpose"
 
 
 def choose_conv_weight_grad(geo: ConvGeometry) -> str:
-    return "conv"
+    if geo.rank != 2 or geo.groups != 1 or geo.c <= 4:
+        return "conv"
+    pointwise = geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end)
+    taps, length = int(np.prod(geo.kernel)), int(np.prod(geo.out))
+    # unfold_nl's one-hot Conv does N*k*k MACs per column element where its Gemm does O:
+    # it only pays when that is the smaller term.
+    if geo.n == 1 or pointwise or (length <= 196 and geo.n * taps <= geo.o):
+        return "unfold_nl"
+    return "unfold"
 
 
 @rule("Conv")
@@ -360,7 +399,7 @@ def max_pool(b, node, grads, needs):
     if g is None:  # only Indices was used: it has no gradient
         return [None]
     x = node.inputs[0]
-    xs, ys = _static_io(node)
+    xs, _ = _static_io(node)
     if len(node.outputs) > 1 and attr(node, "storage_order", 0) == 0:
         indices = node.outputs[1]
     else:
@@ -368,20 +407,15 @@ def max_pool(b, node, grads, needs):
         attrs = {k: a.value for k, a in node.attributes.items() if k != "storage_order"}
         _, indices = b.op("MaxPool", x, _outputs=2, **attrs)
         indices.dtype = ir.DataType.INT64
-    planes = xs[0] * xs[1]
-    plane = int(np.prod(xs[2:]))
-    windows = int(np.prod(ys[2:]))
-    # NOTE: Indices are flat over N*C*H*W in ONNX Runtime (and the spec's reading), but the onnx
-    # reference evaluator gives flat-per-plane ones for stride-1 pools. Taking them modulo H*W and
-    # scattering per plane is right under either convention, for one cheap Mod on an int tensor.
-    local = b.op("Mod", indices, b.const(np.asarray(plane, dtype=np.int64)))
-    local = b.op("Reshape", local, b.ints([planes, windows]))
-    zeros = b.op("ConstantOfShape", b.ints([planes, plane]),
+    # Indices are flat over the whole N*C*H*W input (the spec; ONNX Runtime agrees), so one
+    # ScatterElements into the flattened input routes every window's gradient to its element.
+    zeros = b.op("ConstantOfShape", b.ints([int(np.prod(xs))]),
                  value=ir.tensor(np.zeros(1, dtype=np_dtype(x))))
     # Overlapping windows that picked the same element accumulate, as in PyTorch; ties were
-    # already broken by the forward (first maximum in window order, as in PyTorch).
-    dx = b.op("ScatterElements", zeros, local, b.op("Reshape", g, b.ints([planes, windows])),
-              axis=1, reduction="add")
+    # broken by the forward (the first maximum in window order, as in PyTorch).
+    flat = b.ints([-1])
+    dx = b.op("ScatterElements", zeros, b.op("Reshape", indices, flat),
+              b.op("Reshape", g, flat), axis=0, reduction="add")
     return [b.op("Reshape", dx, b.ints(xs))]
 
 
