@@ -84,6 +84,8 @@ VERBS: dict[str, Verb] = {
     "inspect": Verb(inspect_main,
                     "summarize an .onnx file (--nodes: full dump; --dot/--svg: picture)"),
     "bench": Verb("onnxgrad.bench:main", "measure training-step speed and print ratios"),
+    "train-graph": Verb("onnxgrad.training:train_graph_main",
+                        "turn an inference .onnx model into a standard-ONNX training step"),
 }
 
 EXIT_USAGE = 2
