@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Iterator
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -241,3 +242,25 @@ def test_ort_failure_names_op_shapes_and_line() -> None:
     message = str(info.value)
     assert "MatMul(float32[2, 3], float32[2, 3])" in message
     assert quotes_this_file(message, "# <- bad raw node"), message
+
+
+# --------------------------------------------------------------------------- the ONNX check hook
+def test_every_ort_session_is_checked_as_standard_onnx() -> None:
+    # conftest hooks runtime.make_session: a non-ai.onnx node must be refused before ORT loads it.
+    from onnx import helper
+
+    import conftest
+
+    node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "contrib",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 2]) for n in "ab"],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    with pytest.raises(AssertionError, match="ai.onnx"):
+        ort_session.make_session(model)
+    before = len(conftest.checked_models)
+    og.ones(3, 7, 5).permute(2, 0, 1)  # a kernel no other test makes
+    assert len(conftest.checked_models) > before
