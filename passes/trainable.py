@@ -80,7 +80,32 @@ def prepare(model: ir.Model) -> set[str]:
     overridable = {v.name for v in graph.inputs if v.name in graph.initializers}
     RemoveInitializersFromInputsPass()(model)
     _annotate_constants(graph)
+    _unalias_initializers(graph, overridable)
     return overridable
+
+
+def _unalias_initializers(graph: ir.Graph, overridable: set[str]) -> None:
+    """Give each ``Identity(initializer)`` output an initializer of its own.
+
+    NOTE: ``torch.onnx.export`` deduplicates parameters that merely have equal values (every
+    fresh BatchNorm's weight is ones) into one initializer and Identity nodes; trained, they
+    would stay tied where PyTorch trains them apart. A parameter PyTorch really shares is one
+    initializer read directly, not through an Identity, and stays shared.
+    """
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in STANDARD_DOMAINS:
+            continue
+        source, alias = node.inputs[0], node.outputs[0]
+        if source is None or not source.is_initializer() or alias.is_graph_output():
+            continue
+        name = alias.name
+        own = ir.Value(name=name, shape=source.shape, type=source.type,
+                       const_value=ir.tensor(np.array(source.const_value.numpy()), name=name))
+        alias.replace_all_uses_with(own)
+        graph.remove(node, safe=True)
+        graph.register_initializer(own)
+        if source.name in overridable:
+            overridable.add(name)
 
 
 def _annotate_constants(graph: ir.Graph) -> None:
