@@ -8,6 +8,7 @@ in one run. The rule's per-shape choice (``choose_conv_*_grad``) is marked with 
 
     python benchmarks/conv_grad.py                # all three configurations
     python benchmarks/conv_grad.py --config 1x64  # one of 1x64, 8x64, 4x224
+    python benchmarks/conv_grad.py --resnet       # also resnet18's whole gradient graph
 """
 from __future__ import annotations
 
@@ -116,6 +117,38 @@ def timed(models: dict[str, tuple[bytes, list[str]]], geo: rules.ConvGeometry, b
     return best
 
 
+def whole_resnet18(n: int, size: int, wall: bool) -> None:
+    """resnet18's whole gradient graph with the measured choice against ConvTranspose and the
+    swapped Conv everywhere (the two formulations DESIGN names first)."""
+    import onnxgrad as og
+    from onnxgrad.models import resnet18
+    from onnxgrad.tracer.autograd import gradient_model
+
+    og.manual_seed(0)
+    model, x = resnet18(), og.rand(n, 3, size, size)
+    clock = time.perf_counter if wall else time.thread_time
+    runs = {}
+    for name, override in [("measured choice", {}),
+                           ("ConvTranspose + swapped Conv", {"input": "transpose",
+                                                              "weight": "conv"})]:
+        rules.CONV_GRAD_OVERRIDE.clear()
+        rules.CONV_GRAD_OVERRIDE.update(override)
+        try:
+            gm = gradient_model([model(x).sum()], [og.tensor(np.float32(1.0))])
+        finally:
+            rules.CONV_GRAD_OVERRIDE.clear()
+        runs[name] = (_session(gm.model.SerializeToString(), wall), gm)
+    best = {name: float("inf") for name in runs}
+    for _ in range(5):
+        for name, (session, gm) in runs.items():
+            t0 = clock()
+            session.run(gm.outputs, gm.feeds)
+            best[name] = min(best[name], clock() - t0)
+    base = best["ConvTranspose + swapped Conv"]
+    print(f"resnet18 backward, batch {n} at {size}x{size}: " + ", ".join(
+        f"{name} {t * 1e3:.1f} ms ({t / base:.2f}x)" for name, t in best.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), action="append",
@@ -124,6 +157,8 @@ def main() -> None:
     parser.add_argument("--wall", action="store_true",
                         help="wall-clock time of the engine's multi-threaded sessions "
                              "(default: CPU time with one ORT thread)")
+    parser.add_argument("--resnet", action="store_true",
+                        help="also time resnet18's whole gradient graph, choice against baseline")
     args = parser.parse_args()
     variants = [("dX", name, lambda b, x, w, g, geo, f=f: f(b, g, w, geo))
                 for name, f in rules.CONV_INPUT_GRADS.items()]
@@ -166,6 +201,9 @@ def main() -> None:
         print(f"{'resnet18 total':<20}{fwd_total * 1e3:>8.2f}  " + ", ".join(
             f"{key.replace('*', ' chosen')} {t * 1e3:.2f} ({t / fwd_total:.2f}x)"
             for key, t in totals.items()))
+        if args.resnet:
+            whole_resnet18(n, size, args.wall)
+
 
 if __name__ == "__main__":
     main()
