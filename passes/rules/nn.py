@@ -207,7 +207,7 @@ def conv_weight_grad_conv(b, x, g, geo: ConvGeometry):
     """dW as one Conv with batch and channels swapped: the input's channels become the batch,
     dY's channels the filters, and the forward stride becomes the dilation (and vice versa)."""
     rank, groups = geo.rank, geo.groups
-    n, cg, og = geo.n, geo.c // groups, geo.o // groups
+    n, cg = geo.n, geo.c // groups
     spatial = list(range(2, 2 + rank))
     if groups == 1:
         xt = _permute(b, x, (n, geo.c) + geo.size, [1, 0] + spatial)
