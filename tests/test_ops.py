@@ -68,9 +68,7 @@ CASES: list[OpCase] = [
     case("tutorial-Q", lambda a, b: 3 * a ** 3 - b ** 2, lambda a, b: 3 * a ** 3 - b ** 2, (2,), (2,)),
     # ------------------------------------------------------------------ matmul
     case("matmul/2d", lambda a, b: a @ b, np.matmul, (2, 3), (3, 4)),
-    case("matmul/1d-1d", lambda a, b: a @ b, np.matmul, (3,), (3,),
-         grad_xfail="passes/rules/nn.py MatMul: Unsqueeze(g, -2) of the 0-d gradient; "
-                    "unsqueeze -1 first (owned by the nn.py engineers)"),
+    case("matmul/1d-1d", lambda a, b: a @ b, np.matmul, (3,), (3,)),
     case("matmul/1d-2d", lambda a, b: a @ b, np.matmul, (3,), (3, 4)),
     case("matmul/2d-1d", lambda a, b: a @ b, np.matmul, (2, 3), (3,)),
     case("matmul/batched", lambda a, b: a @ b, np.matmul, (2, 2, 3), (2, 3, 4)),

@@ -21,16 +21,16 @@ def matmul(b, node, grads, needs):
     g = grads[0]
     ad, wd = dims(a), dims(w)
     # Promote 1-D operands to matrices as MatMul itself does, then undo it on the gradients.
+    # The trailing axis first: with two 1-D operands g is 0-d and only -1 is a valid axis.
     a2, w2 = a, w
-    if len(ad) == 1:
-        a2 = b.op("Unsqueeze", a, b.ints([0]))
-        g = b.op("Unsqueeze", g, b.ints([-2]))
     if len(wd) == 1:
         w2 = b.op("Unsqueeze", w, b.ints([1]))
         g = b.op("Unsqueeze", g, b.ints([-1]))
+    if len(ad) == 1:
+        a2 = b.op("Unsqueeze", a, b.ints([0]))
+        g = b.op("Unsqueeze", g, b.ints([-2]))
     a2d = [1] + ad if len(ad) == 1 else ad
     w2d = wd + [1] if len(wd) == 1 else wd
-    rank = max(len(a2d), len(w2d))
     out_batch = _broadcast(a2d[:-2], w2d[:-2])
     da = dw = None
     if needs[0]:
@@ -43,7 +43,6 @@ def matmul(b, node, grads, needs):
         dw = b.sum_to(dw, out_batch + w2d[-2:], w2d)
         if len(wd) == 1:
             dw = b.op("Reshape", dw, b.ints([-1]))
-    del rank
     return [da, dw]
 
 
