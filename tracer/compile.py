@@ -136,7 +136,8 @@ class Program:
                  output_names: list[str], output_tree: Any, updated: dict[str, Tensor],
                  readonly: dict[str, Tensor], grads: dict[str, Tensor],
                  scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
-                 created: dict[str, tuple[Any, Tensor]]):
+                 created: dict[str, tuple[Any, Tensor]],
+                 buffers: dict[str, tuple[Any, Tensor]] | None = None):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -147,10 +148,21 @@ class Program:
         self.grads = grads          # gradient output name -> parameter
         self.scalars = scalars      # scalar input name -> (getter, dtype)
         self.created = created      # output name -> (optimizer, parameter): a new momentum buffer
+        self.buffers = buffers or {}  # state input name -> (optimizer, parameter): its buffer
         self.synced: dict[str, Val] = {}
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
         runner, synced = self.runner, self.synced
+        for name, (opt, p) in self.buffers.items():
+            # optimizer.load_state_dict puts new buffer tensors into opt.state: follow them.
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is None:
+                # NOTE: cleared state; a zero buffer is PyTorch's first step exactly here (this
+                # program has buffers, so no dampening: see optim.SGD._buffer).
+                buf = Tensor(Val(np.zeros_like(p._v.data)))
+                opt.state.setdefault(p, {})["momentum_buffer"] = buf
+            if buf is not self.updated[name]:
+                self.updated[name] = buf  # its value is written to the runner just below
         for name, t in self.updated.items():
             if synced.get(name) is not t._v:  # an eager edit since the last call
                 runner.write(name, t._v.data)
@@ -342,8 +354,11 @@ class CompiledFunction:
         runner = StepRunner(proto.SerializeToString(), state_pairs,
                             {name: t._v.data for name, t in updated.items()}, carried=list(grads))
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
+        owners = {id(s["momentum_buffer"]): (opt, p) for opt in trace.optimizers
+                  for p, s in opt.state.items() if "momentum_buffer" in s}
+        buffers = {name: owners[id(t)] for name, t in updated.items() if id(t) in owners}
         return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created)
+                       updated, readonly, grads, scalars, created, buffers)
 
     # ----------------------------------------------------------------- export
     def export(self, path: str | os.PathLike[str]) -> None:
