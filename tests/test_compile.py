@@ -318,16 +318,29 @@ def test_eager_edits_are_seen_by_the_next_call() -> None:
     assert step.traces == 1
 
 
-def test_momentum_buffers_are_state_and_load_state_dict_reaches_them() -> None:
+def test_optimizer_load_state_dict_reaches_the_compiled_step() -> None:
     x, y = _data((4, 12))
     model, optim, step = _trainer(_mlp, momentum=0.9)
+    initial = _state(model)
     step(x, y)
+    after_first = _state(model)
     saved = (_state(model), optim.state_dict())
-    second = float(step(x, y))
     step(x, y)
+    after_second = _state(model)
+    step(x, y)
+    # load_state_dict makes new momentum-buffer tensors: the compiled step must use them.
     model.load_state_dict(saved[0])
     optim.load_state_dict(saved[1])
-    assert float(step(x, y)) == second
+    step(x, y)
+    for name, value in after_second.items():
+        np.testing.assert_array_equal(_state(model)[name], value, err_msg=name)
+    # Cleared optimizer state: the next step is a first step again (PyTorch's zero buffer).
+    model.load_state_dict(initial)
+    optim.load_state_dict({"state": {}, "param_groups": optim.state_dict()["param_groups"]})
+    step(x, y)
+    for name, value in after_first.items():
+        np.testing.assert_array_equal(_state(model)[name], value, err_msg=name)
+    assert step.traces == 1
 
 
 @pytest.mark.parametrize("what", ["item", "bool"])
