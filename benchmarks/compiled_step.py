@@ -78,7 +78,8 @@ def _data(config: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- the two steps
-def use_session_options(level: str = "extended", threads: int = 0, spin: bool = True) -> None:
+def use_session_options(level: str = "extended", threads: int = 0, spin: bool = True,
+                        arena: bool = True) -> None:
     """Make the compiled step's session (not the eager kernels) with these options."""
     import onnxruntime as ort
 
@@ -90,6 +91,7 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
         options.intra_op_num_threads = threads
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.enable_cpu_mem_arena = arena
         return ort.InferenceSession(model_bytes, options,
                                     providers=session_module.get_providers())
 
@@ -187,7 +189,7 @@ def _torch_resnet18(classes: int):
 
 # --------------------------------------------------------------------------- workers
 def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``onnxgrad`` / ``torch``, optionally ``:level=all,threads=1,spin=0``."""
+    """``onnxgrad`` / ``torch``, optionally ``:level=all,threads=1,spin=0,arena=0``."""
     framework, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -212,7 +214,7 @@ def serve(spec: str, config: str, weights: str) -> None:
         from onnxgrad.tracer import compile as compile_module
 
         use_session_options(options.get("level", "extended"), options.get("threads", 0),
-                            bool(options.get("spin", 1)))
+                            bool(options.get("spin", 1)), bool(options.get("arena", 1)))
         session_time = [0.0]
         runner_cls = compile_module.StepRunner
 
@@ -351,16 +353,18 @@ def options(config: str, rounds: int | None) -> int:
         "onnxgrad:level=all": "all (adds NCHWc layouts)",
         "onnxgrad:threads=1": "extended, 1 intra-op thread",
         "onnxgrad:spin=0": "extended, no thread spinning",
+        "onnxgrad:arena=0": "extended, no memory arena",
     }
     _, _, _, n_rounds, block = CONFIGS[config]
     res = compare(config, [*variants, "torch"], rounds or n_rounds, block)
     pt = res["torch"]["median_s"]
-    print(f"session options, {config}: median step and ratio to PyTorch "
-          f"({res['torch']['version']})")
+    print(f"session options, {config}: median step, ratio to PyTorch "
+          f"({res['torch']['version']}), peak memory")
     for spec, label in variants.items():
         med = res[spec]["median_s"]
-        print(f"  {label:<30}{med * 1e3:9.1f} ms   ratio {med / pt:5.2f}")
-    print(f"  {'PyTorch eager':<30}{pt * 1e3:9.1f} ms")
+        print(f"  {label:<30}{med * 1e3:9.1f} ms   ratio {med / pt:5.2f}"
+              f"{res[spec]['peak_mb']:9.0f} MB")
+    print(f"  {'PyTorch eager':<30}{pt * 1e3:9.1f} ms{'':13}{res['torch']['peak_mb']:9.0f} MB")
     return 0
 
 
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="intra-op threads for both frameworks "
                         "(default: each framework's own)")
     parser.add_argument("--options", choices=list(CONFIGS), metavar="CONFIG",
-                        help="compare session options (optimization level, threads, spinning)")
+                        help="compare session options (optimization level, threads, spinning, "
+                        "memory arena)")
     parser.add_argument("--profile", choices=list(CONFIGS), metavar="CONFIG",
                         help="profile the compiled step with ONNX Runtime's profiler")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
