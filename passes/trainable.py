@@ -251,7 +251,7 @@ def training_graph(model: ir.Model, parameters: Sequence[str], loss: ir.Graph, *
     initial: dict[str, np.ndarray] = {}
     stats = _rewrite_batchnorm(graph, b, names, freeze_bn, initial)
     _train_dropout(graph, b)
-    _maxpool_indices(graph, b)
+    _maxpool_indices(graph, b, [graph.initializers[p] for p in parameters])
     # Looked up after the rewrites, which may have replaced the output value.
     prediction = graph.outputs[out_index]
 
@@ -548,14 +548,20 @@ def _train_dropout(graph: ir.Graph, b: Builder) -> None:
         _replace(graph, node, [out, mask])
 
 
-def _maxpool_indices(graph: ir.Graph, b: Builder) -> None:
+def _maxpool_indices(graph: ir.Graph, b: Builder, params: Sequence[ir.Value]) -> None:
     """Give single-output MaxPools (what torch.onnx.export emits) their Indices output.
 
     The MaxPool rule scatters the gradient to the Indices; with them in the forward graph the
-    backward reads them instead of running a second MaxPool.
+    backward reads them instead of running a second MaxPool. Only pools a gradient flows
+    through: ONNX Runtime's MaxPool is much slower with Indices than without.
     """
+    active = {id(v) for v in params}
+    for node in topological_nodes(list(graph.outputs)):
+        if any(v is not None and id(v) in active for v in node.inputs):
+            active.update(id(v) for v in node.outputs)
     for node in [n for n in graph if n.op_type == "MaxPool"]:
-        if len(node.outputs) > 1 or attr(node, "storage_order", 0) != 0:
+        if len(node.outputs) > 1 or attr(node, "storage_order", 0) != 0 \
+                or id(node.inputs[0]) not in active:
             continue
         attrs = {k: a.value for k, a in node.attributes.items()}
         out, indices = b.op("MaxPool", node.inputs[0], _outputs=2, **attrs)

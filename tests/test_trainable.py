@@ -251,6 +251,22 @@ def test_dropout_trains_with_a_mask() -> None:
     assert set(np.unique(grad)) == {0.0, 2.0}  # dropped, or kept and scaled by 1 / (1 - 0.5)
 
 
+def test_maxpool_gets_indices_only_where_a_gradient_flows() -> None:
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("MaxPool", ["c"], ["q"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["q"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "pools", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    step = og.training_step(proto, loss="sum", lr=0.1)
+    step(np.random.default_rng(0).standard_normal((2, 1, 8, 8), dtype=np.float32))
+    pools = [len(n.output) for n in step.model.graph.node if n.op_type == "MaxPool"]
+    assert sorted(pools) == [1, 2]  # the pool of the raw input needs no Indices
+
+
 def _op_mix_graph(opset: int) -> onnx.ModelProto:
     """Identity, Concat, MatMul, Add, Mul, Transpose, Softmax, Reshape with a Constant shape."""
     rng = np.random.default_rng(4)
