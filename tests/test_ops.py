@@ -107,7 +107,11 @@ CASES: list[OpCase] = [
          lambda a: a.max((0, 1), keepdims=True), (2, 3, 2), distinct=True),
     case("amax/ties", lambda a: a.amax(1), lambda a: a.max(1), fixed(TIES), vjp=False),
     case("amin/dim", lambda a: og.amin(a, 0), lambda a: a.min(0), (3, 4), distinct=True),
+    case("amin/keepdim", lambda a: a.amin(-1, keepdim=True), lambda a: a.min(-1, keepdims=True),
+         (3, 4), distinct=True),
     case("min", lambda a: og.min(a), np.min, (2, 3), distinct=True),
+    case("min/dim-keepdim", lambda a: og.min(a, 0, keepdim=True),
+         lambda a: np_max_dim(a, 0, True, arg=np.argmin), (3, 4), distinct=True),
     case("min/dim", lambda a: a.min(1),
          lambda a: np_max_dim(a, 1, arg=np.argmin), (3, 4), distinct=True),
     # ------------------------------------------------------------------ shapes
@@ -205,6 +209,9 @@ CASES: list[OpCase] = [
          index([1, 2, 3]), (3,)),
     case("bool-plus-int", lambda m, i: m + i, lambda m, i: m + i, fixed([True, False]),
          index([4, 5]), grad=False),
+    case("bool-or", lambda m: m + True, lambda m: m | True, fixed([True, False]), grad=False),
+    case("bool-and", lambda m, n: m * n, np.logical_and, fixed([True, False, True]),
+         fixed([True, True, False]), grad=False),
     case("sum/int", lambda i: i.sum(), lambda i: i.sum(), index([[1, 2], [3, 4]]), grad=False),
     # ------------------------------------------------------------------ comparisons (no grad)
     case("eq", lambda a, b: a == b, np.equal, fixed(TIES), fixed(TIES_B), grad=False),
