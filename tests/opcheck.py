@@ -22,9 +22,19 @@ random float32 in [-2, 2]; :func:`arg`, :func:`pos`, :func:`fixed` and :func:`in
     and the recorded forward graph, on ONNX Runtime and on ``onnx.reference.ReferenceEvaluator``;
     each model also passes ``onnx.checker.check_model(full_check=True)`` and uses only ai.onnx.
 
-Non-smooth ops need inputs away from their kinks: ``avoid=(points...)`` keeps every float input
-element at least ``margin`` from each point; ``distinct=True`` keeps all float input elements
-pairwise ``margin`` apart (ties of max/min/maximum/sort-like ops).
+Non-smooth ops need inputs away from their kinks: ``avoid=(points...)`` keeps every random float
+input element at least ``margin`` from each point; ``distinct=True`` redraws all random float
+elements as distinct, well-separated values (ties of max/min/maximum-like ops). A row whose inputs
+sit on a tie on purpose (``fixed`` data) sets ``vjp=False``: there the gradient is a convention,
+which the PyTorch parity tests pin down instead. Per-row tolerances (``rtol``/``atol`` forward,
+``grad_rtol``/``grad_atol``/``eps`` VJP, ``rt_rtol``/``rt_atol`` runtimes) override the defaults.
+
+A test module wires a table to pytest with :func:`params`, one test per check, so a failure names
+the row and the check (``test_vjp[log_softmax/dim0]``)::
+
+    @pytest.mark.parametrize("c", params(CASES, "vjp"))
+    def test_vjp(c: OpCase) -> None:
+        check_case(c, ["vjp"])
 """
 from __future__ import annotations
 
