@@ -75,7 +75,7 @@ def add_model_check(check: ModelCheck) -> Callable[[], None]:
 def make_session(model: onnx.ModelProto | bytes, *, level: str = "extended") -> ort.InferenceSession:
     if _model_checks:
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
-        for check in list(_model_checks):
+        for check in _model_checks.copy():  # a check may remove itself
             check(proto)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, session_options(level=level), providers=get_providers())

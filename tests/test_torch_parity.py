@@ -123,7 +123,8 @@ def _run(module: Any, fn: Callable[..., Any], arrays: list[np.ndarray], grads: l
 
 
 def _compare(fn, arrays, grads, dtype: str) -> None:
-    tol = {"float32": dict(rtol=1e-4, atol=1e-5), "float64": dict(rtol=1e-10, atol=1e-12)}[dtype]
+    tol = {"float32": {"rtol": 1e-4, "atol": 1e-5},
+           "float64": {"rtol": 1e-10, "atol": 1e-12}}[dtype]
     probe = fn(torch, *[torch.tensor(a, dtype=getattr(torch, dtype)) for a in arrays])
     seed = None if probe.numel() == 1 else np.random.default_rng(7).normal(size=tuple(probe.shape))
     out, got = _run(og, fn, arrays, grads, dtype, seed)

@@ -13,7 +13,7 @@ from ..runtime import IR_VERSION, OPSET, make_session
 from ..runtime.dump import dump_graph
 from ..runtime.session import _LRU
 from . import state
-from .graph import CONST, DATA, WRT, Walk, ir_type
+from .graph import CONST, DATA, WRT, Walk
 from .tensor import Tensor, Val, _contig
 
 _sessions = _LRU(64)
