@@ -110,7 +110,10 @@ class Builder:
     def const(self, value: Any, dtype: Any = None) -> ir.Value:
         """A ``Constant`` node holding ``value`` (NumPy-convertible) as ``dtype``."""
         array = np.asarray(value, dtype=dtype)
-        return self.op("Constant", value=ir.tensor(array), _names=[self.fresh("const")])
+        out = self.op("Constant", value=ir.tensor(array), _names=[self.fresh("const")])
+        # Known statically, so rules that need constant axes or shapes can read it.
+        out.const_value = ir.tensor(array, name=out.name)
+        return out
 
     def const_like(self, value: Any, like: ir.Value) -> ir.Value:
         """A scalar/array constant with the dtype of ``like``."""

@@ -464,3 +464,21 @@ def test_documented_plain_onnxruntime_loop_trains_from_the_export(tmp_path: Path
                                                             model.named_parameters()}
         for name, value in _state(model).items():
             np.testing.assert_allclose(trained[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_arguments_named_like_outputs_or_hyperparameters_get_a_prefix() -> None:
+    layer = og.nn.Linear(3, 2)
+    opt = og.optim.SGD(layer.parameters(), lr=0.1)
+
+    @og.compile
+    def step(output, lr):
+        opt.zero_grad()
+        loss = og.nn.functional.mse_loss(layer(output), lr)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step(og.rand(4, 3), og.rand(4, 2))
+    assert step.last.data_names == ["input.output", "input.lr"]
+    names = [i.name for i in step.last.model.graph.input]
+    assert len(names) == len(set(names)) and "lr" in names

@@ -277,6 +277,10 @@ class CompiledFunction:
         out_tree, out_tensors = _flatten(result)
         data_inputs = [t for t in inputs if isinstance(t, Tensor)]
         data_names = _data_names(self._arg_names, inputs)
+        # An argument named like an output, a hyperparameter or a state input gets a prefix.
+        reserved = {*names.values(), *trace.scalars, "output",
+                    *(f"output.{i}" for i in range(len(out_tensors)))}
+        data_names = [f"input.{n}" if n in reserved else n for n in data_names]
         data_ids = {id(t._v): n for t, n in zip(data_inputs, data_names)}
         scalar_ids = {id(v): name for name, (v, _) in trace.scalars.items()}
         state_ids = {id(val): tid for tid, (_, val) in trace.initial.items()}
