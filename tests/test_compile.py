@@ -482,3 +482,27 @@ def test_arguments_named_like_outputs_or_hyperparameters_get_a_prefix() -> None:
     assert step.last.data_names == ["input.output", "input.lr"]
     names = [i.name for i in step.last.model.graph.input]
     assert len(names) == len(set(names)) and "lr" in names
+
+
+def test_hand_written_sgd_update_is_part_of_the_compiled_step() -> None:
+    og.manual_seed(0)
+    holder = {"w": og.randn(3, 2, requires_grad=True)}
+    x, y = og.rand(4, 3), og.rand(4, 2)
+
+    def step(x, y):
+        w = holder["w"]
+        loss = ((x @ w - y) ** 2).mean()
+        loss.backward()
+        with og.no_grad():
+            w -= 0.1 * w.grad
+        w.grad = None
+        return loss
+
+    w0 = holder["w"].detach().numpy().copy()
+    eager = [step(x, y).item() for _ in range(3)]
+    w_eager = holder["w"].detach().numpy().copy()
+    holder["w"].data = w0
+    compiled = og.compile(step)
+    assert [compiled(x, y).item() for _ in range(3)] == eager
+    np.testing.assert_array_equal(holder["w"].detach().numpy(), w_eager)
+    assert compiled.traces == 1 and holder["w"].is_leaf and holder["w"].requires_grad

@@ -655,7 +655,13 @@ def _inplace(fn, name: str):
             raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
                              f"shape {_fmt(shape)} ({name}){_where()}")
         out = to(fn(self, other), self.dtype)
-        if self.requires_grad and self.is_leaf:
+        trace = state.active_trace()
+        if trace is not None:
+            # Compiled: the update is part of the step; the tensor becomes state the step updates.
+            trace.remember(self)
+            self._v = out._v
+            self._version += 1
+        elif self.requires_grad and self.is_leaf:
             # Under no_grad (an optimizer step): a leaf stays a leaf, .grad and all.
             self._set_leaf_data(out._v.data)
         else:
