@@ -96,12 +96,16 @@ class SGD:
         def expand(b: Builder, values: list[ir.Value]) -> list[ir.Value]:
             return sgd_updates(b, values, layout, flags, used)
 
-        key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
-        session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
-        outs = session.run(None, {f"in{i}": v.data for i, v in enumerate(inputs)})
         if trace is not None:
+            # NOTE: traced values are discarded (the first call runs the compiled graph), so the
+            # update is not computed here: placeholders of the right shapes stand in.
+            outs = [np.zeros_like(p._v.data) for (gi, p), buf in zip(entries, bufs)
+                    for _ in range(2 if flags[gi].momentum else 1)]
             vals = emit_macro("SGD", inputs, outs, expand, key=structure, origin="opt")
         else:
+            key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
+            session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
+            outs = session.run(None, {f"in{i}": v.data for i, v in enumerate(inputs)})
             vals = [Val(o) for o in outs]
         k = 0
         for (gi, p), buf in zip(entries, bufs):

@@ -116,9 +116,13 @@ def sigmoid(b, node, grads, needs):
 
 @rule("Relu")
 def relu(b, node, grads, needs):
-    # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0).
+    # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0). The mask is
+    # multiplied in rather than selected with Where: ONNX Runtime's Where with a broadcast zero
+    # measured 4x slower (17.6 vs 4.2 ms on 4x64x112x112). Values are PyTorch's, except -0 for +0
+    # where the gradient is negative, and NaN for an infinite gradient on a masked position.
     out = node.outputs[0]
-    return [_zeros_like_where(b, b.op("Greater", out, b.const_like(0, out)), grads[0], True)]
+    mask = b.op("Cast", b.op("Greater", out, b.const_like(0, out)), to=out.dtype)
+    return [b.op("Mul", grads[0], mask)]
 
 
 @rule("Where", broadcasting=True)
