@@ -1,6 +1,7 @@
 """A multilayer perceptron: ``Linear`` layers with ``ReLU`` between them, as a ``Sequential``."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ def mlp(in_features: int, hidden: Sequence[int] | int = (), out_features: int = 
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out, bias=bias))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())

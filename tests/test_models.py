@@ -12,7 +12,8 @@ import pytest
 
 import onnxgrad as og
 from onnxgrad import nn
-from onnxgrad.models import load_weights, mlp, read_state, resnet18, resnet34, resnet50, save_weights
+from onnxgrad.models import (load_weights, mlp, read_state, resnet18, resnet34, resnet50,
+                             save_weights)
 from onnxgrad.tracer import autograd
 
 # torchvision's state_dict key counts (parameters + running_mean/var/num_batches_tracked).

@@ -12,11 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import onnxgrad as og  # noqa: E402
-from onnxgrad import nn  # noqa: E402
-from onnxgrad.models import mlp, resnet18  # noqa: E402
-
-from torch_reference import torch_mlp, torch_resnet  # noqa: E402
+import onnxgrad as og
+from onnxgrad import nn
+from onnxgrad.models import mlp, resnet18
+from torch_reference import torch_mlp, torch_resnet
 
 RTOL = 1e-4
 ATOL_SCALE = 1e-4  # see _close

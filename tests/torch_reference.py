@@ -6,6 +6,7 @@ order and map 1:1 onto ``onnxgrad.models``.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -109,7 +110,7 @@ def torch_resnet(name: str, num_classes: int = 1000) -> nn.Module:
 
 def torch_mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
