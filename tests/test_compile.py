@@ -430,8 +430,8 @@ def test_results_handed_out_are_never_overwritten() -> None:
 
 # --------------------------------------------------------------------------- the documented loop
 def _documented_loop() -> str:
-    """The plain-onnxruntime loop of docs/export_format.md (merged into the README)."""
-    text = (ROOT / "docs" / "export_format.md").read_text()
+    """The plain-onnxruntime loop of the README's export-format section."""
+    text = (ROOT / "README.md").read_text()
     loop = next(block for block in re.findall(r"```python\n(.*?)```", text, re.S)
                 if "import onnxruntime" in block)
     assert len(loop.strip().splitlines()) <= 15
