@@ -167,7 +167,12 @@ def main(argv: list[str] | None = None) -> None:
           f"after {args.warmup} warm-up; torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), onnxruntime {ort.__version__} {og.get_providers()} ({threads} threads)")
     # The machine's load average, since other processes' threads skew both sides' timings.
-    print(f"load average before: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"load average before: {load:.1f} ({cpus} CPUs)")
+    if load > cpus and args.threads != 1:
+        # Measured here: with other processes competing, PyTorch's OpenMP barriers stall on
+        # descheduled threads (steps 10-40x slower), so multi-threaded ratios mean little.
+        print("note: the machine is busy; --threads 1 gives comparable figures")
     print(f"{'batch':>5} {'onnxgrad ms':>12} {'torch ms':>9} {'ratio':>6}   phase medians ms, "
           "onnxgrad | torch (forward / backward / step)")
     for batch in (int(b) for b in args.batches.split(",")):
