@@ -14,13 +14,12 @@ import onnx_ir as ir
 
 from .passes.builder import Builder
 from .passes.sgd import SGDFlags, sgd_updates
-from .runtime import IR_VERSION, OPSET, make_session
-from .runtime.session import _LRU
+from .runtime import IR_VERSION, OPSET
+from .runtime.step import StepRunner
 from .tracer import state as tracer_state
 from .tracer.graph import ir_type
 from .tracer.tensor import Tensor, Val, emit_macro
 
-_sessions = _LRU(32)
 _HYPER = ("lr", "momentum", "dampening", "weight_decay")
 
 
@@ -39,6 +38,8 @@ class SGD:
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[Tensor, dict[str, Tensor]] = {}
+        self._runners: dict[Any, StepRunner] = {}  # the eager update, by structure
+        self._synced: dict[str, Val] = {}
         for group in groups:
             self.add_param_group(group)
 
@@ -104,15 +105,13 @@ class SGD:
             vals = emit_macro("SGD", inputs, outs, expand, key=structure, origin="opt")
         else:
             key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
-            session = _sessions.get_or_make(key, lambda: _session(expand, inputs))
-            outs = session.run(None, {f"in{i}": v.data for i, v in enumerate(inputs)})
-            vals = [Val(o) for o in outs]
+            vals = self._run_eager(key, expand, inputs, entries, bufs)
         k = 0
         for (gi, p), buf in zip(entries, bufs):
             if trace is not None:
                 p._v = vals[k]  # the traced update: the compiled step outputs it
             else:
-                p._set_leaf_data(outs[k])
+                p._set_leaf_data(vals[k].data)
             k += 1
             if flags[gi].momentum:
                 holder = self.state.setdefault(p, {}).get("momentum_buffer")
@@ -122,6 +121,43 @@ class SGD:
                     holder._v = vals[k]
                 k += 1
         return loss
+
+    def _run_eager(self, key: Any, expand: Any, inputs: list[Val], entries, bufs) -> list[Val]:
+        """Run the update with parameters and momentum buffers kept in a :class:`StepRunner`.
+
+        As in a compiled step, they live in two buffer sets that the runs read and write in turn:
+        no parameter is copied or allocated per step. Tensors view the live buffers; a value
+        edited since the last step (``load_state_dict``, ``p.data = ...``) is copied in first.
+        """
+        state: dict[str, str] = {}  # input name -> output name
+        tensors: dict[str, Tensor] = {}
+        i = o = 0
+        for (gi, p), buf in zip(entries, bufs):
+            state[f"in{i}"], tensors[f"in{i}"] = f"out{o}", p
+            i, o = i + 2, o + 1
+            if buf is not None:
+                state[f"in{i}"], tensors[f"in{i}"] = f"out{o}", buf
+                i += 1
+            if self.param_groups[gi]["momentum"] != 0:
+                o += 1
+        runner = self._runners.get(key)
+        if runner is None:
+            model = _model_bytes(expand, inputs)
+            runner = StepRunner(model, state, {n: tensors[n]._v.data for n in state})
+            self._runners.clear()  # one structure at a time: the old buffers are dropped
+            self._runners[key] = runner
+            self._synced = {n: tensors[n]._v for n in state}
+        for name, t in tensors.items():
+            if self._synced.get(name) is not t._v:
+                runner.write(name, t._v.data)
+        feeds = {f"in{j}": v.data for j, v in enumerate(inputs) if f"in{j}" not in state}
+        results = runner.run(feeds)
+        by_output = {out: runner.current(name) for name, out in state.items()}
+        outs = [Val(by_output[n] if n in by_output else results[n]) for n in
+                (f"out{j}" for j in range(o))]
+        # The tensors get these Vals below; remember them to notice later edits.
+        self._synced = {name: outs[int(out[3:])] for name, out in state.items()}
+        return outs
 
     def momentum_buffer(self, p: Tensor, flags: SGDFlags, trace: Any = None) -> Tensor | None:
         """``p``'s buffer for the next step: None before a dampened first step."""
@@ -228,8 +264,8 @@ def sgd_flags(group: dict[str, Any]) -> SGDFlags:
                     maximize=bool(group["maximize"]))
 
 
-def _session(expand, inputs: list[Val]):
-    """A standalone session running ``expand`` on inputs ``in0..inN``."""
+def _model_bytes(expand, inputs: list[Val]) -> bytes:
+    """A standalone model running ``expand`` on inputs ``in0..inN`` (outputs ``out0..``)."""
     graph_inputs = [ir.Value(name=f"in{i}", shape=ir.Shape(v.data.shape), type=ir_type(v.data))
                     for i, v in enumerate(inputs)]
     b = Builder(origin="opt", prefix="sgd")
@@ -239,4 +275,4 @@ def _session(expand, inputs: list[Val]):
     graph = ir.Graph(graph_inputs, outputs, nodes=b.nodes, opset_imports={"": OPSET},
                      name="sgd_step")
     model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
-    return make_session(ir.serde.serialize_model(model))
+    return ir.serde.serialize_model(model).SerializeToString()
