@@ -752,6 +752,10 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}{_where()}")
     if not training or p == 0:
         return x
+    if p == 1:
+        # NOTE: ONNX Dropout's ratio must be below 1 (ORT refuses 1); PyTorch's p=1 is input * 0,
+        # which also keeps its NaNs and gives a zero gradient.
+        return mul(x, 0.0)
     ratio = const(np.asarray(p, dtype=x.dtype))
     mode = const(np.asarray(True))
     return _wrap(emit("Dropout", [x._v, ratio, mode], n_out=2)[0])
