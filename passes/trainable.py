@@ -449,7 +449,11 @@ def _torch_momentum(onnx_momentum: float) -> float:
 
 def _rewrite_batchnorm(graph: ir.Graph, b: Builder, names: _Names, freeze: bool,
                        initial: dict[str, np.ndarray]) -> list[tuple[ir.Value, ir.Value]]:
-    """Replace each BatchNormalization by primitives; returns (statistic input, its new value)."""
+    """Feed each BatchNormalization the batch statistics; returns (statistic input, new value).
+
+    The node stays an inference-form BatchNormalization (it has a gradient rule), as in
+    ``og.nn.functional.batch_norm``; frozen, it keeps reading the constant running statistics.
+    """
     stats: list[tuple[ir.Value, ir.Value]] = []
     nodes = [n for n in graph if n.op_type == "BatchNormalization"]
     # Named before any is detached: detaching one changes how shared the others look.
@@ -458,31 +462,28 @@ def _rewrite_batchnorm(graph: ir.Graph, b: Builder, names: _Names, freeze: bool,
         if any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:]):
             raise TrainGraphError(f"BatchNormalization node {node.name}: its running-statistics "
                                   f"outputs are used; only inference-mode BatchNorm is supported")
-        x, scale, bias = node.inputs[:3]
+        x = node.inputs[0]
         xs = static_shape(x)
         if xs is None or len(xs) < 2:
             raise TrainGraphError(f"BatchNormalization node {node.name}: needs a static input "
                                   f"shape of rank >= 2 (got {xs}): {describe(node)}")
         mean = _detach_statistic(graph, node, 3, mean_name, names, not freeze, initial)
         var = _detach_statistic(graph, node, 4, var_name, names, not freeze, initial)
-        eps = float(attr(node, "epsilon", 1e-5))
+        if freeze:
+            continue
         momentum = _torch_momentum(attr(node, "momentum", 0.9))
-        y, new_mean, new_var = _batchnorm_nodes(b, node, x, xs, scale, bias, mean, var, eps,
-                                                momentum, train=not freeze)
-        out = node.outputs[0]
-        name = out.name
-        out.replace_all_uses_with(y, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        y.name = name
-        if not freeze:
-            stats += [(mean, new_mean), (var, new_var)]
+        batch_mean, batch_var, new_mean, new_var = _batch_statistics(b, node, x, xs, mean, var,
+                                                                     momentum)
+        # Appended at the graph's end, the statistics nodes are sorted into place by cleanup.
+        node.replace_input_with(3, batch_mean)
+        node.replace_input_with(4, batch_var)
+        stats += [(mean, new_mean), (var, new_var)]
     return stats
 
 
-def _batchnorm_nodes(b: Builder, node: ir.Node, x: ir.Value, xs: tuple[int, ...],
-                     scale: ir.Value, bias: ir.Value, mean: ir.Value, var: ir.Value, eps: float,
-                     momentum: float, train: bool):
-    """``og.nn.functional.batch_norm``'s nodes, in its order (so the numbers agree with it)."""
+def _batch_statistics(b: Builder, node: ir.Node, x: ir.Value, xs: tuple[int, ...],
+                      mean: ir.Value, var: ir.Value, momentum: float):
+    """``og.nn.functional.batch_norm``'s statistics nodes, in its order (the numbers agree)."""
     c = xs[1]
     axes = [0] + list(range(2, len(xs)))
     shape = [1, c] + [1] * (len(xs) - 2)
@@ -491,36 +492,25 @@ def _batchnorm_nodes(b: Builder, node: ir.Node, x: ir.Value, xs: tuple[int, ...]
         value.shape = ir.Shape(list(dims))
         return value
 
-    new_mean = new_var = None
-    if train:
-        count = int(np.prod([xs[a] for a in axes]))
-        if count <= 1:
-            raise TrainGraphError(f"BatchNormalization node {node.name}: training needs more "
-                                  f"than 1 value per channel, got input shape {list(xs)}")
-        batch_mean = shaped(b.op("ReduceMean", x, b.ints(axes), keepdims=1), shape)
-        centered = shaped(b.op("Sub", x, batch_mean), xs)
-        square = shaped(b.op("Mul", centered, centered), xs)
-        batch_var = shaped(b.op("ReduceMean", square, b.ints(axes), keepdims=1), shape)
-        # Running statistics as PyTorch keeps them: the unbiased variance, momentum 1 - ONNX's.
-        b.origin = "bn-stats"
-        flat_mean = shaped(b.op("Reshape", batch_mean, b.ints([c])), [c])
-        flat_var = shaped(b.op("Reshape", batch_var, b.ints([c])), [c])
-        unbiased = shaped(b.op("Mul", flat_var, b.const_like(count / (count - 1), x)), [c])
-        keep, take = b.const_like(1 - momentum, x), b.const_like(momentum, x)
-        new_mean = shaped(b.op("Add", shaped(b.op("Mul", mean, keep), [c]),
-                               shaped(b.op("Mul", flat_mean, take), [c])), [c])
-        new_var = shaped(b.op("Add", shaped(b.op("Mul", var, keep), [c]),
-                              shaped(b.op("Mul", unbiased, take), [c])), [c])
-        b.origin = "fwd"
-    else:
-        batch_mean = shaped(b.op("Reshape", mean, b.ints(shape)), shape)
-        centered = shaped(b.op("Sub", x, batch_mean), xs)
-        batch_var = shaped(b.op("Reshape", var, b.ints(shape)), shape)
-    std = shaped(b.op("Sqrt", shaped(b.op("Add", batch_var, b.const_like(eps, x)), shape)), shape)
-    y = shaped(b.op("Div", centered, std), xs)
-    y = shaped(b.op("Mul", y, shaped(b.op("Reshape", scale, b.ints(shape)), shape)), xs)
-    y = shaped(b.op("Add", y, shaped(b.op("Reshape", bias, b.ints(shape)), shape)), xs)
-    return y, new_mean, new_var
+    count = int(np.prod([xs[a] for a in axes]))
+    if count <= 1:
+        raise TrainGraphError(f"BatchNormalization node {node.name}: training needs more "
+                              f"than 1 value per channel, got input shape {list(xs)}")
+    batch_mean = shaped(b.op("ReduceMean", x, b.ints(axes), keepdims=1), shape)
+    centered = shaped(b.op("Sub", x, batch_mean), xs)
+    square = shaped(b.op("Mul", centered, centered), xs)
+    batch_var = shaped(b.op("ReduceMean", square, b.ints(axes), keepdims=0), [c])
+    flat_mean = shaped(b.op("Reshape", batch_mean, b.ints([c])), [c])
+    # Running statistics as PyTorch keeps them: the unbiased variance, momentum 1 - ONNX's.
+    b.origin = "bn-stats"
+    keep, take = b.const_like(1 - momentum, x), b.const_like(momentum, x)
+    new_mean = shaped(b.op("Add", shaped(b.op("Mul", mean, keep), [c]),
+                           shaped(b.op("Mul", flat_mean, take), [c])), [c])
+    unbiased_take = b.const_like(momentum * count / (count - 1), x)
+    new_var = shaped(b.op("Add", shaped(b.op("Mul", var, keep), [c]),
+                          shaped(b.op("Mul", batch_var, unbiased_take), [c])), [c])
+    b.origin = "fwd"
+    return flat_mean, batch_var, new_mean, new_var
 
 
 # --------------------------------------------------------------------------- Dropout, MaxPool

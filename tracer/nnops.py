@@ -256,3 +256,24 @@ def adaptive_avg_pool2d(x: Tensor, output_size: int | None | Sequence[int | None
 
 
 __all__ = ["adaptive_avg_pool2d", "avg_pool2d", "conv2d", "max_pool2d"]
+
+
+def batch_normalization(x: Tensor, scale: Tensor | None, bias: Tensor | None, mean: Tensor,
+                        var: Tensor, eps: float = 1e-5) -> Tensor:
+    """ONNX ``BatchNormalization`` in inference form: ``(x - mean) / sqrt(var + eps) * scale + bias``
+    with per-channel ``mean`` and ``var`` given (running statistics, or the batch's in training)."""
+    if x.ndim < 2:
+        raise ShapeError(f"batch_norm: expected at least 2-D input, got {_fmt(x.shape)}{_where()}")
+    channels = x.shape[1]
+    dt = x.dtype
+    scale = scale if scale is not None else Tensor(Val(np.ones(channels, dt)))
+    bias = bias if bias is not None else Tensor(Val(np.zeros(channels, dt)))
+    for what, t in (("weight", scale), ("bias", bias), ("mean", mean), ("variance", var)):
+        if t.shape != (channels,):
+            raise ShapeError(f"batch_norm: {what} of shape {_fmt(t.shape)} does not match the "
+                             f"{channels} channels of input {_fmt(x.shape)}{_where()}")
+        if t.dtype != dt:
+            raise TypeError(f"batch_norm: {what} dtype {t.dtype} does not match input dtype "
+                            f"{dt}{_where()}")
+    inputs = [x._v, scale._v, bias._v, mean._v, var._v]
+    return Tensor(emit("BatchNormalization", inputs, {"epsilon": float(eps)})[0])

@@ -35,44 +35,38 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """PyTorch's ``batch_norm`` from primitives.
+    """PyTorch's ``batch_norm``: an inference-form ONNX ``BatchNormalization`` node, fed the
+    batch statistics in training.
 
-    NOTE: built from reductions rather than ONNX ``BatchNormalization(training_mode=1)``, whose
-    running variance is the biased one (PyTorch keeps the unbiased one) and which ONNX Runtime's
-    inference build does not run in training mode. The running statistics are updated in place
-    (under ``no_grad``, tagged ``bn-stats``), so a compiled step outputs their new values.
+    NOTE: not ``BatchNormalization(training_mode=1)``, whose running variance is the biased one
+    (PyTorch keeps the unbiased one) and which ONNX Runtime's inference build does not run. The
+    batch mean and variance are reductions before the node, so autodiff carries the gradient
+    through them. The running statistics are updated in place (under ``no_grad``, tagged
+    ``bn-stats``), so a compiled step outputs their new values.
     """
     if x.ndim < 2:
         raise ops.ShapeError(f"batch_norm: expected at least 2-D input, got {list(x.shape)}")
     channels = x.shape[1]
     axes = [0] + list(range(2, x.ndim))
-    shape = [1, channels] + [1] * (x.ndim - 2)
-    if training:
-        count = int(np.prod([x.shape[a] for a in axes]))
-        if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                             f"size {list(x.shape)}")
-        mean = ops.mean(x, axes, keepdim=True)
-        centered = x - mean
-        var = ops.mean(centered * centered, axes, keepdim=True)
-        if running_mean is not None and running_var is not None:
-            with no_grad(), recording_as("bn-stats"):
-                batch_mean = ops.reshape(mean, [channels])
-                unbiased = ops.reshape(var, [channels]) * (count / (count - 1))
-                running_mean._assign(running_mean * (1 - momentum) + batch_mean * momentum)
-                running_var._assign(running_var * (1 - momentum) + unbiased * momentum)
-    else:
+    if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm in eval mode needs running_mean and running_var")
-        mean = ops.reshape(running_mean, shape)
-        var = ops.reshape(running_var, shape)
-        centered = x - mean
-    out = centered / ops.sqrt(var + eps)
-    if weight is not None:
-        out = out * ops.reshape(weight, shape)
-    if bias is not None:
-        out = out + ops.reshape(bias, shape)
-    return out
+        return nnops.batch_normalization(x, weight, bias, running_mean, running_var, eps)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                         f"size {list(x.shape)}")
+    mean = ops.mean(x, axes, keepdim=True)
+    centered = x - mean
+    var = ops.mean(centered * centered, axes)
+    mean = ops.reshape(mean, [channels])
+    if running_mean is not None and running_var is not None:
+        with no_grad(), recording_as("bn-stats"):
+            # PyTorch keeps the unbiased variance: its n/(n-1) folds into the momentum factor.
+            running_mean._assign(running_mean * (1 - momentum) + mean * momentum)
+            running_var._assign(running_var * (1 - momentum)
+                                + var * (momentum * count / (count - 1)))
+    return nnops.batch_normalization(x, weight, bias, mean, var, eps)
 
 
 # --------------------------------------------------------------------------- losses

@@ -465,3 +465,45 @@ def global_average_pool(b, node, grads, needs):
     xs, _ = _static_io(node)
     scale = b.const(np.asarray(1.0 / np.prod(xs[2:]), dtype=np_dtype(node.inputs[0])))
     return [b.op("Expand", b.op("Mul", grads[0], scale), b.ints(xs))]
+
+
+# =========================================================================== batch normalization
+@rule("BatchNormalization")
+def batch_normalization(b, node, grads, needs):
+    """Inference-form BatchNormalization: ``(x - mean) / sqrt(var + eps) * scale + bias``.
+
+    Mean and variance are inputs here; in training they are the batch statistics computed by
+    the nodes before it (``og.nn.functional.batch_norm``), and the driver carries their
+    gradients on through those reductions.
+    """
+    if attr(node, "training_mode", 0):
+        raise ValueError(f"BatchNormalization node {node.name}: no gradient rule for "
+                         f"training_mode=1 (its running variance is not PyTorch's); onnxgrad "
+                         f"feeds batch statistics to an inference-mode node instead")
+    x, scale, _bias, mean, var = node.inputs[:5]
+    g = grads[0]
+    rank = len(dims(x))
+    axes = [0] + list(range(2, rank))
+    shape = [1, -1] + [1] * (rank - 2)
+    eps = b.const_like(attr(node, "epsilon", 1e-5), var)
+    inv = b.op("Div", b.const_like(1, var), b.op("Sqrt", b.op("Add", var, eps)))
+    d_x = d_scale = d_bias = d_mean = d_var = None
+    k = b.op("Mul", scale, inv)  # dy/dx per channel
+    if needs[0]:
+        d_x = b.op("Mul", g, b.op("Reshape", k, b.ints(shape)))
+    sum_g = b.op("ReduceSum", g, b.ints(axes), keepdims=0) if needs[2] or needs[3] else None
+    if needs[1] or needs[4]:
+        centered = b.op("Sub", x, b.op("Reshape", mean, b.ints(shape)))
+        sum_gc = b.op("ReduceSum", b.op("Mul", g, centered), b.ints(axes), keepdims=0)
+        if needs[1]:
+            d_scale = b.op("Mul", sum_gc, inv)
+        if needs[4]:
+            # d/dvar (var + eps)^-1/2 = -1/2 inv^3
+            cube = b.op("Mul", inv, b.op("Mul", inv, inv))
+            d_var = b.op("Mul", sum_gc, b.op("Mul", scale, b.op("Mul", cube,
+                                                                b.const_like(-0.5, var))))
+    if needs[2]:
+        d_bias = sum_g
+    if needs[3]:
+        d_mean = b.op("Neg", b.op("Mul", sum_g, k))
+    return [d_x, d_scale, d_bias, d_mean, d_var] + [None] * (len(node.inputs) - 5)
