@@ -58,17 +58,30 @@ class Module:
         elif isinstance(value, Module):
             self._forget(name)
             self._modules[name] = value
-        elif name in self._buffers and (value is None or isinstance(value, Tensor)):
-            self._buffers[name] = value
-        elif name in self._parameters and value is None:
+        elif name in self._parameters:
+            # As PyTorch: a registered name keeps its slot (None included); a value of the wrong
+            # kind is an error rather than a silent unregistering of the parameter.
+            if value is not None:
+                raise TypeError(f"cannot assign '{type(value).__name__}' as parameter '{name}' "
+                                f"(onnxgrad.nn.Parameter or None expected)")
             self._parameters[name] = None
+        elif name in self._modules:
+            if value is not None:
+                raise TypeError(f"cannot assign '{type(value).__name__}' as child module "
+                                f"'{name}' (onnxgrad.nn.Module or None expected)")
+            self._modules[name] = None
+        elif name in self._buffers:
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"cannot assign '{type(value).__name__}' as buffer '{name}' "
+                                f"(onnxgrad.Tensor or None expected)")
+            self._buffers[name] = value
         else:
-            self._forget(name)
             object.__setattr__(self, name, value)
 
     def _forget(self, name: str) -> None:
         for table in (self._parameters, self._buffers, self._modules, self.__dict__):
             table.pop(name, None)
+        self._non_persistent.discard(name)
 
     def __getattr__(self, name: str) -> Any:
         for table in ("_parameters", "_buffers", "_modules"):
@@ -87,7 +100,7 @@ class Module:
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         if tensor is not None and not isinstance(tensor, Tensor):
             raise TypeError(f"buffer {name!r} must be a Tensor or None, got {type(tensor).__name__}")
-        self.__dict__.pop(name, None)
+        self._forget(name)
         self._buffers[name] = tensor
         if not persistent:
             self._non_persistent.add(name)
