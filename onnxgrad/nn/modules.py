@@ -172,22 +172,28 @@ class Module:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> OrderedDict[str, Tensor]:
         """Parameters and persistent buffers by qualified name (detached, sharing data)."""
-        out: OrderedDict[str, Tensor] = OrderedDict()
-        for path, module in self.named_modules():
-            for table in ("_parameters", "_buffers"):
-                for name, t in getattr(module, table).items():
-                    if t is None or (table == "_buffers" and name in module._non_persistent):
-                        continue
-                    out[f"{path}.{name}" if path else name] = t.detach()
-        return out
+        return OrderedDict((k, t.detach()) for k, t in self._state_tensors().items())
 
     def _state_tensors(self) -> dict[str, Tensor]:
+        """The state by qualified name, in ``state_dict`` order.
+
+        NOTE: unlike ``named_modules``, a module reached by several paths is listed under each
+        (``Sequential(lin, lin)`` has ``0.weight`` and ``1.weight``), as PyTorch's state_dict
+        recursion does: a checkpoint of either model loads into the other.
+        """
         out: dict[str, Tensor] = {}
-        for path, module in self.named_modules():
+        # Iterative preorder (DESIGN: no recursion); ``above`` guards against a module cycle.
+        stack: list[tuple[str, Module, tuple[int, ...]]] = [("", self, ())]
+        while stack:
+            path, module, above = stack.pop()
             for table in ("_parameters", "_buffers"):
                 for name, t in getattr(module, table).items():
                     if t is not None and not (table == "_buffers" and name in module._non_persistent):
                         out[f"{path}.{name}" if path else name] = t
+            above = above + (id(module),)
+            children = [(f"{path}.{n}" if path else n, m, above)
+                        for n, m in module._modules.items() if m is not None and id(m) not in above]
+            stack.extend(reversed(children))
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True):
@@ -245,7 +251,7 @@ class Module:
     def to(self, dtype: Any) -> Module:
         """Cast floating-point parameters and buffers to ``dtype`` (in place, like PyTorch)."""
         dtype = np.dtype(dtype)
-        for t in self._state_tensors().values():
+        for t in {id(t): t for t in self._state_tensors().values()}.values():
             if t.dtype.kind == "f":
                 t._set_leaf_data(t._v.data.astype(dtype))
         return self
