@@ -305,14 +305,18 @@ class Module:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def __repr__(self) -> str:
-        lines = []
-        for name, m in self._modules.items():
-            body = repr(m).replace("\n", "\n  ")
-            lines.append(f"({name}): {body}")
+        # PyTorch's layout: a one-line extra_repr of a leaf stays inline; otherwise the extra
+        # lines, then the children, each on a line of its own.
         extra = self.extra_repr()
+        extra_lines = extra.split("\n") if extra else []
+        child_lines = [f"({name}): " + repr(m).replace("\n", "\n  ")
+                       for name, m in self._modules.items()]
+        head = f"{type(self).__name__}("
+        if len(extra_lines) == 1 and not child_lines:
+            return head + extra_lines[0] + ")"
+        lines = extra_lines + child_lines
         if not lines:
-            return f"{type(self).__name__}({extra})"
-        head = f"{type(self).__name__}(" + (f"{extra}" if extra else "")
+            return head + ")"
         return head + "\n  " + "\n  ".join(lines) + "\n)"
 
 
@@ -391,13 +395,15 @@ class Conv2d(Module):
 
 class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 affine: bool = True, track_running_stats: bool = True) -> None:
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 bias: bool = True) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         dt = get_default_dtype()
         self.weight = Parameter(np.ones(num_features, dt)) if affine else None
-        self.bias = Parameter(np.zeros(num_features, dt)) if affine else None
+        # NOTE: keyword-only ``bias`` (affine scale without shift) as in PyTorch 2.13.
+        self.bias = Parameter(np.zeros(num_features, dt)) if affine and bias else None
         if track_running_stats:
             self.register_buffer("running_mean", Tensor(Val(np.zeros(num_features, dt))))
             self.register_buffer("running_var", Tensor(Val(np.ones(num_features, dt))))
@@ -422,7 +428,8 @@ class BatchNorm2d(Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
 
 class ReLU(Module):
