@@ -523,7 +523,9 @@ class Sequential(Module):
             for i, layer in enumerate(layers):
                 self.add_module(str(i), layer)
 
-    def __getitem__(self, i: int) -> Module:
+    def __getitem__(self, i: int | slice) -> Module:
+        if isinstance(i, slice):  # PyTorch: a slice is a Sequential keeping the names
+            return Sequential(OrderedDict(list(self._modules.items())[i]))
         return list(self._modules.values())[i]
 
     def __len__(self) -> int:
