@@ -34,24 +34,9 @@ def _torch_model() -> Any:
     return torch_resnet("resnet18")
 
 
-def og_step(model: Any, optim: Any, data: Any, labels: Any, phases: dict[str, list[float]]
-            ) -> None:
-    t0 = time.perf_counter()
-    optim.zero_grad()
-    prediction = model(data)
-    loss = (prediction - labels).sum()
-    t1 = time.perf_counter()
-    loss.backward()
-    t2 = time.perf_counter()
-    optim.step()
-    t3 = time.perf_counter()
-    phases["forward"].append(t1 - t0)
-    phases["backward"].append(t2 - t1)
-    phases["step"].append(t3 - t2)
-
-
-def torch_step(model: Any, optim: Any, data: Any, labels: Any, phases: dict[str, list[float]]
-               ) -> None:
+def tutorial_step(model: Any, optim: Any, data: Any, labels: Any,
+                  phases: dict[str, list[float]]) -> None:
+    """The tutorial's loop body, timed by phase; onnxgrad and PyTorch run the same code."""
     t0 = time.perf_counter()
     optim.zero_grad()
     prediction = model(data)
@@ -94,8 +79,8 @@ def bench(batch: int, size: int, iters: int, warmup: int) -> dict[str, float]:
     for i in range(warmup + iters):
         # Alternate which side goes first, so neither always runs right after the other's
         # thread pools (spinning workers, warm caches) in the same slot.
-        first, second = ((og_step, model, og_opt, og_data, og_labels, phases),
-                         (torch_step, t_model, t_opt, t_data, t_labels, t_phases))
+        first, second = ((tutorial_step, model, og_opt, og_data, og_labels, phases),
+                         (tutorial_step, t_model, t_opt, t_data, t_labels, t_phases))
         if i % 2:
             a, b = _timed(*first), _timed(*second)
         else:
@@ -117,11 +102,11 @@ def profile(batch: int, size: int, iters: int) -> None:
     optim = og.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     data, labels = og.rand(batch, 3, size, size), og.rand(batch, 1000)
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
-    og_step(model, optim, data, labels, phases)  # warm: sessions built outside the profile
+    tutorial_step(model, optim, data, labels, phases)  # warm: sessions built outside the profile
     profiler = Profiler(interval=0.0005)
     profiler.start()
     for _ in range(iters):
-        og_step(model, optim, data, labels, phases)
+        tutorial_step(model, optim, data, labels, phases)
     profiler.stop()
     print(profiler.output_text(unicode=False, color=False, show_all=False))
 
