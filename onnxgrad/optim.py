@@ -32,6 +32,10 @@ class SGD:
         self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
         _check_hyper(self.defaults)
+        if isinstance(params, Tensor):
+            # Iterating a tensor would give its rows: PyTorch refuses it the same way.
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got a Tensor of shape {list(params.shape)}")
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
@@ -49,11 +53,20 @@ class SGD:
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
         if not group["params"]:
             raise ValueError("optimizer got an empty parameter list")
-        for p in group["params"]:
-            if not isinstance(p, Tensor) or not p.is_leaf or not p.requires_grad:
-                raise ValueError("optimizer can only optimize leaf Tensors that require grad")
+        for i, p in enumerate(group["params"]):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is "
+                                f"{type(p).__name__}")
+            # NOTE: a frozen leaf (requires_grad False) is accepted, as in PyTorch: fine-tuning
+            # passes model.parameters() with some layers frozen; their grad stays None.
+            if not p.is_leaf:
+                raise ValueError("can't optimize a non-leaf Tensor")
             if any(p is q for g in self.param_groups for q in g["params"]):
                 raise ValueError("some parameters appear in more than one parameter group")
+            if any(p is q for q in group["params"][:i]):
+                # PyTorch warns and updates such a parameter once per occurrence; one update
+                # per step is what the graph does, so refuse rather than differ silently.
+                raise ValueError("a parameter appears more than once in a parameter group")
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         _check_hyper(group)
