@@ -26,8 +26,8 @@ _HYPER = ("lr", "momentum", "dampening", "weight_decay")
 class SGD:
     """``torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov)``."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0,
-                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, *,
                  maximize: bool = False) -> None:
         self.defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                              weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
@@ -235,7 +235,7 @@ class SGD:
         lines = [f"{type(self).__name__} ("]
         for i, g in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
-            lines += [f"    {k}: {v}" for k, v in g.items() if k != "params"]
+            lines += [f"    {k}: {g[k]}" for k in sorted(g) if k != "params"]  # as PyTorch
         return "\n".join(lines) + "\n)"
 
 
