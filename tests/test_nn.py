@@ -268,7 +268,9 @@ def _repr_model(mod: Any) -> Any:
         mod.Conv2d(8, 4, (3, 1), dilation=2, groups=2),
         mod.BatchNorm2d(4, affine=False, track_running_stats=False),
         mod.MaxPool2d(2), mod.AdaptiveAvgPool2d((1, 1)), mod.Flatten(), mod.Dropout(0.2),
-        mod.Identity(), mod.ReLU(inplace=True), mod.Linear(2, 2, bias=False), mod.Sequential())
+        mod.Identity(), mod.ReLU(inplace=True), mod.Linear(2, 2, bias=False), mod.Sequential(),
+        mod.Conv2d(2, 2, 1, padding="valid"), mod.Conv2d(2, 2, 3, padding="same"),
+        mod.Dropout(inplace=True))
 
 
 # PyTorch's repr of _repr_model(torch.nn), by hand (torch 2.13: BatchNorm shows ``bias=``).
@@ -289,6 +291,9 @@ track_running_stats=False)
   (11): ReLU(inplace=True)
   (12): Linear(in_features=2, out_features=2, bias=False)
   (13): Sequential()
+  (14): Conv2d(2, 2, kernel_size=(1, 1), stride=(1, 1), padding=valid)
+  (15): Conv2d(2, 2, kernel_size=(3, 3), stride=(1, 1), padding=same)
+  (16): Dropout(p=0.5, inplace=True)
 )"""
 
 
