@@ -6,6 +6,7 @@ hyperparameters as scalar graph inputs read from ``param_groups`` at every call.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,7 +44,11 @@ class SGD:
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[Tensor, dict[str, Tensor]] = {}
         self._runners: dict[Any, StepRunner] = {}  # the eager update, by structure
-        self._synced: dict[str, Val] = {}
+        # Per state input name of the eager runner: the Val last given to the tensor (to notice
+        # eager edits), and the Vals given out that may still wrap one of its buffers.
+        self._synced: dict[str, weakref.ref[Val]] = {}
+        self._handed: dict[str, list[weakref.ref[Val]]] = {}
+        self._shared = True  # the runner's buffers are the tensors' arrays (CPU)
         for group in groups:
             self.add_param_group(group)
 
@@ -118,7 +123,7 @@ class SGD:
             vals = emit_macro("SGD", inputs, outs, expand, key=structure, origin="opt")
         else:
             key = (structure, tuple((v.data.dtype.str, v.data.shape) for v in inputs))
-            vals = self._run_eager(key, expand, inputs, entries, bufs)
+            vals, eager_state = self._run_eager(key, expand, inputs, entries, bufs)
         k = 0
         for (gi, p), buf in zip(entries, bufs):
             if trace is not None:
@@ -133,14 +138,22 @@ class SGD:
                 else:
                     holder._v = vals[k]
                 k += 1
+        if trace is None:
+            self._handed_out(eager_state)
         return loss
 
-    def _run_eager(self, key: Any, expand: Any, inputs: list[Val], entries, bufs) -> list[Val]:
+    def _run_eager(self, key: Any, expand: Any, inputs: list[Val], entries, bufs
+                   ) -> tuple[list[Val], dict[str, Tensor]]:
         """Run the update with parameters and momentum buffers kept in a :class:`StepRunner`.
 
         As in a compiled step, they live in two buffer sets that the runs read and write in turn:
         no parameter is copied or allocated per step. Tensors view the live buffers; a value
         edited since the last step (``load_state_dict``, ``p.data = ...``) is copied in first.
+
+        NOTE: a Val never changes, yet step k + 2 writes the buffers that step k's Vals wrap
+        (and an edit, those of step k + 1). A Val still alive then is read elsewhere (a graph
+        recorded before the steps, not yet backwarded): it gets its own copy first. In the usual
+        loop backward has freed the graph, so nothing is copied.
         """
         state: dict[str, str] = {}  # input name -> output name
         tensors: dict[str, Tensor] = {}
@@ -159,18 +172,46 @@ class SGD:
             runner = StepRunner(model, state, {n: tensors[n]._v.data for n in state})
             self._runners.clear()  # one structure at a time: the old buffers are dropped
             self._runners[key] = runner
-            self._synced = {n: tensors[n]._v for n in state}
+            self._synced = {n: weakref.ref(tensors[n]._v) for n in state}
+            self._handed = {}  # Vals of the old runner's buffers: nothing writes those again
+        self._shared = runner.device == "cpu"  # elsewhere tensors hold host copies of the state
         for name, t in tensors.items():
-            if self._synced.get(name) is not t._v:
+            edited = self._synced[name]() is not t._v
+            if self._shared:
+                # Both buffer sets are about to be written when edited (this one now, the other
+                # by the run); otherwise only the set the current Val does not wrap.
+                self._unshare(name, None if edited else runner.current(name))
+            if edited:
                 runner.write(name, t._v.data)
         feeds = {f"in{j}": v.data for j, v in enumerate(inputs) if f"in{j}" not in state}
         results = runner.run(feeds)
         by_output = {out: runner.current(name) for name, out in state.items()}
         outs = [Val(by_output[n] if n in by_output else results[n]) for n in
                 (f"out{j}" for j in range(o))]
-        # The tensors get these Vals below; remember them to notice later edits.
-        self._synced = {name: outs[int(out[3:])] for name, out in state.items()}
-        return outs
+        return outs, tensors
+
+    def _handed_out(self, tensors: dict[str, Tensor]) -> None:
+        """Remember the Vals the tensors now hold (views of the runner's buffers): a later step
+        notices an edit by a new Val, and unshares these if they outlive the tensor's use."""
+        for name, t in tensors.items():
+            ref = weakref.ref(t._v)
+            self._synced[name] = ref
+            if self._shared:
+                self._handed.setdefault(name, []).append(ref)
+
+    def _unshare(self, name: str, keep: np.ndarray | None) -> None:
+        """Give each live Val handed out for ``name`` a private copy of its data, unless it
+        wraps ``keep``: the runner is about to overwrite the buffer it wraps."""
+        live = []
+        for ref in self._handed.get(name, ()):
+            val = ref()
+            if val is None:
+                continue
+            if keep is not None and val.data is keep:
+                live.append(ref)
+            else:
+                val.data = np.array(val.data)  # same values, no longer the runner's buffer
+        self._handed[name] = live
 
     def momentum_buffer(self, p: Tensor, flags: SGDFlags, trace: Any = None) -> Tensor | None:
         """``p``'s buffer for the next step: None before a dampened first step."""

@@ -414,6 +414,49 @@ def test_eager_edits_between_steps_are_seen_by_the_next_step() -> None:
     assert len(optim._runners) == 1  # edits never rebuilt the step
 
 
+@pytest.mark.parametrize("edit", ["steps", "data-edit"])
+def test_recorded_values_survive_later_steps_and_edits(edit: str) -> None:
+    # A Val is immutable: a graph recorded before the steps differentiates at the values it
+    # saw, although the runner reuses its buffers (step k + 2 writes where step k did, an eager
+    # edit writes the buffer the next step reads). PyTorch would raise at backward instead.
+    p = nn.Parameter(og.tensor([1.0, 2.0]))
+    q = nn.Parameter(og.tensor([3.0, -1.0]))
+    optim = og.optim.SGD([p, q], lr=0.5, momentum=0.5)
+    p.grad, q.grad = og.ones(2), og.ones(2)
+    optim.step()  # p, q now live in the runner's buffers
+    at_forward = p.detach().numpy().copy(), q.detach().numpy().copy()
+    y = (p * p * q).sum()  # saves p and q for the backward
+    kept = p * 1  # and a plain result: its record keeps p's value too
+    if edit == "steps":
+        for _ in range(3):
+            p.grad, q.grad = og.ones(2), og.ones(2)
+            optim.step()
+    else:
+        p.data = og.tensor([7.0, 8.0])  # copied into the buffer that p's saved value wraps
+        p.grad, q.grad = og.ones(2), og.ones(2)
+        optim.step()
+    p.grad = q.grad = None
+    y.backward()
+    pv, qv = at_forward
+    np.testing.assert_allclose(p.grad.numpy(), 2 * pv * qv, rtol=1e-6)
+    np.testing.assert_allclose(q.grad.numpy(), pv * pv, rtol=1e-6)
+    np.testing.assert_array_equal(kept.detach().numpy(), pv)
+
+
+def test_no_copy_when_nothing_else_reads_the_buffers() -> None:
+    # The usual loop (forward, backward, step): backward frees the graph, so nothing is copied
+    # and the parameters keep alternating between the same two buffers.
+    model = nn.Linear(3, 2)
+    optim = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    for _ in range(5):
+        optim.zero_grad()
+        model(og.randn(4, 3)).sum().backward()
+        optim.step()
+        seen.append(model.weight._v.data)
+    assert seen[2] is seen[4] and seen[1] is seen[3] and seen[1] is not seen[2]
+
+
 def test_values_read_from_a_step_are_not_changed_by_the_next() -> None:
     # A state dict of the optimizer is a copy, so later steps (which write the other buffer
     # set, then this one) never change it.
