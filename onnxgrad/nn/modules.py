@@ -263,8 +263,16 @@ class Module:
         return self.to(np.float32)
 
     def apply(self, fn) -> Module:
-        for m in list(self.modules())[::-1]:
-            fn(m)
+        """``fn`` on every submodule, then on this one, in PyTorch's order: each child's whole
+        subtree (post-order) before the next child. Iterative, as named_modules."""
+        stack: list[tuple[Module, bool]] = [(self, False)]
+        while stack:
+            module, children_done = stack.pop()
+            if children_done:
+                fn(module)
+                continue
+            stack.append((module, True))
+            stack.extend((child, False) for child in reversed(list(module.children())))
         return self
 
     # ----------------------------------------------------------------- calling
