@@ -111,6 +111,15 @@ def test_register_buffer_persistence_follows_the_last_registration() -> None:
         m.register_parameter("p", og.zeros(1))
 
 
+def test_apply_visits_subtrees_before_their_module() -> None:
+    inner = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    m = nn.Sequential(inner, nn.Linear(1, 1))
+    order: list[nn.Module] = []
+    assert m.apply(order.append) is m
+    # PyTorch's post-order: inner's children, inner, the next child, the root.
+    assert order == [inner[0], inner[1], inner, m[1], m]
+
+
 # =========================================================================== state dicts
 def test_state_dict_keys_persistent_buffers_only_and_shared_modules_under_each_name() -> None:
     m = Net()
@@ -364,6 +373,16 @@ def test_sequential_indexing() -> None:
     assert list(seq[1:]._modules) == ["1", "2"]  # a slice keeps the names, as in PyTorch
     named = nn.Sequential(OrderedDict([("fc", layers[0]), ("act", layers[1])]))
     assert [n for n, _ in named.named_children()] == ["fc", "act"]
+
+
+@pytest.mark.parametrize(("kw", "pattern"), [
+    ({"padding": "bogus"}, "Invalid padding string 'bogus'"),
+    ({"padding": "same", "stride": 2}, "not supported for strided convolutions"),
+    ({"groups": 3}, "divisible by groups"),
+])
+def test_conv2d_bad_configuration_fails_when_made(kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        nn.Conv2d(4, 4, 3, **kw)
 
 
 # =========================================================================== BatchNorm2d
