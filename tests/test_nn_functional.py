@@ -21,6 +21,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxgrad.runtime import make_session
 from onnxgrad.tracer import ops
 from onnxgrad.tracer.autograd import backward, gradient_model
+from onnxgrad.tracer.tensor import emit
 from opcheck import OpCase, case, check_case, check_onnx_model, fixed, index, params, pos
 
 import onnxgrad as og
@@ -32,6 +33,20 @@ F = og.nn.functional
 def np_linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     y = x @ w.T
     return y if b is None else y + b
+
+
+def np_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None, transA: int = 0,
+            transB: int = 0, alpha: float = 1.0, beta: float = 1.0) -> np.ndarray:
+    y = alpha * ((a.T if transA else a) @ (b.T if transB else b))
+    return (y if c is None else y + beta * c).astype(a.dtype)
+
+
+def gemm(**attrs: Any) -> Callable[..., og.Tensor]:
+    """A raw ONNX ``Gemm`` node: ``linear`` only makes transB=1, but graphs imported for
+    training (``og.training_step``) carry any flags, alpha and beta, with the same rule."""
+    def fn(*xs: og.Tensor) -> og.Tensor:
+        return og.Tensor(emit("Gemm", [x._v for x in xs], attrs)[0])
+    return fn
 
 
 def np_gather(x: np.ndarray, dim: int, idx: np.ndarray) -> np.ndarray:
@@ -136,6 +151,14 @@ CASES: list[OpCase] = [
     case("linear/3d-bias", F.linear, np_linear, (2, 4, 3), (5, 3), (5,)),
     case("linear/3d-no-bias", F.linear, np_linear, (2, 4, 3), (5, 3)),
     case("linear/1d-bias", F.linear, np_linear, (3,), (5, 3), (5,)),
+    case("gemm/plain", gemm(), np_gemm, (4, 3), (3, 5), (5,)),
+    case("gemm/transA", gemm(transA=1), lambda a, b, c: np_gemm(a, b, c, transA=1),
+         (3, 4), (3, 5), (4, 5)),
+    case("gemm/transB", gemm(transB=1), lambda a, b: np_gemm(a, b, transB=1), (4, 3), (5, 3)),
+    case("gemm/transA-transB-alpha-beta", gemm(transA=1, transB=1, alpha=0.5, beta=-2.0),
+         lambda a, b, c: np_gemm(a, b, c, 1, 1, 0.5, -2.0), (3, 4), (5, 3), (4, 1)),
+    case("gemm/alpha-scalar-c", gemm(alpha=2.0, beta=0.5),
+         lambda a, b, c: np_gemm(a, b, c, alpha=2.0, beta=0.5), (2, 3), (3, 2), ()),
     # ------------------------------------------------------------------ gather (GatherElements)
     case("gather/dim1", lambda x, i: ops.gather(x, 1, i), lambda x, i: np_gather(x, 1, i),
          (2, 4), index(GATHER_IDX)),
