@@ -266,6 +266,8 @@ class SGD:
             p = params[int(i)]
             self.state[p] = {}
             for k, v in entry.items():
+                if v is None:
+                    continue  # PyTorch 2.0-2.3 save momentum_buffer None when momentum is 0
                 array = np.asarray(v._v.data if isinstance(v, Tensor) else v, dtype=p.dtype)
                 if array.shape != p.shape:
                     raise ValueError(f"optimizer state {k} of parameter {i}: expected shape "

@@ -258,6 +258,10 @@ def test_load_state_dict_accepts_tensors_and_checks_shapes_and_groups() -> None:
     with pytest.raises(ValueError, match=r"momentum_buffer of parameter 0: expected shape "
                                          r"\[3, 2\], got \[2, 3\]"):
         optim.load_state_dict(bad)
+    # Older PyTorch versions save a None buffer for parameters without momentum.
+    optim.load_state_dict({"state": {0: {"momentum_buffer": None}},
+                           "param_groups": sd["param_groups"]})
+    assert buffers(optim) == {}
     with pytest.raises(ValueError, match="number of parameter groups"):
         optim.load_state_dict({"state": {}, "param_groups": sd["param_groups"][:1]})
 
