@@ -73,6 +73,9 @@ def test_deep_nesting_does_not_recurse() -> None:
     assert len(list(m.modules())) == 3001
     assert len(m.state_dict()) == 2
     m.train(False)
+    visited: list[nn.Module] = []
+    m.apply(visited.append)
+    assert len(visited) == 3001 and visited[-1] is m
 
 
 def test_attribute_assignment_keeps_registrations() -> None:
