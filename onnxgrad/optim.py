@@ -6,7 +6,6 @@ hyperparameters as scalar graph inputs read from ``param_groups`` at every call.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +19,7 @@ from .runtime.step import StepRunner
 from .tracer import state as tracer_state
 from .tracer.graph import ir_type
 from .tracer.tensor import Tensor, Val, emit_macro
+from .tracer.views import RunnerViews
 
 _HYPER = ("lr", "momentum", "dampening", "weight_decay")
 
@@ -46,9 +46,7 @@ class SGD:
         self._runners: dict[Any, StepRunner] = {}  # the eager update, by structure
         # Per state input name of the eager runner: the Val last given to the tensor (to notice
         # eager edits), and the Vals given out that may still wrap one of its buffers.
-        self._synced: dict[str, weakref.ref[Val]] = {}
-        self._handed: dict[str, list[weakref.ref[Val]]] = {}
-        self._shared = True  # the runner's buffers are the tensors' arrays (CPU)
+        self._views = RunnerViews()  # the eager runner's buffers that tensors view
         for group in groups:
             self.add_param_group(group)
 
@@ -150,10 +148,7 @@ class SGD:
         no parameter is copied or allocated per step. Tensors view the live buffers; a value
         edited since the last step (``load_state_dict``, ``p.data = ...``) is copied in first.
 
-        NOTE: a Val never changes, yet step k + 2 writes the buffers that step k's Vals wrap
-        (and an edit, those of step k + 1). A Val still alive then is read elsewhere (a graph
-        recorded before the steps, not yet backwarded): it gets its own copy first. In the usual
-        loop backward has freed the graph, so nothing is copied.
+        Values handed out that outlive their use are protected as ``tracer.views`` explains.
         """
         state: dict[str, str] = {}  # input name -> output name
         tensors: dict[str, Tensor] = {}
@@ -172,15 +167,15 @@ class SGD:
             runner = StepRunner(model, state, {n: tensors[n]._v.data for n in state})
             self._runners.clear()  # one structure at a time: the old buffers are dropped
             self._runners[key] = runner
-            self._synced = {n: weakref.ref(tensors[n]._v) for n in state}
-            self._handed = {}  # Vals of the old runner's buffers: nothing writes those again
-        self._shared = runner.device == "cpu"  # elsewhere tensors hold host copies of the state
+            # The old runner's buffers: nothing writes those again.
+            self._views = RunnerViews(shared=runner.device == "cpu")
+            for n in state:
+                self._views.start(n, tensors[n]._v)
         for name, t in tensors.items():
-            edited = self._synced[name]() is not t._v
-            if self._shared:
-                # Both buffer sets are about to be written when edited (this one now, the other
-                # by the run); otherwise only the set the current Val does not wrap.
-                self._unshare(name, None if edited else runner.current(name))
+            edited = self._views.edited(name, t)
+            # Both buffer sets are about to be written when edited (this one now, the other by
+            # the run); otherwise only the set the current Val does not wrap.
+            self._views.before_write(name, None if edited else runner.current(name))
             if edited:
                 runner.write(name, t._v.data)
         feeds = {f"in{j}": v.data for j, v in enumerate(inputs) if f"in{j}" not in state}
@@ -191,27 +186,8 @@ class SGD:
         return outs, tensors
 
     def _handed_out(self, tensors: dict[str, Tensor]) -> None:
-        """Remember the Vals the tensors now hold (views of the runner's buffers): a later step
-        notices an edit by a new Val, and unshares these if they outlive the tensor's use."""
         for name, t in tensors.items():
-            ref = weakref.ref(t._v)
-            self._synced[name] = ref
-            if self._shared:
-                self._handed.setdefault(name, []).append(ref)
-
-    def _unshare(self, name: str, keep: np.ndarray | None) -> None:
-        """Give each live Val handed out for ``name`` a private copy of its data, unless it
-        wraps ``keep``: the runner is about to overwrite the buffer it wraps."""
-        live = []
-        for ref in self._handed.get(name, ()):
-            val = ref()
-            if val is None:
-                continue
-            if keep is not None and val.data is keep:
-                live.append(ref)
-            else:
-                val.data = np.array(val.data)  # same values, no longer the runner's buffer
-        self._handed[name] = live
+            self._views.hand_out(name, t._v)
 
     def momentum_buffer(self, p: Tensor, flags: SGDFlags, trace: Any = None) -> Tensor | None:
         """``p``'s buffer for the next step: None before a dampened first step."""

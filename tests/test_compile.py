@@ -506,3 +506,27 @@ def test_hand_written_sgd_update_is_part_of_the_compiled_step() -> None:
     assert [compiled(x, y).item() for _ in range(3)] == eager
     np.testing.assert_array_equal(holder["w"].detach().numpy(), w_eager)
     assert compiled.traces == 1 and holder["w"].is_leaf and holder["w"].requires_grad
+
+
+def test_values_handed_out_survive_later_steps() -> None:
+    """The runner writes the buffers of step k's values again at step k + 2: values still in use
+    (a graph recorded before the steps, gradients kept in a list) keep theirs."""
+    model, optim, step = _trainer(_mlp)
+    x, y = _data((4, 12))
+    step(og.tensor(x), og.tensor(y))
+    saved = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    pending = (model(og.tensor(x)) ** 2).sum()  # recorded at the current parameters
+    grads = []
+    for _ in range(3):
+        step(og.tensor(x), og.tensor(y))
+        grads.append(model[0].weight.grad)
+    optim.zero_grad()
+    pending.backward()
+    fresh = _mlp()
+    fresh.load_state_dict(saved)
+    (fresh(og.tensor(x)) ** 2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        np.testing.assert_array_equal(p.grad.numpy(), q.grad.numpy(), err_msg=name)
+    # Gradients kept from every step are still each step's own.
+    assert len({id(g._v.data) for g in grads}) == 3
+    assert not np.array_equal(grads[0].numpy(), grads[2].numpy())

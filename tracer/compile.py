@@ -32,6 +32,7 @@ from ..runtime.step import StepRunner
 from . import state
 from .graph import CONST, DATA, Walk, ir_type
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
+from .views import RunnerViews
 
 
 class Trace:
@@ -149,7 +150,8 @@ class Program:
         self.scalars = scalars      # scalar input name -> (getter, dtype)
         self.created = created      # output name -> (optimizer, parameter): a new momentum buffer
         self.buffers = buffers or {}  # state input name -> (optimizer, parameter): its buffer
-        self.synced: dict[str, Val] = {}
+        self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
+        self.views = RunnerViews(shared=runner.device == "cpu")
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
         runner, synced = self.runner, self.synced
@@ -163,9 +165,14 @@ class Program:
                 opt.state.setdefault(p, {})["momentum_buffer"] = buf
             if buf is not self.updated[name]:
                 self.updated[name] = buf  # its value is written to the runner just below
+        views = self.views
         for name, t in self.updated.items():
-            if synced.get(name) is not t._v:  # an eager edit since the last call
+            edited = views.edited(name, t)  # an eager edit since the last call
+            views.before_write(name, None if edited else runner.current(name))
+            if edited:
                 runner.write(name, t._v.data)
+        for name in self.grads:
+            views.before_write(name, runner.current(name))
         for name, t in self.readonly.items():
             if synced.get(name) is not t._v:
                 runner.bind_input(name, t._v.data)
@@ -176,9 +183,11 @@ class Program:
         results = runner.run(feeds)
         for name, t in self.updated.items():
             t._set_leaf_data(runner.current(name))  # no copy: the tensor views the live buffer
-            synced[name] = t._v
+            views.hand_out(name, t._v)
         for name, p in self.grads.items():
-            p.grad = Tensor(Val(runner.carried_output(name)))
+            grad = Val(runner.carried_output(name))
+            p.grad = Tensor(grad)
+            views.hand_out(name, grad)
         for name, (opt, p) in self.created.items():
             opt.state.setdefault(p, {})["momentum_buffer"] = Tensor(Val(results[name]))
         outs = [Tensor(Val(results[n])) for n in self.output_names]
