@@ -530,3 +530,18 @@ def test_values_handed_out_survive_later_steps() -> None:
     # Gradients kept from every step are still each step's own.
     assert len({id(g._v.data) for g in grads}) == 3
     assert not np.array_equal(grads[0].numpy(), grads[2].numpy())
+
+
+def test_replacing_a_layer_retraces() -> None:
+    model, optim, step = _trainer(_mlp)
+    x, y = _data((4, 12))
+    step(og.tensor(x), og.tensor(y))
+    og.nn.Linear(3, 3)  # other modules being built elsewhere: no retrace
+    step(og.tensor(x), og.tensor(y))
+    assert step.traces == 1
+    model.add_module("4", og.nn.Linear(16, 5))  # a new head, trained from here on
+    optim.add_param_group({"params": list(model[4].parameters())})
+    head = model[4].weight.detach().numpy().copy()
+    step(og.tensor(x), og.tensor(y))
+    assert step.traces == 2
+    assert not np.array_equal(model[4].weight.detach().numpy(), head)

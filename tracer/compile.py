@@ -216,6 +216,8 @@ class CompiledFunction:
         self._optimizers: list[Any] = []
         self.last: Program | None = None
         self.traces = 0
+        self._identity: tuple = ()
+        self._identity_version = -1
         try:
             params = list(pyinspect.signature(fn).parameters)
         except (TypeError, ValueError):
@@ -232,7 +234,19 @@ class CompiledFunction:
                            o.state.get(p, {}).get("momentum_buffer") is None
                            for p in g["params"]))
                       for o in self._optimizers for g in o.param_groups)
-        return (tuple((a.dtype.str, a.shape) for a in arrays), static, modes, optim)
+        params = tuple(id(p) for o in self._optimizers for g in o.param_groups for p in g["params"])
+        return (tuple((a.dtype.str, a.shape) for a in arrays), static, modes, optim, params,
+                self._state_identity())
+
+    def _state_identity(self) -> tuple:
+        """Which tensors the modules' state is: a layer or buffer replaced by assignment
+        (``model.fc = nn.Linear(...)``) must retrace, not train the tensors traced before."""
+        version = state.structure_version()
+        if version != self._identity_version:
+            self._identity = tuple(id(t) for root in self._modules
+                                   for t in root._state_tensors().values())
+            self._identity_version = version
+        return self._identity
 
     def __call__(self, *args: Any) -> Any:
         arrays, static = _split_args(args)
@@ -274,6 +288,7 @@ class CompiledFunction:
         for m in trace.modules:
             if all(m is not k for k in self._modules):
                 self._modules.append(m)
+                self._identity_version = -1  # more state to identify
         for o in trace.optimizers:
             if all(o is not k for k in self._optimizers):
                 self._optimizers.append(o)

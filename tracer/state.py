@@ -48,6 +48,19 @@ class recording_as:
         _local.origin = self._prev
 
 
+_structure = [0]
+
+
+def structure_version() -> int:
+    """Bumped whenever a module's parameters, buffers or children are reassigned: compiled steps
+    then check which tensors their state inputs are."""
+    return _structure[0]
+
+
+def structure_changed() -> None:
+    _structure[0] += 1
+
+
 def module_path() -> str | None:
     stack = _get("modules", None)
     return stack[-1] if stack else None

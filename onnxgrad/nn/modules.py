@@ -52,6 +52,9 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError("cannot assign before Module.__init__() call")
+        if isinstance(value, (Parameter, Module)) or any(
+                name in table for table in (self._parameters, self._modules, self._buffers)):
+            state.structure_changed()
         if isinstance(value, Parameter):
             self._forget(name)
             self._parameters[name] = value
@@ -91,6 +94,7 @@ class Module:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name: str) -> None:
+        state.structure_changed()
         for table in (self._parameters, self._buffers, self._modules):
             if name in table:
                 del table[name]
@@ -98,6 +102,7 @@ class Module:
         object.__delattr__(self, name)
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        state.structure_changed()
         if tensor is not None and not isinstance(tensor, Tensor):
             raise TypeError(f"buffer {name!r} must be a Tensor or None, got {type(tensor).__name__}")
         self._forget(name)
@@ -106,11 +111,13 @@ class Module:
             self._non_persistent.add(name)
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
+        state.structure_changed()
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"parameter {name!r} must be a Parameter or None")
         self._parameters[name] = param
 
     def add_module(self, name: str, module: Module | None) -> None:
+        state.structure_changed()
         self._modules[name] = module
 
     # ----------------------------------------------------------------- traversal
