@@ -600,3 +600,8 @@ def test_torch_parity_losses(loss: str, reduction: str) -> None:
     yo.backward(og.tensor(u))
     yt.backward(torch.tensor(u))
     np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_cumulative_average_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="momentum=None"):
+        og.nn.BatchNorm2d(3, momentum=None)

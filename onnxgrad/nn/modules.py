@@ -418,6 +418,9 @@ class BatchNorm2d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  bias: bool = True) -> None:
+        if momentum is None:
+            raise ValueError("BatchNorm2d(momentum=None) (a cumulative moving average) is not "
+                             "supported; pass a float momentum such as 0.1")
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
