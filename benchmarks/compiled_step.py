@@ -82,7 +82,6 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
                         arena: bool = True) -> None:
     """Make the compiled step's session (not the eager kernels) with these options."""
     import onnxruntime as ort
-
     from onnxgrad.runtime import session as session_module
     from onnxgrad.runtime import step as step_module
 
@@ -100,8 +99,9 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
 
 def onnxgrad_step(config: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], Any]]:
     """(model, compiled step) for ``config``; nothing is traced until the first call."""
-    import onnxgrad as og
     from onnxgrad.models import mlp, resnet18
+
+    import onnxgrad as og
 
     kind, _, classes, _, _ = CONFIGS[config]
     og.manual_seed(0)
@@ -209,9 +209,9 @@ def serve(spec: str, config: str, weights: str) -> None:
     report: dict[str, Any] = {"base_mb": _maxrss_mb()}
     if framework == "onnxgrad":
         import onnxruntime as ort
+        from onnxgrad.tracer import compile as compile_module
 
         import onnxgrad as og
-        from onnxgrad.tracer import compile as compile_module
 
         use_session_options(options.get("level", "extended"), options.get("threads", 0),
                             bool(options.get("spin", 1)), bool(options.get("arena", 1)))
@@ -371,7 +371,6 @@ def options(config: str, rounds: int | None) -> int:
 def profile(config: str, runs: int) -> int:
     """ONNX Runtime's own profile of the compiled step: kernel time by op type and by origin."""
     import onnxruntime as ort
-
     from onnxgrad.runtime.metadata import ORIGIN
     from onnxgrad.runtime.session import get_providers, session_options
 

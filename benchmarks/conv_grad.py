@@ -19,7 +19,6 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
 from onnxgrad.passes.builder import Builder
 from onnxgrad.passes.rules import nn as rules
 from onnxgrad.runtime import IR_VERSION, OPSET, make_session
@@ -120,9 +119,10 @@ def timed(models: dict[str, tuple[bytes, list[str]]], geo: rules.ConvGeometry, b
 def whole_resnet18(n: int, size: int, wall: bool) -> None:
     """resnet18's whole gradient graph with the measured choice against ConvTranspose and the
     swapped Conv everywhere (the two formulations DESIGN names first)."""
-    import onnxgrad as og
     from onnxgrad.models import resnet18
     from onnxgrad.tracer.autograd import gradient_model
+
+    import onnxgrad as og
 
     og.manual_seed(0)
     model, x = resnet18(), og.rand(n, 3, size, size)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxgrad.models import resnet18
 
 import onnxgrad as og
-from onnxgrad.models import resnet18
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -114,7 +114,6 @@ def profile(batch: int, size: int, iters: int) -> None:
 def _set_threads(n: int) -> None:
     """Both libraries on ``n`` intra-op threads (before any session exists)."""
     import torch
-
     from onnxgrad.runtime import session
 
     torch.set_num_threads(n)

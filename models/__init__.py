@@ -3,8 +3,16 @@ and local weight files (``.npz`` / ``.safetensors``; nothing is ever downloaded)
 from __future__ import annotations
 
 from .mlp import mlp
-from .resnet import (BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101,
-                     resnet152)
+from .resnet import (
+                     BasicBlock,
+                     Bottleneck,
+                     ResNet,
+                     resnet18,
+                     resnet34,
+                     resnet50,
+                     resnet101,
+                     resnet152,
+)
 from .weights import load_weights, read_state, save_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "load_weights", "mlp", "read_state",

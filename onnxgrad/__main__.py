@@ -31,8 +31,16 @@ class Verb:
 
 def inspect_main(argv: list[str]) -> int:
     """``onnxgrad inspect FILE.onnx``: summary (or full dump), and pictures of the graph."""
-    from .runtime.inspect import InspectError, atomic_write, find_dot, format_graph, load_model
-    from .runtime.inspect import summary, to_dot, write_svg
+    from .runtime.inspect import (
+        InspectError,
+        atomic_write,
+        find_dot,
+        format_graph,
+        load_model,
+        summary,
+        to_dot,
+        write_svg,
+    )
 
     parser = argparse.ArgumentParser(
         prog="onnxgrad inspect",

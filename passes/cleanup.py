@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import (CommonSubexpressionEliminationPass, RemoveUnusedNodesPass,
-                                   TopologicalSortPass)
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
 
 
 def cleanup(model: ir.Model) -> ir.Model:

@@ -17,8 +17,6 @@ import onnx
 from onnx import numpy_helper
 
 from .checkpoint import file_mode
-from .metadata import DATA_INPUTS as DATA_INPUTS_KEY  # the keys are defined once
-from .metadata import STATE as STATE_KEY
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 

@@ -26,8 +26,16 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from .metadata import (DATA_INPUTS, MODULE, ORIGIN, ORIGINS, PARAMETERS, SOURCE, STATE,
-                       UNKNOWN_ORIGIN)
+from .metadata import (
+    DATA_INPUTS,
+    MODULE,
+    ORIGIN,
+    ORIGINS,
+    PARAMETERS,
+    SOURCE,
+    STATE,
+    UNKNOWN_ORIGIN,
+)
 from .opset import IR_VERSION
 
 __all__ = [

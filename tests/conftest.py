@@ -5,9 +5,8 @@ from collections.abc import Callable
 
 import onnx
 import pytest
-from opcheck import check_onnx_model
-
 from onnxgrad.runtime import add_model_check
+from opcheck import check_onnx_model
 
 checked_models: list[str] = []  # graph names, in the order their sessions were made
 _remove: Callable[[], None] | None = None

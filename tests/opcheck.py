@@ -46,11 +46,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-
-import onnxgrad as og
 from onnxgrad.runtime import IR_VERSION, OPSET, make_session
 from onnxgrad.tracer.autograd import backward, gradient_model
 from onnxgrad.tracer.graph import CONST, DATA, Walk
+
+import onnxgrad as og
 
 AI_ONNX = ("", "ai.onnx")
 

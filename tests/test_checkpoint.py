@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnxgrad.runtime import checkpoint
+from onnxgrad.runtime.checkpoint import CheckpointError, read_arrays, write_arrays
 
 import onnxgrad as og
 from onnxgrad import nn
-from onnxgrad.runtime import checkpoint
-from onnxgrad.runtime.checkpoint import CheckpointError, read_arrays, write_arrays
 
 FORMATS = ["npz", "safetensors"]
 

@@ -25,11 +25,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnxgrad.models import mlp, resnet18
+from onnxgrad.runtime.metadata import DATA_INPUTS as DATA_INPUTS_KEY
+from onnxgrad.runtime.metadata import STATE as STATE_KEY
 
 import onnxgrad as og
 from onnxgrad import nn
-from onnxgrad.models import mlp, resnet18
-from onnxgrad.runtime.export import DATA_INPUTS_KEY, STATE_KEY
 
 F = og.nn.functional
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,14 +14,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-import onnxgrad as og
 from onnxgrad.passes import NoGradientRule, gradient_graph
 from onnxgrad.runtime import OPSET
 from onnxgrad.runtime import session as ort_session
 from onnxgrad.tracer import autograd
 from onnxgrad.tracer.ops import ShapeError
 from onnxgrad.tracer.tensor import emit
+
+import onnxgrad as og
 
 # The module, not the `tensor` factory that onnxgrad.tracer re-exports under the same name.
 tensor_module = importlib.import_module("onnxgrad.tracer.tensor")
@@ -247,9 +247,8 @@ def test_ort_failure_names_op_shapes_and_line() -> None:
 # --------------------------------------------------------------------------- the ONNX check hook
 def test_every_ort_session_is_checked_as_standard_onnx() -> None:
     # conftest hooks runtime.make_session: a non-ai.onnx node must be refused before ORT loads it.
-    from onnx import helper
-
     import conftest
+    from onnx import helper
 
     node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft")
     graph = helper.make_graph(

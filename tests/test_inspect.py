@@ -10,12 +10,19 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxgrad.runtime import dump
+from onnxgrad.runtime.inspect import (
+    InspectError,
+    format_graph,
+    format_node,
+    load_model,
+    module_path,
+    summary,
+    to_dot,
+)
+from onnxgrad.runtime.metadata import DATA_INPUTS, MODULE, ORIGIN, SOURCE, STATE
 
 import onnxgrad as og
-from onnxgrad.runtime import dump
-from onnxgrad.runtime.inspect import (InspectError, format_graph, format_node, load_model,
-                                      module_path, summary, to_dot)
-from onnxgrad.runtime.metadata import DATA_INPUTS, MODULE, ORIGIN, SOURCE, STATE
 
 F32 = TensorProto.FLOAT
 

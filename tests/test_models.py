@@ -9,12 +9,19 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnxgrad.models import (
+    load_weights,
+    mlp,
+    read_state,
+    resnet18,
+    resnet34,
+    resnet50,
+    save_weights,
+)
+from onnxgrad.tracer import autograd
 
 import onnxgrad as og
 from onnxgrad import nn
-from onnxgrad.models import (load_weights, mlp, read_state, resnet18, resnet34, resnet50,
-                             save_weights)
-from onnxgrad.tracer import autograd
 
 # torchvision's state_dict key counts (parameters + running_mean/var/num_batches_tracked).
 KEY_COUNTS = {"resnet18": 122, "resnet34": 218, "resnet50": 320}

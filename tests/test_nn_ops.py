@@ -28,16 +28,24 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
-from opcheck import (OpCase, arg, case, check_forward, check_onnx_model, check_runtimes,
-                     check_vjp, make_inputs)
-
-import onnxgrad as og
 from onnxgrad.passes import gradient_graph
 from onnxgrad.passes.rules import nn as rules
 from onnxgrad.runtime import IR_VERSION, OPSET, make_session, run_node
 from onnxgrad.tracer import nnops
 from onnxgrad.tracer.autograd import backward, gradient_model
 from onnxgrad.tracer.tensor import attrs_key
+from opcheck import (
+    OpCase,
+    arg,
+    case,
+    check_forward,
+    check_onnx_model,
+    check_runtimes,
+    check_vjp,
+    make_inputs,
+)
+
+import onnxgrad as og
 
 F = nnops
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 import pytest
-
-import onnxgrad as og
 from onnxgrad.runtime import add_model_check
 from onnxgrad.tracer import autograd
+
+import onnxgrad as og
 
 
 @pytest.fixture

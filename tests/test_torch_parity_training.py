@@ -12,10 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import onnxgrad as og
-from onnxgrad import nn
 from onnxgrad.models import mlp, resnet18
 from torch_reference import torch_mlp, torch_resnet
+
+import onnxgrad as og
+from onnxgrad import nn
 
 RTOL = 1e-4
 ATOL_SCALE = 1e-4  # see _close

@@ -27,7 +27,8 @@ from ..passes import gradients
 from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
 from ..runtime import IR_VERSION, OPSET
-from ..runtime.export import DATA_INPUTS_KEY, STATE_KEY, save_model
+from ..runtime.export import save_model
+from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.step import StepRunner
 from . import state
 from .graph import CONST, DATA, Walk, ir_type
@@ -372,8 +373,8 @@ class CompiledFunction:
         cleanup(model)
         input_names = {v.name for v in model.graph.inputs}
         state_pairs = {k: v for k, v in state_pairs.items() if k in input_names}
-        model.metadata_props[STATE_KEY] = json.dumps({v: k for k, v in state_pairs.items()})
-        model.metadata_props[DATA_INPUTS_KEY] = json.dumps(data_names)
+        model.metadata_props[STATE] = json.dumps({v: k for k, v in state_pairs.items()})
+        model.metadata_props[DATA_INPUTS] = json.dumps(data_names)
         proto = ir.serde.serialize_model(model)
         _dump("cleanup", proto)
 

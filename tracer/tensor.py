@@ -27,6 +27,7 @@ int32 = np.dtype("int32")
 int64 = np.dtype("int64")
 uint8 = np.dtype("uint8")
 int8 = np.dtype("int8")
+int16 = np.dtype("int16")
 bool_ = np.dtype("bool")
 
 _default_float = float32
@@ -331,10 +332,12 @@ class Tensor:
             if integral and not big:
                 body = np.array2string(data, separator=", ", prefix=prefix,
                                        formatter={"float_kind": lambda x: _int_float(x)})
+            elif big or small:  # PyTorch switches to scientific notation
+                body = np.array2string(data, separator=", ", prefix=prefix,
+                                       formatter={"float_kind": lambda x: f"{x:.4e}"})
             else:
                 body = np.array2string(data, separator=", ", prefix=prefix, precision=4,
-                                       floatmode="fixed", suppress_small=False,
-                                       sign="-" if not (big or small) else "-")
+                                       floatmode="fixed", suppress_small=False)
         elif data.dtype == bool_:
             width = 5 if (~data).any() else 4
             body = np.array2string(data, separator=", ", prefix=prefix,

@@ -2,8 +2,21 @@
 from __future__ import annotations
 
 from . import functional
-from .modules import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten,
-                      Identity, Linear, MaxPool2d, Module, Parameter, ReLU, Sequential)
+from .modules import (
+                      AdaptiveAvgPool2d,
+                      AvgPool2d,
+                      BatchNorm2d,
+                      Conv2d,
+                      Dropout,
+                      Flatten,
+                      Identity,
+                      Linear,
+                      MaxPool2d,
+                      Module,
+                      Parameter,
+                      ReLU,
+                      Sequential,
+)
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
            "Identity", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..tracer import ops
-from ..tracer import nnops
-from ..tracer.ops import (dropout as _dropout, linear, log_softmax, relu, sigmoid, softmax,
-                          tanh)
+from ..tracer import nnops, ops
+from ..tracer.ops import dropout as _dropout
+from ..tracer.ops import linear, log_softmax, relu, sigmoid, softmax, tanh
 from ..tracer.state import no_grad, recording_as
 from ..tracer.tensor import Tensor
 
