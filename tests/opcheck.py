@@ -29,12 +29,10 @@ sit on a tie on purpose (``fixed`` data) sets ``vjp=False``: there the gradient 
 which the PyTorch parity tests pin down instead. Per-row tolerances (``rtol``/``atol`` forward,
 ``grad_rtol``/``grad_atol``/``eps`` VJP, ``rt_rtol``/``rt_atol`` runtimes) override the defaults.
 
-A test module wires a table to pytest with :func:`params`, one test per check, so a failure names
-the row and the check (``test_vjp[log_softmax/dim0]``)::
+A test module wires a table to pytest with :func:`table_tests`, one test per check, so a failure
+names the row and the check (``test_vjp[log_softmax/dim0]``)::
 
-    @pytest.mark.parametrize("c", params(CASES, "vjp"))
-    def test_vjp(c: OpCase) -> None:
-        check_case(c, ["vjp"])
+    test_forward, test_vjp, test_runtimes, test_ids_are_unique = table_tests(CASES)
 """
 from __future__ import annotations
 
@@ -386,6 +384,25 @@ def params(cases: Sequence[OpCase], check: str) -> list[Any]:
             marks.append(pytest.mark.xfail(reason=c.grad_xfail, strict=True))
         out.append(pytest.param(c, id=c.id, marks=marks))
     return out
+
+
+def table_tests(cases: Sequence[OpCase]) -> tuple[Callable[..., None], ...]:
+    """The pytest functions of an op table: forward, vjp and runtimes per row, and unique ids."""
+    import pytest
+
+    def make(check: str) -> Callable[[OpCase], None]:
+        @pytest.mark.parametrize("c", params(cases, check))
+        def test(c: OpCase) -> None:
+            check_case(c, [check])
+
+        test.__name__ = f"test_{check}"
+        return test
+
+    def test_ids_are_unique() -> None:
+        ids = [c.id for c in cases]
+        assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+
+    return make("forward"), make("vjp"), make("runtimes"), test_ids_are_unique
 
 
 def check_case(c: OpCase, checks: Sequence[str] = ("forward", "vjp", "runtimes")) -> None:

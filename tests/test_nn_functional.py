@@ -22,7 +22,15 @@ from onnxgrad.runtime import make_session
 from onnxgrad.tracer import ops
 from onnxgrad.tracer.autograd import backward, gradient_model
 from onnxgrad.tracer.tensor import emit
-from opcheck import OpCase, case, check_case, check_onnx_model, fixed, index, params, pos
+from opcheck import (
+    OpCase,
+    case,
+    check_onnx_model,
+    fixed,
+    index,
+    pos,
+    table_tests,
+)
 
 import onnxgrad as og
 
@@ -214,24 +222,7 @@ CASES += [
 ]
 
 
-@pytest.mark.parametrize("c", params(CASES, "forward"))
-def test_forward(c: OpCase) -> None:
-    check_case(c, ["forward"])
-
-
-@pytest.mark.parametrize("c", params(CASES, "vjp"))
-def test_vjp(c: OpCase) -> None:
-    check_case(c, ["vjp"])
-
-
-@pytest.mark.parametrize("c", params(CASES, "runtimes"))
-def test_runtimes(c: OpCase) -> None:
-    check_case(c, ["runtimes"])
-
-
-def test_ids_are_unique() -> None:
-    ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+test_forward, test_vjp, test_runtimes, test_ids_are_unique = table_tests(CASES)
 
 
 # =========================================================================== structure

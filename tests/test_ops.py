@@ -5,8 +5,7 @@ Add a row with ``case(id, onnxgrad_fn, numpy_ref, *input_specs, **options)``; se
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from opcheck import OpCase, arg, case, check_case, fixed, index, params, pos
+from opcheck import OpCase, arg, case, fixed, index, pos, table_tests
 
 import onnxgrad as og
 
@@ -247,21 +246,4 @@ CASES: list[OpCase] = [
 ]
 
 
-@pytest.mark.parametrize("c", params(CASES, "forward"))
-def test_forward(c: OpCase) -> None:
-    check_case(c, ["forward"])
-
-
-@pytest.mark.parametrize("c", params(CASES, "vjp"))
-def test_vjp(c: OpCase) -> None:
-    check_case(c, ["vjp"])
-
-
-@pytest.mark.parametrize("c", params(CASES, "runtimes"))
-def test_runtimes(c: OpCase) -> None:
-    check_case(c, ["runtimes"])
-
-
-def test_ids_are_unique() -> None:
-    ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+test_forward, test_vjp, test_runtimes, test_ids_are_unique = table_tests(CASES)
