@@ -546,3 +546,14 @@ def test_replacing_a_layer_retraces() -> None:
     step(og.tensor(x), og.tensor(y))
     assert step.traces == 2
     assert not np.array_equal(model[4].weight.detach().numpy(), head)
+
+
+def test_compiled_graph_values_are_named_by_module_and_op() -> None:
+    model, optim, step = _trainer(_mlp)
+    step(*_data((4, 12)))
+    text = str(og.inspect(step))
+    assert "%0.gemm_0: f32[4,16] = Gemm(%x, %0.weight, %0.bias)" in text
+    assert "test_compile.py" in text  # the user's line, for traced nodes
+    produced = {o for n in step.last.model.graph.node for o in n.output}
+    assert any(name.startswith("grad") for name in produced)
+    assert any(name.startswith("opt") for name in produced)

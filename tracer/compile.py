@@ -356,7 +356,7 @@ class CompiledFunction:
                 value.const_value = ir.tensor(v.data, name=name)
             return value
 
-        leaves, nodes, root_values = walk.materialize(leaf_value)
+        leaves, nodes, root_values = walk.materialize(leaf_value, readable=True)
         graph_inputs = [v for v, kind in zip(leaves, walk.kinds) if kind == DATA]
         initializers = [v for v, kind in zip(leaves, walk.kinds) if kind == CONST]
         # State that is read but never updated (e.g. frozen BatchNorm statistics) is still an input.

@@ -98,9 +98,15 @@ class Walk:
         i, j = name[1:].split("_")
         return self.records[int(i)].outs[int(j)]
 
-    def materialize(self, leaf_value: Callable[[int, Val, str], ir.Value] | None = None
+    def materialize(self, leaf_value: Callable[[int, Val, str], ir.Value] | None = None,
+                    readable: bool = False
                     ) -> tuple[list[ir.Value], list[ir.Node], list[ir.Value]]:
-        """onnx_ir values for leaves, nodes for records, and the root values."""
+        """onnx_ir values for leaves, nodes for records, and the root values.
+
+        Values are named ``r<record>_<output>`` (what ``data_of`` reads back), or with
+        ``readable`` after the module and op that made them (``layer1.0.conv1.conv_12``) for
+        graphs people read: compiled steps and their exports.
+        """
         leaves: list[ir.Value] = []
         for k, (v, kind) in enumerate(zip(self.leaves, self.kinds)):
             if leaf_value is not None:
@@ -124,12 +130,17 @@ class Walk:
         for i, rec in enumerate(self.records):
             inputs = [lookup(self._ref(v)) for v in rec.inputs]
             if rec.extra is None:
-                node = record_node(rec, inputs, [f"r{i}_{j}" for j in range(len(rec.outs))])
+                stem = (f"{rec.module}.{rec.op.lower()}_{i}" if rec.module else
+                        f"{rec.op.lower()}_{i}") if readable else f"r{i}"
+                node = record_node(rec, inputs, [stem if readable and len(rec.outs) == 1
+                                                 else f"{stem}_{j}" for j in range(len(rec.outs))])
                 nodes.append(node)
                 produced.append(list(node.outputs))
                 continue
             # A macro record: its pass appends the nodes (tagged with the record's origin).
             builder.origin, builder.source = rec.origin, rec.source() or None
+            if readable:
+                builder.prefix = rec.origin  # grad12_mul, opt40_sub
             builder.module = rec.module
             outs = rec.extra(builder, inputs)
             for value, data in zip(outs, rec.outs):

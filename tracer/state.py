@@ -116,12 +116,19 @@ def _package_roots() -> tuple[str, ...]:
 _ROOTS = _package_roots()
 
 
+# The demo is user code that ships inside the package: its lines are what a reader wants to see.
+_DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "onnxgrad",
+                     "demo.py")
+
+
 def user_frame() -> tuple[str, int] | None:
-    """(filename, line) of the innermost caller outside onnxgrad."""
+    """(filename, line) of the innermost caller outside onnxgrad (and outside Python's own
+    frozen start-up code, which is all there is above ``python -m``)."""
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_ROOTS):
+        if (not filename.startswith(_ROOTS) or filename == _DEMO) and \
+                not filename.startswith("<frozen"):
             return filename, frame.f_lineno
         frame = frame.f_back
     return None
