@@ -15,6 +15,11 @@ from .builder import MODULE, SOURCE, Builder, dims
 from .rules import BROADCASTING, RULES
 
 
+# In-memory node metadata (not serialized): set by the tracer on nodes it recorded without
+# gradient (under no_grad, detach, non-differentiable ops), which a graph alone cannot tell.
+STOP_GRADIENT = "onnxgrad.stop_gradient"
+
+
 class NoGradientRule(NotImplementedError):
     """Autodiff reached an ONNX op type that has no gradient rule."""
 
@@ -66,6 +71,8 @@ def gradients(
     active: set[int] = {id(v) for v in wrt}
     on_path: list[ir.Node] = []
     for node in nodes:
+        if node.meta.get(STOP_GRADIENT):
+            continue  # traced under no_grad, detach(): no gradient flows through it
         if any(v is not None and id(v) in active for v in node.inputs):
             on_path.append(node)
             active.update(id(v) for v in node.outputs)

@@ -557,3 +557,31 @@ def test_compiled_graph_values_are_named_by_module_and_op() -> None:
     produced = {o for n in step.last.model.graph.node for o in n.output}
     assert any(name.startswith("grad") for name in produced)
     assert any(name.startswith("opt") for name in produced)
+
+
+def _detach_no_grad_data_step(compiled: bool) -> tuple[list[float], np.ndarray, np.ndarray]:
+    og.manual_seed(0)
+    layer = og.nn.Linear(3, 2)
+    opt = og.optim.SGD(layer.parameters(), lr=0.01)
+
+    def step(x):
+        opt.zero_grad()
+        with og.no_grad():
+            scale = (layer.weight * layer.weight).sum()  # no gradient through this
+        y = (layer(x) * layer.weight.detach().sum() / scale).sum()
+        y.backward()
+        opt.step()
+        layer.bias.data.mul_(0.5)  # writes through to the parameter, as in PyTorch
+        return y
+
+    run = og.compile(step) if compiled else step
+    x = og.tensor(np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3))
+    losses = [run(x).item() for _ in range(3)]
+    return losses, layer.weight.detach().numpy(), layer.bias.detach().numpy()
+
+
+def test_no_grad_detach_and_data_writes_compile_like_eager() -> None:
+    eager, compiled = _detach_no_grad_data_step(False), _detach_no_grad_data_step(True)
+    assert eager[0] == compiled[0]
+    np.testing.assert_array_equal(eager[1], compiled[1])
+    np.testing.assert_array_equal(eager[2], compiled[2])

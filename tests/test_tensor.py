@@ -383,3 +383,23 @@ def test_set_providers() -> None:
         assert og.get_providers() == ["CPUExecutionProvider"]
     finally:
         og.set_providers(before)
+
+
+def test_data_alias_and_in_place_fills_write_through() -> None:
+    layer = og.nn.Linear(3, 2)
+    w0 = layer.weight.detach().numpy().copy()
+    layer.weight.data.mul_(2)
+    np.testing.assert_array_equal(layer.weight.detach().numpy(), 2 * w0)
+    assert layer.weight.is_leaf and layer.weight.requires_grad
+    layer.bias.data.zero_()
+    assert layer.bias.detach().tolist() == [0.0, 0.0]
+    layer.bias.data.fill_(0.5)
+    assert layer.bias.detach().tolist() == [0.5, 0.5]
+    with og.no_grad():
+        layer.weight.copy_(og.ones(3))  # broadcast, as torch's copy_
+    assert layer.weight.detach().tolist() == [[1.0] * 3] * 2
+    with pytest.raises(RuntimeError, match="in-place"):
+        layer.weight.copy_(og.ones(2, 3))  # grad enabled: refused, as PyTorch
+    t = og.zeros(2, dtype=og.int64)
+    t.copy_(og.tensor([1.7, 2.2]))
+    assert t.tolist() == [1, 2]

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ..passes.autodiff import STOP_GRADIENT
 from ..passes.builder import MODULE, ORIGIN, SOURCE, Builder
 from .tensor import Record, Val
 
@@ -166,6 +167,8 @@ def record_node(rec: Record, inputs: Iterable[ir.Value | None], names: Sequence[
     node = ir.Node("", rec.op, list(inputs), attributes, outputs=outputs,
                    name=(f"{rec.module}/" if rec.module else "") + f"{rec.op}_{names[0]}")
     node.metadata_props[ORIGIN] = rec.origin
+    if not rec.grad:
+        node.meta[STOP_GRADIENT] = True
     source = rec.source()
     if source:
         node.metadata_props[SOURCE] = source

@@ -654,23 +654,31 @@ def _inplace(fn, name: str):
         if shape != self.shape:
             raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
                              f"shape {_fmt(shape)} ({name}){_where()}")
-        out = to(fn(self, other), self.dtype)
-        trace = state.active_trace()
-        if trace is not None:
-            # Compiled: the update is part of the step; the tensor becomes state the step updates.
-            trace.remember(self)
-            self._v = out._v
-            self._version += 1
-        elif self.requires_grad and self.is_leaf:
-            # Under no_grad (an optimizer step): a leaf stays a leaf, .grad and all.
-            self._set_leaf_data(out._v.data)
-        else:
-            self._v = out._v
-            self._version += 1
+        self._write(to(fn(self, other), self.dtype)._v)
         return self
 
     method.__name__ = name
     return method
+
+
+def copy_(self: Tensor, src: Any) -> Tensor:
+    """``self.copy_(src)``: ``src`` broadcast to this shape and cast to this dtype, in place."""
+    if self.requires_grad and self.is_leaf and state.grad_enabled():
+        raise RuntimeError(f"a leaf Variable that requires grad is being used in an in-place "
+                           f"operation (copy_){_where()}")
+    src = src if isinstance(src, Tensor) else Tensor(Val(np.asarray(src)))
+    _check_broadcast("copy_", self.shape, src.shape)
+    value = to(expand(src, self.shape), self.dtype)
+    self._write(value._v if value is not src else emit("Identity", [src._v])[0])
+    return self
+
+
+def fill_(self: Tensor, value: Any) -> Tensor:
+    return copy_(self, Tensor(Val(np.asarray(value, dtype=self.dtype))))
+
+
+def zero_(self: Tensor) -> Tensor:
+    return fill_(self, 0)
 
 
 # --------------------------------------------------------------------------- Tensor methods
@@ -706,6 +714,7 @@ def _install() -> None:
         setattr(T, f"__i{op}__", _inplace(fn, f"__i{op}__"))
     for op, fn in (("add_", add), ("sub_", sub), ("mul_", mul), ("div_", div)):
         setattr(T, op, _inplace(fn, op))
+    T.copy_, T.fill_, T.zero_ = copy_, fill_, zero_
     T.__hash__ = object.__hash__
     for name in ("add", "sub", "mul", "div", "pow", "neg", "matmul", "eq", "ne", "lt", "le", "gt",
                  "ge", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sum", "mean",

@@ -53,7 +53,7 @@ class Record:
     """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
 
     __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
-                 "extra")
+                 "extra", "grad")
 
     def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
                  outs: list[np.ndarray]):
@@ -67,6 +67,7 @@ class Record:
         self.origin = state.origin()
         self.freed = False
         self.extra: Any = None
+        self.grad = True  # whether a gradient may flow through it (False: no_grad, detach)
 
     def source(self) -> str:
         return state.format_frame(self.where)
@@ -129,6 +130,7 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
     )
     if requires_grad or state.active_trace() is not None:
         rec = Record(op, attrs, key, inputs, outs)
+        rec.grad = requires_grad
         return [
             Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
         ]
@@ -148,7 +150,7 @@ def _check_traceable(what: str) -> None:
 class Tensor:
     """A torch-like eager tensor backed by NumPy data and recorded as ONNX nodes."""
 
-    __slots__ = ("_v", "grad", "_name", "_version", "__weakref__")
+    __slots__ = ("_v", "grad", "_name", "_version", "_alias_of", "__weakref__")
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, val: Val):
@@ -156,6 +158,7 @@ class Tensor:
         self.grad: Tensor | None = None
         self._name: str | None = None
         self._version = 0
+        self._alias_of: Tensor | None = None  # set on ``x.data``: in-place ops write through
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
@@ -165,7 +168,11 @@ class Tensor:
     # ----------------------------------------------------------------- properties
     @property
     def data(self) -> Tensor:
-        return self.detach()
+        """The value without autograd; in-place ops on it change this tensor too, as PyTorch's
+        ``x.data.mul_(2)`` does."""
+        alias = self.detach()
+        alias._alias_of = self
+        return alias
 
     @data.setter
     def data(self, value: Any) -> None:
@@ -177,6 +184,27 @@ class Tensor:
         val = Val(array, requires_grad=self._v.requires_grad)
         val.leaf = self._v.leaf
         self._v = val
+        self._version += 1
+
+    def _write(self, val: Val) -> None:
+        """Take ``val`` as this handle's value in place (in-place ops, ``copy_``, ``fill_``).
+
+        Records that read the old value keep it, which is what autograd's saved tensors need.
+        """
+        trace = state.active_trace()
+        if self._alias_of is not None:
+            self._alias_of._write(val)  # ``x.data.op_()`` changes x
+            self._v = Val(val.data) if trace is None else val
+        elif trace is not None:
+            # Compiled: the update is part of the step; the tensor becomes state it updates.
+            trace.remember(self)
+            self._v = val
+        elif self.requires_grad and self.is_leaf:
+            # Under no_grad (an optimizer step): a leaf stays a leaf, .grad and all.
+            self._set_leaf_data(val.data)
+            return
+        else:
+            self._v = val
         self._version += 1
 
     def _assign(self, value: Tensor) -> None:
@@ -299,6 +327,10 @@ class Tensor:
         return data if dtype is None else data.astype(dtype)
 
     def detach(self) -> Tensor:
+        if state.active_trace() is not None:
+            # Traced, the value must stay connected to where it comes from (a parameter is an
+            # input of the compiled step, not a constant baked in at trace time).
+            return Tensor(emit("Identity", [self._v], differentiable=False)[0])
         return Tensor(Val(self._v.data))
 
     def clone(self) -> Tensor:
