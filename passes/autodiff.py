@@ -14,7 +14,6 @@ import onnx_ir as ir
 from .builder import MODULE, SOURCE, Builder, dims
 from .rules import BROADCASTING, RULES
 
-
 # In-memory node metadata (not serialized): set by the tracer on nodes it recorded without
 # gradient (under no_grad, detach, non-differentiable ops), which a graph alone cannot tell.
 STOP_GRADIENT = "onnxgrad.stop_gradient"
