@@ -302,6 +302,7 @@ def compare(config: str, specs: list[str], rounds: int, block: int) -> dict[str,
             for r in range(rounds):
                 k = r % len(workers)  # who goes first rotates
                 for w in workers[k:] + workers[:k]:
+                    time.sleep(0.2)  # the other worker's threads stop spinning before this block
                     w.block(block)
         finally:
             results = {}
