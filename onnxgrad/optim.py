@@ -17,6 +17,7 @@ from .passes.sgd import SGDFlags, sgd_updates
 from .runtime import IR_VERSION, OPSET
 from .runtime.step import StepRunner
 from .tracer import state as tracer_state
+from .tracer.autograd import zero_grads
 from .tracer.graph import ir_type
 from .tracer.tensor import Tensor, Val, emit_macro
 from .tracer.views import RunnerViews
@@ -76,12 +77,7 @@ class SGD:
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad = Tensor(Val(np.zeros_like(p.grad._v.data)))
+        zero_grads((p for group in self.param_groups for p in group["params"]), set_to_none)
 
     # ----------------------------------------------------------------- the update
     def step(self, closure: Any = None) -> Any:

@@ -585,3 +585,26 @@ def test_no_grad_detach_and_data_writes_compile_like_eager() -> None:
     assert eager[0] == compiled[0]
     np.testing.assert_array_equal(eager[1], compiled[1])
     np.testing.assert_array_equal(eager[2], compiled[2])
+
+
+def test_gradients_accumulate_across_calls_without_zero_grad() -> None:
+    def run(compiled: bool) -> tuple[np.ndarray, np.ndarray, int]:
+        w = og.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        layer = og.nn.Linear(3, 1)
+
+        def f(x):
+            loss = (w * x).sum() + layer(x[None]).sum()
+            loss.backward()
+            return loss
+
+        g = og.compile(f) if compiled else f
+        x = og.tensor([1.0, 1.0, 2.0])
+        for _ in range(3):
+            g(x)
+        return w.grad.numpy(), layer.weight.grad.numpy(), getattr(g, "traces", 0)
+
+    eager, compiled = run(False), run(True)
+    np.testing.assert_array_equal(eager[0], compiled[0])
+    np.testing.assert_array_equal(eager[1], compiled[1])
+    np.testing.assert_array_equal(compiled[0], [3.0, 3.0, 6.0])
+    assert compiled[2] == 2  # first call: no gradient yet; then: it accumulates

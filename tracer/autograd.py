@@ -1,7 +1,7 @@
 """``backward``: differentiate what was recorded and run the gradient graph as one ORT session."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -182,3 +182,19 @@ def grad(outputs: Sequence[Tensor] | Tensor, inputs: Sequence[Tensor] | Tensor,
         raise RuntimeError("One of the differentiated Tensors appears to not have been used in the "
                            "graph. Set allow_unused=True if this is the desired behavior.")
     return result
+
+
+def zero_grads(params: Iterable[Tensor], set_to_none: bool = True) -> None:
+    """``zero_grad`` of optimizers and modules: clear each ``.grad`` (or zero it).
+
+    While tracing, the step is told which gradients it cleared itself: those never carry a value
+    in from before the step, so whether they are set at call time does not change the graph.
+    """
+    trace = state.active_trace()
+    for p in params:
+        if trace is not None:
+            trace.cleared.add(id(p))
+        if set_to_none:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad = Tensor(Val(np.zeros_like(p.grad._v.data)))

@@ -45,6 +45,8 @@ class Trace:
         self.scalars: dict[str, tuple[Val, Callable[[], Any]]] = {}
         self.initial: dict[int, tuple[Tensor, Val]] = {}  # id(tensor) -> (tensor, its Val then)
         self.grads_before: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self.grad_state: dict[int, Tensor] = {}  # id(accumulated .grad tensor) -> its parameter
+        self.cleared: set[int] = set()  # tensors whose .grad the step cleared (zero_grad)
 
     def _remember(self, t: Tensor) -> None:
         if id(t) not in self.initial:
@@ -110,7 +112,16 @@ class Trace:
             if t is None:
                 continue
             self._remember(t)
-            t.grad = Tensor(g) if t.grad is None else Tensor(emit("Add", [t.grad._v, g])[0])
+            if t.grad is None:
+                t.grad = Tensor(g)
+                continue
+            if t.grad._v.rec is None and id(t.grad) not in self.initial \
+                    and id(t) not in self.cleared:
+                # A gradient from before the step (no zero_grad): it accumulates, so it is
+                # state the step reads and updates, as `grad.<name>`.
+                self._remember(t.grad)
+                self.grad_state[id(t.grad)] = t
+            t.grad._v = emit("Add", [t.grad._v, g])[0]
 
 
 def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
@@ -219,6 +230,7 @@ class CompiledFunction:
         self.traces = 0
         self._identity: tuple = ()
         self._identity_version = -1
+        self._grad_owners: list[Tensor] = []  # tensors whose .grad a traced step wrote
         try:
             params = list(pyinspect.signature(fn).parameters)
         except (TypeError, ValueError):
@@ -236,8 +248,10 @@ class CompiledFunction:
                            for p in g["params"]))
                       for o in self._optimizers for g in o.param_groups)
         params = tuple(id(p) for o in self._optimizers for g in o.param_groups for p in g["params"])
+        # A gradient left from before the call accumulates (state of the step); none: it is new.
+        fresh = tuple(t.grad is None for t in self._grad_owners)
         return (tuple((a.dtype.str, a.shape) for a in arrays), static, modes, optim, params,
-                self._state_identity())
+                self._state_identity(), fresh)
 
     def _state_identity(self) -> tuple:
         """Which tensors the modules' state is: a layer or buffer replaced by assignment
@@ -293,6 +307,10 @@ class CompiledFunction:
         for o in trace.optimizers:
             if all(o is not k for k in self._optimizers):
                 self._optimizers.append(o)
+        for t, _ in trace.grads_before.values():
+            if (t.requires_grad and id(t) not in trace.cleared
+                    and all(t is not k for k in self._grad_owners)):
+                self._grad_owners.append(t)
         return self._build(trace, inputs, result, final, grads_after, created)
 
     def _build(self, trace: Trace, inputs: list[Any], result: Any, final: dict[int, Val],
@@ -328,7 +346,7 @@ class CompiledFunction:
         grads: dict[str, Tensor] = {}
         for tid, (t, _) in trace.grads_before.items():
             g = grads_after.get(tid)
-            if g is not None and g._v.rec is not None:
+            if g is not None and g._v.rec is not None and id(g) not in trace.grad_state:
                 roots.append(g._v)
                 root_names.append(f"grad.{names[tid]}")
                 grads[f"grad.{names[tid]}"] = t
@@ -452,6 +470,8 @@ def _state_names(trace: Trace) -> dict[int, str]:
                 if buf is not None:
                     names.setdefault(id(buf), f"momentum.{base}" if j == 0
                                      else f"optimizer{j}.momentum.{base}")
+    for gid, t in trace.grad_state.items():
+        names[gid] = f"grad.{names.setdefault(id(t), f'param{len(names)}')}"
     for tid in trace.initial:
         names.setdefault(tid, f"state{len(names)}")
     return names

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..tracer import state
+from ..tracer.autograd import zero_grads
 from ..tracer.factories import generator
 from ..tracer.ops import ShapeError
 from ..tracer.tensor import Tensor, Val, _contig, get_default_dtype
@@ -244,11 +245,7 @@ class Module:
         return self.train(False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.parameters():
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad = Tensor(Val(np.zeros_like(p.grad._v.data)))
+        zero_grads(self.parameters(), set_to_none)
 
     def requires_grad_(self, requires_grad: bool = True) -> Module:
         for p in self.parameters():
