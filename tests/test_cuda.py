@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnxgrad.models import mlp
 
 import onnxgrad as og
-from onnxgrad.models import mlp
 
 pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers(),
