@@ -38,8 +38,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
     """Write ``model`` (plus ``defaults``) to ``path`` atomically; external data when over 2 GB."""
     path = Path(path)
     full = with_defaults(model, defaults or {})
-    onnx.checker.check_model(full, full_check=False)
     large = full.ByteSize() > _PROTOBUF_LIMIT - 64 * 1024**2 if _size_known(full) else True
+    if not large:
+        # NOTE: an in-memory check serializes the whole model, which protobuf refuses over 2 GB;
+        # a large model is checked from its file instead (below).
+        onnx.checker.check_model(full, full_check=False)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -51,6 +54,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
         if large:
             onnx.save_model(full, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name, size_threshold=1024)
+            onnx.checker.check_model(tmp, full_check=False)  # by path: no 2 GB limit
             _point_external_data(tmp, data_name)
             os.replace(tmp_data, folder / data_name)
         else:

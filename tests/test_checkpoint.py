@@ -233,6 +233,32 @@ def test_written_file_has_an_ordinary_mode(tmp_path: Path) -> None:
     assert list(arrays) == ["a"] and meta is None
 
 
+# --------------------------------------------------------------------------- export over 2 GB
+def test_export_over_the_protobuf_limit_writes_external_data(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model over 2 GB cannot be serialized whole, so it must never be checked in memory.
+
+    Simulated: both the exporter's threshold and the checker's limit are lowered to a few KB.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onnxgrad.runtime import export
+
+    monkeypatch.setattr(export, "_PROTOBUF_LIMIT", 64 * 1024**2 + 1024)
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 4096)
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    value = np.arange(4096, dtype=np.float32)
+    path = export.save_model(model, tmp_path / "big.onnx", {"x": value})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    onnx.checker.check_model(str(path), full_check=True)
+    loaded = onnx.load(str(path))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(loaded.graph.initializer[0]), value)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "resume":
         _resume(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
