@@ -347,7 +347,8 @@ class TrainingStep:
         self.last = program
         return program
 
-    def _build(self, arrays: list[np.ndarray], labels: np.ndarray | None, flags) -> Program:
+    def _build(self, arrays: list[np.ndarray], labels: np.ndarray | None, flags,
+               zero_buffers: bool = False) -> Program:
         shapes = {name: a.shape for name, a in zip(self._inputs, arrays)}
         model = _deserialize(_bind(self._proto, shapes, self.source))
         prediction = next(v for v in model.graph.outputs if v.name == self.output)
@@ -358,9 +359,9 @@ class TrainingStep:
         pred_shape = tuple(pred_shape)
         labels = self._check_labels(pred_shape, prediction.dtype.numpy(), labels)
         loss = self._loss_graph(pred_shape, prediction.dtype.numpy(), labels)
-        buffers = flags.momentum and all(
+        buffers = flags.momentum and (zero_buffers or all(
             self.optimizer.state.get(p, {}).get("momentum_buffer") is not None
-            for p in self._params.values())
+            for p in self._params.values()))
         made = training_graph(model, list(self._params), loss, output=self.output, flags=flags,
                               buffers=buffers, freeze_bn=self.freeze_bn, labels=LABELS)
         proto = ir.serde.serialize_model(made.model)
@@ -370,7 +371,9 @@ class TrainingStep:
         for name in made.statistics:
             updated[name] = self._stats[name]
         for param, buf in made.buffers.items():
-            updated[buf] = self.optimizer.state[self._params[param]]["momentum_buffer"]
+            updated[buf] = (Tensor(Val(np.zeros_like(self._params[param]._v.data)))
+                            if zero_buffers else
+                            self.optimizer.state[self._params[param]]["momentum_buffer"])
         grads = {out: self._params[p] for out, p in made.grads.items()}
         created = {out: (self.optimizer, self._params[p]) for out, p in made.created.items()}
         dtype = self._params[made.parameters[0]].dtype
@@ -378,8 +381,10 @@ class TrainingStep:
         scalars = {name: (getters[name], dtype) for name in made.scalars}
         runner = StepRunner(proto.SerializeToString(), made.state,
                             {name: t._v.data for name, t in updated.items()}, carried=list(grads))
+        # optimizer.load_state_dict puts new buffer tensors into its state: the program follows.
+        owners = {buf: (self.optimizer, self._params[param]) for param, buf in made.buffers.items()}
         return Program(proto, runner, made.data_inputs, ["output"], "t", updated, {}, grads,
-                       scalars, created)
+                       scalars, created, owners)
 
     def _check_labels(self, pred_shape: tuple[int, ...], pred_dtype: np.dtype,
                       labels: np.ndarray | None) -> np.ndarray | None:
@@ -465,6 +470,18 @@ class TrainingStep:
             else:
                 labels = np.zeros(pred, onnx.helper.tensor_dtype_to_np_dtype(
                     out.type.tensor_type.elem_type))
+        flags = og_optim.sgd_flags(self.optimizer.param_groups[0])
+        if flags.momentum and flags.dampening and not all(
+                self.optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                for p in self._params.values()):
+            # NOTE: the graph of a dampened first step creates the buffers instead of carrying
+            # them: a file of it never accumulates momentum. Write the step that loops, from zero
+            # buffers, leaving this step's own first call PyTorch's.
+            warnings.warn(f"{self.source}: with dampening, the file's momentum buffers start at "
+                          f"zero, so its first step takes (1 - dampening) of the gradient where "
+                          f"PyTorch's first step takes all of it", stacklevel=3)
+            self.last = self._build(arrays, labels, flags, zero_buffers=True)
+            return self.last
         return self._program(arrays, labels)
 
     def export(self, path: str | os.PathLike[str], batch_size: int | None = None) -> None:

@@ -456,12 +456,15 @@ def _rewrite_batchnorm(graph: ir.Graph, b: Builder, names: _Names, freeze: bool,
     """
     stats: list[tuple[ir.Value, ir.Value]] = []
     nodes = [n for n in graph if n.op_type == "BatchNormalization"]
-    # Named before any is detached: detaching one changes how shared the others look.
-    stat_names = [(statistic_name(n, 3), statistic_name(n, 4)) for n in nodes]
-    for node, (mean_name, var_name) in zip(nodes, stat_names):
+    for i, node in enumerate(nodes):
         if any(v is not None and (v.uses() or v.is_graph_output()) for v in node.outputs[1:]):
             raise TrainGraphError(f"BatchNormalization node {node.name}: its running-statistics "
                                   f"outputs are used; only inference-mode BatchNorm is supported")
+        if attr(node, "training_mode", 0) or len(node.outputs) > 1:
+            nodes[i] = _inference_form(graph, node)
+    # Named before any is detached: detaching one changes how shared the others look.
+    stat_names = [(statistic_name(n, 3), statistic_name(n, 4)) for n in nodes]
+    for node, (mean_name, var_name) in zip(nodes, stat_names):
         x = node.inputs[0]
         xs = static_shape(x)
         if xs is None or len(xs) < 2:
@@ -479,6 +482,18 @@ def _rewrite_batchnorm(graph: ir.Graph, b: Builder, names: _Names, freeze: bool,
         node.replace_input_with(4, batch_var)
         stats += [(mean, new_mean), (var, new_var)]
     return stats
+
+
+def _inference_form(graph: ir.Graph, node: ir.Node) -> ir.Node:
+    """A training-mode BatchNormalization (``torch.onnx.export(training=TRAINING)``) whose
+    statistics outputs go unused, as the one-output inference-form node the rewrite feeds."""
+    attributes = [a for name, a in node.attributes.items() if name != "training_mode"]
+    new = ir.Node(node.domain, node.op_type, list(node.inputs), attributes, num_outputs=1,
+                  name=node.name, metadata_props=dict(node.metadata_props))
+    new.outputs[0].type = node.outputs[0].type
+    graph.insert_before(node, new)
+    _replace(graph, node, new.outputs)
+    return new
 
 
 def _batch_statistics(b: Builder, node: ir.Node, x: ir.Value, xs: tuple[int, ...],

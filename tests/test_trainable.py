@@ -482,3 +482,70 @@ def test_torch_mlp_trains_like_pytorch_across_batch_sizes(tmp_path: Path) -> Non
     step = _quiet(og.training_step, path, loss="cross_entropy", lr=0.1, momentum=0.9)
     batches = _batches((5, 3, 4), 3, n=2) + _batches((3, 3, 4), 3, n=1, seed=9)
     _torch_parity(torch, model, step, batches)
+
+
+# --------------------------------------------------------------------------- review regressions
+def test_optimizer_state_loaded_into_a_step_that_ran_is_used() -> None:
+    """optimizer.load_state_dict replaces the buffer tensors: a built program must follow them."""
+    proto = _op_mix_graph(OPSET)
+    rng = np.random.default_rng(7)
+    batches = [(rng.standard_normal((4, 3), dtype=np.float32),
+                rng.uniform(0, 0.3, (4, 8)).astype(np.float32)) for _ in range(4)]
+    ref = og.training_step(proto, loss="mse", lr=0.5, momentum=0.9)
+    for x, y in batches[:2]:
+        ref(x, y)
+    params, opt_state = ref.state_dict(), ref.optimizer.state_dict()
+    for x, y in batches[2:]:
+        ref(x, y)
+    step = og.training_step(proto, loss="mse", lr=0.5, momentum=0.9)
+    step(*batches[3])  # the program exists, with its own buffers
+    step.load_state_dict(params)
+    step.optimizer.load_state_dict(opt_state)
+    for x, y in batches[2:]:
+        step(x, y)
+    for name, value in ref.state_dict().items():
+        np.testing.assert_allclose(step.state_dict()[name], value, **TIGHT, err_msg=name)
+
+
+def test_dampened_export_before_any_call_is_the_step_that_loops(tmp_path: Path) -> None:
+    """train-graph (and export before a call) with dampening: the file carries the momentum
+    buffers as state; the graph of a dampened first step does not, and would never accumulate."""
+    src = _export_forward(_mlp(), np.zeros((6, 8), np.float32), tmp_path / "mlp.onnx")
+    out = tmp_path / "mlp_train.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxgrad", "train-graph", str(src), str(out), "--lr", "0.01",
+         "--momentum", "0.9", "--dampening", "0.1"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "dampening" in proc.stderr  # the first step differs from PyTorch's: said so
+    model = onnx.load(out)
+    state = json.loads({p.key: p.value for p in model.metadata_props}[STATE])
+    assert state["momentum.0.weight.new"] == "momentum.0.weight"
+    # The step in memory is untouched: its first call is still PyTorch's dampened first step.
+    step = _quiet(og.training_step, src, lr=0.1, momentum=0.9, dampening=0.3)
+    with pytest.warns(UserWarning, match="dampening"):
+        step.export(tmp_path / "early.onnx")
+    ref = _mlp().train()
+    train = _compiled_trainer(ref, list(ref.parameters()), ref, F.cross_entropy, lr=0.1,
+                              momentum=0.9, dampening=0.3)
+    _assert_same_training(step, train, _batches((6, 8), 4), lambda: dict(ref.named_parameters()))
+
+
+def test_a_training_mode_torch_export_trains() -> None:
+    """torch.onnx.export(training=TRAINING) writes BatchNormalization(training_mode=1) with
+    unused statistics outputs: it trains like an inference export (and freeze_bn freezes it)."""
+    proto = _bn_graph(_bn_net(), opset=OPSET)
+    bn = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    bn.output.extend(["unused_mean", "unused_var"])
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    step = og.training_step(proto, loss="cross_entropy", lr=0.1, momentum=0.9)
+    ref = _bn_net().train()
+    train = _compiled_trainer(ref, list(ref.parameters()), ref, F.cross_entropy, lr=0.1,
+                              momentum=0.9)
+    _assert_same_training(step, train, _batches((4, 3, 8, 8), 5), lambda: {
+        k: v for k, v in ref.state_dict().items() if k != "1.num_batches_tracked"})
+    frozen = og.training_step(proto, loss="cross_entropy", lr=0.1, freeze_bn=True)
+    ref = _bn_net().eval()
+    train = _compiled_trainer(ref, list(ref.parameters()), ref, F.cross_entropy, lr=0.1)
+    _assert_same_training(frozen, train, _batches((4, 3, 8, 8), 5),
+                          lambda: dict(ref.named_parameters()))
