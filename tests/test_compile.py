@@ -608,3 +608,21 @@ def test_gradients_accumulate_across_calls_without_zero_grad() -> None:
     np.testing.assert_array_equal(eager[1], compiled[1])
     np.testing.assert_array_equal(compiled[0], [3.0, 3.0, 6.0])
     assert compiled[2] == 2  # first call: no gradient yet; then: it accumulates
+
+
+def test_captured_tensors_are_inputs_fed_their_current_value() -> None:
+    scale = og.tensor([1.0, 2.0, 3.0])
+
+    @og.compile
+    def f(x):
+        inner = og.tensor([10.0, 10.0, 10.0])  # made inside the function: a constant
+        return (x * scale + inner).sum()
+
+    x = og.ones(3)
+    assert f(x).item() == 36.0
+    scale.data = og.tensor([0.0, 0.0, 1.0])  # an eager edit is seen
+    assert f(x).item() == 31.0
+    scale += 1  # so is an in-place update
+    assert f(x).item() == 34.0
+    assert f.traces == 1
+    assert [i.name for i in f.last.model.graph.input][0] == "x"

@@ -351,9 +351,18 @@ class CompiledFunction:
                 root_names.append(f"grad.{names[tid]}")
                 grads[f"grad.{names[tid]}"] = t
 
+        # Tensors captured from outside the function (og.tensor or a factory, still alive) are
+        # read-only inputs fed their current value each call, not constants of the trace.
+        captured: dict[int, Tensor] = {}
+
         def classify(v: Val) -> str:
-            return DATA if (id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids) \
-                else CONST
+            if id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids:
+                return DATA
+            owner = v.owner() if v.owner is not None and not v.const else None
+            if owner is not None and owner._v is v:
+                captured[id(v)] = owner
+                return DATA
+            return CONST
 
         walk = Walk(roots, lambda v: v.rec is not None, classify)
         used_state: dict[str, Tensor] = {}
@@ -367,6 +376,10 @@ class CompiledFunction:
                 tid = state_ids[id(v)]
                 name = names[tid]
                 used_state[name] = trace.initial[tid][0]
+            elif id(v) in captured:
+                owner = captured[id(v)]
+                name = owner._name or f"captured.{k}"
+                used_state[name] = owner
             else:
                 name = f"const{k}"
             value = ir.Value(name=name, shape=ir.Shape(v.data.shape), type=ir_type(v.data))

@@ -1,6 +1,7 @@
 """Tensor factories and the global random generator (``og.manual_seed``)."""
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ def generator() -> np.random.Generator:
 
 def _make(array: np.ndarray, requires_grad: bool) -> Tensor:
     t = Tensor(Val(_contig(array)))
+    t._v.owner = weakref.ref(t)
     if requires_grad:
         t.requires_grad_(True)
     return t

@@ -76,7 +76,8 @@ class Record:
 class Val:
     """An immutable value: eager data plus how it was made."""
 
-    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "__weakref__")
+    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner",
+                 "__weakref__")
 
     def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
                  requires_grad: bool = False, const: bool = False):
@@ -86,6 +87,9 @@ class Val:
         self.requires_grad = requires_grad
         self.leaf: weakref.ref | None = None  # the leaf Tensor that accumulates .grad
         self.const = const  # an attribute-like constant (axes, shapes): baked into graphs
+        # The tensor a user made this value as (og.tensor, factories): a compiled step that
+        # reads it while that tensor lives feeds it as an input rather than baking it in.
+        self.owner: weakref.ref | None = None
 
 
 def _contig(array: Any, dtype: Any = None) -> np.ndarray:
@@ -413,6 +417,7 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     if array.dtype.kind not in "fiub":
         raise TypeError(f"unsupported tensor data of dtype {array.dtype}")
     t = Tensor(Val(_contig(array)))
+    t._v.owner = weakref.ref(t)
     if requires_grad:
         t.requires_grad_(True)
     return t
