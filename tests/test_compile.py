@@ -626,3 +626,16 @@ def test_captured_tensors_are_inputs_fed_their_current_value() -> None:
     assert f(x).item() == 34.0
     assert f.traces == 1
     assert [i.name for i in f.last.model.graph.input][0] == "x"
+
+
+def test_random_values_inside_a_compiled_function_are_fresh_each_call() -> None:
+    @og.compile
+    def f(x):
+        return x + og.randn(3), x + og.randn(3), og.randint(0, 5, (200,))
+
+    first, second, ints = f(og.zeros(3))
+    again = f(og.zeros(3))[0]
+    assert not np.array_equal(first.numpy(), second.numpy())  # two draws, not one merged
+    assert not np.array_equal(first.numpy(), again.numpy())  # a new draw every call
+    assert ints.dtype == np.int64 and set(np.unique(ints.numpy())) <= set(range(5))
+    assert f.traces == 1

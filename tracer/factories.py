@@ -5,9 +5,11 @@ import weakref
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
+from . import ops, state
 from .ops import _shape_args
-from .tensor import Tensor, Val, _contig, get_default_dtype, int64
+from .tensor import Tensor, Val, _contig, emit, get_default_dtype, int64
 
 _rng = np.random.default_rng()
 
@@ -57,21 +59,41 @@ def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tens
     return ones(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
 
 
+def _traced_random(op: str, shape: tuple[int, ...], dtype: np.dtype, **attrs: Any) -> Tensor | None:
+    """Inside a compiled function, random values are an ONNX random node (fresh every call),
+    not numbers drawn once while tracing and baked in. None outside a trace."""
+    if state.active_trace() is None:
+        return None
+    attrs = {"shape": list(shape), "dtype": int(ir.DataType.from_numpy(np.dtype(dtype))), **attrs}
+    return Tensor(emit(op, [], attrs, differentiable=False)[0])
+
+
 def rand(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    dt = _dtype(dtype)
-    return _make(_rng.random(_shape_args(size), dtype=np.float64).astype(dt), requires_grad)
+    dt, shape = _dtype(dtype), _shape_args(size)
+    traced = None if requires_grad else _traced_random("RandomUniform", shape, dt)
+    if traced is not None:
+        return traced
+    return _make(_rng.random(shape, dtype=np.float64).astype(dt), requires_grad)
 
 
 def randn(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    dt = _dtype(dtype)
-    return _make(_rng.standard_normal(_shape_args(size)).astype(dt), requires_grad)
+    dt, shape = _dtype(dtype), _shape_args(size)
+    traced = None if requires_grad else _traced_random("RandomNormal", shape, dt)
+    if traced is not None:
+        return traced
+    return _make(_rng.standard_normal(shape).astype(dt), requires_grad)
 
 
 def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None) -> Tensor:
     if high is None:
         low, high = 0, low
-    return _make(_rng.integers(low, high, size=_shape_args((size,)), dtype=np.dtype(dtype or int64)),
-                 False)
+    shape, dt = _shape_args((size,)), np.dtype(dtype or int64)
+    traced = _traced_random("RandomUniform", shape, np.dtype(np.float32), low=float(low),
+                            high=float(high))
+    if traced is not None:
+        # floor(U[low, high)) is uniform over the integers low..high-1.
+        return ops.to(Tensor(emit("Floor", [traced._v], differentiable=False)[0]), dt)
+    return _make(_rng.integers(low, high, size=shape, dtype=dt), False)
 
 
 def arange(start: Any, end: Any = None, step: Any = 1, dtype: Any = None,
