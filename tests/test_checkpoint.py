@@ -242,7 +242,6 @@ def test_export_over_the_protobuf_limit_writes_external_data(tmp_path: Path,
     """
     import onnx
     from onnx import TensorProto, helper
-
     from onnxgrad.runtime import export
 
     monkeypatch.setattr(export, "_PROTOBUF_LIMIT", 64 * 1024**2 + 1024)
