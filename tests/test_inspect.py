@@ -440,3 +440,20 @@ def test_onnxgrad_dump_writes_the_backward_graph(tmp_path: Path,
     assert [p.name for p in paths] == ["002-compile_autodiff_pass.onnx",
                                        "002-compile_autodiff_pass.txt"]
     assert load_model(paths[0], check=False).graph.name == "step"
+
+
+def test_large_graphs_are_drawn_by_module_group() -> None:
+    from onnx import TensorProto, helper
+    from onnxgrad.runtime.inspect import MAX_DOT_NODES, to_dot
+
+    n = MAX_DOT_NODES + 10
+    nodes = [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"]) for i in range(n)]
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("v0", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info(f"v{n}", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    collapsed = to_dot(model)
+    assert f"{n} nodes drawn as 1 module groups" in collapsed
+    assert collapsed.count("->") == 0
+    full = to_dot(model, collapse=False)
+    assert full.count(" -> ") >= n
