@@ -238,7 +238,6 @@ class CompiledFunction:
         self._arg_names = [p for p in params if p not in ("self",)]
 
     def _key(self, arrays: Sequence[np.ndarray], static: tuple) -> tuple:
-        modes = tuple(m.training for root in self._modules for m in root.modules())
         # The optimizer's structure (not its values, which are inputs): which terms exist, and
         # with dampening, which momentum buffers exist yet (PyTorch's first step differs).
         optim = tuple((g["momentum"] != 0, g["dampening"] != 0, g["weight_decay"] != 0,
@@ -250,16 +249,19 @@ class CompiledFunction:
         params = tuple(id(p) for o in self._optimizers for g in o.param_groups for p in g["params"])
         # A gradient left from before the call accumulates (state of the step); none: it is new.
         fresh = tuple(t.grad is None for t in self._grad_owners)
-        return (tuple((a.dtype.str, a.shape) for a in arrays), static, modes, optim, params,
-                self._state_identity(), fresh)
+        return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim, params,
+                self._modules_identity(), fresh)
 
-    def _state_identity(self) -> tuple:
-        """Which tensors the modules' state is: a layer or buffer replaced by assignment
-        (``model.fc = nn.Linear(...)``) must retrace, not train the tensors traced before."""
+    def _modules_identity(self) -> tuple:
+        """The modules' ``train()``/``eval()`` modes and which tensors their state is (a layer
+        replaced by assignment, ``model.fc = nn.Linear(...)``, must retrace, not train the tensors
+        traced before). Recomputed only when some module changed (``tracer.state``'s version)."""
         version = state.structure_version()
         if version != self._identity_version:
-            self._identity = tuple(id(t) for root in self._modules
-                                   for t in root._state_tensors().values())
+            modes = tuple(m.training for root in self._modules for m in root.modules())
+            tensors = tuple(id(t) for root in self._modules
+                            for t in root._state_tensors().values())
+            self._identity = (modes, tensors)
             self._identity_version = version
         return self._identity
 

@@ -54,7 +54,7 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     count = int(np.prod([x.shape[a] for a in axes]))
     if count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input "
-                         f"size {list(x.shape)}")
+                         f"size {list(x.shape)}{ops._where()}")
     mean = ops.mean(x, axes, keepdim=True)
     centered = x - mean
     var = ops.mean(centered * centered, axes)

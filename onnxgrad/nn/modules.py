@@ -53,7 +53,7 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError("cannot assign before Module.__init__() call")
-        if isinstance(value, (Parameter, Module)) or any(
+        if isinstance(value, (Parameter, Module)) or name == "training" or any(
                 name in table for table in (self._parameters, self._modules, self._buffers)):
             state.structure_changed()
         if isinstance(value, Parameter):
@@ -237,6 +237,7 @@ class Module:
 
     # ----------------------------------------------------------------- modes and grads
     def train(self, mode: bool = True) -> Module:
+        state.structure_changed()  # compiled steps key on the modes
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
