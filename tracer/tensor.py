@@ -366,8 +366,14 @@ class Tensor:
             big = finite.size and np.max(np.abs(finite)) >= 1e8
             small = finite.size and 0 < np.min(np.abs(finite[finite != 0]), initial=np.inf) < 1e-4
             if integral and not big:
+                # Right-aligned to the widest finite element, as PyTorch: tensor([-12.,  65.])
+                width = max((len(_int_float(x)) for x in finite), default=0)
+
+                def fmt(x: float) -> str:
+                    return _int_float(x).rjust(width)
+
                 body = np.array2string(data, separator=", ", prefix=prefix,
-                                       formatter={"float_kind": lambda x: _int_float(x)})
+                                       formatter={"float_kind": fmt})
             elif big or small:  # PyTorch switches to scientific notation
                 body = np.array2string(data, separator=", ", prefix=prefix,
                                        formatter={"float_kind": lambda x: f"{x:.4e}"})
