@@ -501,6 +501,21 @@ def format_node(node: ir.Node) -> str:
     return _format_node(node, _View(node.graph, None, {}))  # type: ignore[arg-type]
 
 
+def _input_roles(name: str, feeds: Mapping[str, str], data: set[str], defaults: set[str],
+                 parameters: set[str] = frozenset(), ref: str = "") -> list[str]:
+    """What a graph input is for, as the text dump and the summary both label it."""
+    roles = []
+    if name in feeds:
+        roles.append(f"state <- {ref}{feeds[name]}")
+    if name in data:
+        roles.append("data")
+    if name in parameters:
+        roles.append("parameter")
+    if name in defaults:
+        roles.append("has default")
+    return roles
+
+
 def format_graph(graph_or_model: GraphLike, *, infer_shapes: bool = True) -> str:
     """A typed text dump: inputs, initializers, one line per node, outputs.
 
@@ -521,16 +536,9 @@ def format_graph(graph_or_model: GraphLike, *, infer_shapes: bool = True) -> str
         f"initializers, {len(g)} nodes, {len(g.outputs)} outputs",
         "inputs:",
     ]
+    defaults = set(g.initializers)
     for v in g.inputs:
-        marks = []
-        if v.name in feeds:
-            marks.append(f"state <- %{feeds[v.name]}")
-        if v.name in data_inputs:
-            marks.append("data")
-        if v.name in parameters:
-            marks.append("parameter")
-        if v.name in g.initializers:
-            marks.append("has default")
+        marks = _input_roles(v.name, feeds, data_inputs, defaults, parameters, ref="%")
         lines.append(f"  {view.typed(v)}" + (f"  ({', '.join(marks)})" if marks else ""))
     if initializers:
         lines.append("initializers:")
@@ -792,14 +800,7 @@ def _render_summary(s: Summary) -> str:
     data, defaults = set(s.data_inputs), set(s.defaults)
 
     def input_role(t: TensorInfo) -> str:
-        roles = []
-        if t.name in feeds:
-            roles.append(f"state <- {feeds[t.name]}")
-        if t.name in data:
-            roles.append("data")
-        if t.name in defaults:
-            roles.append("has default")
-        return ", ".join(roles)
+        return ", ".join(_input_roles(t.name, feeds, data, defaults))
 
     lines += _table((t.name, t.type, input_role(t)) for t in s.inputs)
     lines.append(f"outputs ({len(s.outputs)}):")
