@@ -120,6 +120,26 @@ class ConvGeometry:
     def rank(self) -> int:
         return len(self.size)
 
+    @property
+    def taps(self) -> int:
+        """Kernel positions: columns of the unfolded input per channel."""
+        return int(np.prod(self.kernel))
+
+    @property
+    def length(self) -> int:
+        """Output positions per image."""
+        return int(np.prod(self.out))
+
+    @property
+    def pointwise(self) -> bool:
+        """An unpadded 1x1 kernel, which reads a strided subsample of the input."""
+        return self.kernel == (1, 1) and not any(self.pads_begin + self.pads_end)
+
+    @property
+    def matrix_form(self) -> bool:
+        """2-D and ungrouped: what the unfold and Col2Im formulations handle."""
+        return self.rank == 2 and self.groups == 1
+
     def attrs(self) -> dict:
         return {"kernel_shape": list(self.kernel), "strides": list(self.strides),
                 "dilations": list(self.dilations), "pads": list(self.pads_begin + self.pads_end)}
@@ -245,12 +265,10 @@ def conv_weight_grad_unfold(b, x, g, geo: ConvGeometry):
     """dW = sum over images of dY_n @ unfold(X_n)^T: im2col as a Conv with one-hot kernels over
     X viewed as [N*C, 1, H, W] (a strided Slice for an unpadded 1x1 kernel), then one batched
     MatMul and a ReduceSum over N. 2-D, groups=1 only (None otherwise)."""
-    if geo.rank != 2 or geo.groups != 1:
+    if not geo.matrix_form:
         return None
-    n, c, o = geo.n, geo.c, geo.o
-    taps = int(np.prod(geo.kernel))
-    length = int(np.prod(geo.out))
-    if geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end):
+    n, c, o, taps, length = geo.n, geo.c, geo.o, geo.taps, geo.length
+    if geo.pointwise:
         cols = _strided(b, x, geo)
     else:
         eye = np.eye(taps, dtype=np_dtype(x)).reshape(taps, 1, *geo.kernel)
@@ -268,12 +286,10 @@ def conv_weight_grad_unfold_nl(b, x, g, geo: ConvGeometry):
     """dW = dY[O, N*L] @ unfold(X)[C*k*k, N*L]^T as one Gemm: the unfold is a Conv over X with
     batch and channels swapped and one-hot kernels [k*k*N, N, kh, kw], whose output channels
     (tap, image) come out in the order the Gemm wants. 2-D, groups=1 only."""
-    if geo.rank != 2 or geo.groups != 1:
+    if not geo.matrix_form:
         return None
-    n, c, o = geo.n, geo.c, geo.o
-    taps = int(np.prod(geo.kernel))
-    length = int(np.prod(geo.out))
-    if geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end):
+    n, c, o, taps, length = geo.n, geo.c, geo.o, geo.taps, geo.length
+    if geo.pointwise:
         # A 1x1 kernel reads a strided subsample of X: a Slice and a Transpose, no Conv.
         cols = _strided(b, x, geo)
         cols = _permute(b, cols, (n, c) + geo.out, [1, 0, 2, 3])
@@ -293,11 +309,9 @@ def conv_weight_grad_unfold_nl(b, x, g, geo: ConvGeometry):
 def conv_input_grad_col2im(b, g, w, geo: ConvGeometry):
     """dX = Col2Im(W^T dY): the transposed convolution spelled as MatMul + Col2Im. 2-D,
     groups=1 only (None otherwise)."""
-    if geo.rank != 2 or geo.groups != 1:
+    if not geo.matrix_form:
         return None
-    n, c, o = geo.n, geo.c, geo.o
-    taps = int(np.prod(geo.kernel))
-    length = int(np.prod(geo.out))
+    n, c, o, taps, length = geo.n, geo.c, geo.o, geo.taps, geo.length
     w2 = b.op("Reshape", w, b.ints([o, c * taps]))
     g3 = b.op("Reshape", g, b.ints([n, o, length]))
     cols_t = b.op("MatMul", b.op("Transpose", g3, perm=[0, 2, 1]), w2)
@@ -337,19 +351,17 @@ CONV_GRAD_OVERRIDE: dict[str, str] = {}
 # swapped Conv everywhere.
 
 def choose_conv_input_grad(geo: ConvGeometry) -> str:
-    if geo.rank == 2 and geo.groups == 1 and int(np.prod(geo.out)) < 64:
+    if geo.matrix_form and geo.length < 64:
         return "col2im"
     return "transpose"
 
 
 def choose_conv_weight_grad(geo: ConvGeometry) -> str:
-    if geo.rank != 2 or geo.groups != 1 or geo.c <= 4:
+    if not geo.matrix_form or geo.c <= 4:
         return "conv"
-    pointwise = geo.kernel == (1, 1) and not any(geo.pads_begin + geo.pads_end)
-    taps, length = int(np.prod(geo.kernel)), int(np.prod(geo.out))
     # unfold_nl's one-hot Conv does N*k*k MACs per column element where its Gemm does O:
     # it only pays when that is the smaller term.
-    if geo.n == 1 or pointwise or (length <= 196 and geo.n * taps <= geo.o):
+    if geo.n == 1 or geo.pointwise or (geo.length <= 196 and geo.n * geo.taps <= geo.o):
         return "unfold_nl"
     return "unfold"
 
