@@ -332,10 +332,12 @@ class TrainingStep:
 
     def _program(self, arrays: list[np.ndarray], labels: np.ndarray | None) -> Program:
         group = self.optimizer.param_groups[0]
-        flags = og_optim.sgd_flags(group)
+        flags = self.optimizer.structure(group)
         params = list(self._params.values())
-        for p in params:
-            self.optimizer.momentum_buffer(p, flags)  # zero buffers, unless a dampened first step
+        for p in params:  # zero buffers, unless a dampened first step
+            if flags.momentum and not flags.dampening and \
+                    "momentum_buffer" not in self.optimizer.state.get(p, {}):
+                self.optimizer.initial_state(p, "momentum_buffer", group)
         # A dampened first step has no buffers yet and creates them (PyTorch's first step).
         ready = flags.momentum and all(
             self.optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in params)
@@ -375,14 +377,16 @@ class TrainingStep:
                             if zero_buffers else
                             self.optimizer.state[self._params[param]]["momentum_buffer"])
         grads = {out: self._params[p] for out, p in made.grads.items()}
-        created = {out: (self.optimizer, self._params[p]) for out, p in made.created.items()}
+        created = {out: (self.optimizer, self._params[p], "momentum_buffer")
+                   for out, p in made.created.items()}
         dtype = self._params[made.parameters[0]].dtype
-        getters = og_optim.hyper_inputs(self.optimizer.param_groups[0], flags)
+        getters = self.optimizer.hyperparameters(self.optimizer.param_groups[0])
         scalars = {name: (getters[name], dtype) for name in made.scalars}
         runner = StepRunner(proto.SerializeToString(), made.state,
                             {name: t._v.data for name, t in updated.items()}, carried=list(grads))
         # optimizer.load_state_dict puts new buffer tensors into its state: the program follows.
-        owners = {buf: (self.optimizer, self._params[param]) for param, buf in made.buffers.items()}
+        owners = {buf: (self.optimizer, self._params[param], "momentum_buffer")
+                  for param, buf in made.buffers.items()}
         return Program(proto, runner, made.data_inputs, ["output"], "t", updated, {}, grads,
                        scalars, created, owners)
 
@@ -470,7 +474,7 @@ class TrainingStep:
             else:
                 labels = np.zeros(pred, onnx.helper.tensor_dtype_to_np_dtype(
                     out.type.tensor_type.elem_type))
-        flags = og_optim.sgd_flags(self.optimizer.param_groups[0])
+        flags = self.optimizer.structure(self.optimizer.param_groups[0])
         if flags.momentum and flags.dampening and not all(
                 self.optimizer.state.get(p, {}).get("momentum_buffer") is not None
                 for p in self._params.values()):

@@ -1,9 +1,9 @@
 """SGD with momentum as ONNX nodes, with ``torch.optim.SGD``'s exact semantics.
 
-The same function builds the eager ``optimizer.step()`` session and the update nodes of a
-compiled training step. Hyperparameters are graph inputs (scalars), so a learning-rate schedule
-never changes the graph; only the *structure* (momentum on or off, weight decay on or off,
-nesterov, dampening) does.
+``og.optim.SGD.update`` calls it for every parameter: the eager ``optimizer.step()`` and the
+update nodes of a compiled training step are the same nodes. Hyperparameters are graph inputs
+(scalars), so a learning-rate schedule never changes the graph; only the *structure* (momentum on
+or off, weight decay on or off, nesterov, dampening) does.
 """
 from __future__ import annotations
 
@@ -68,31 +68,3 @@ def sgd_update(b: Builder, param: ir.Value, grad: ir.Value, buf: ir.Value | None
             value.shape = param.shape
             value.dtype = param.dtype
     return new_param, new_buf
-
-
-def sgd_updates(b: Builder, values: list[ir.Value], layout, flags, used) -> list[ir.Value]:
-    """Every parameter's update, from a flat input list laid out as ``optim.SGD.step`` builds it.
-
-    ``values``: per entry of ``layout`` (group index, has a buffer), the parameter, its gradient
-    and the buffer if any; then per group in ``used``, its present hyperparameters in the order
-    lr, momentum, dampening (holding 1 - dampening), weight_decay. Returns per entry the new
-    parameter and the new buffer (when momentum is on), in the same order.
-    """
-    n_state = sum(3 if has_buf else 2 for _, has_buf in layout)
-    hyper_values = iter(values[n_state:])
-    hypers: dict[int, SGDHyper] = {}
-    for gi in used:
-        f = flags[gi]
-        present = [True, f.momentum, f.momentum and f.dampening, f.weight_decay]
-        lr, mom, damp, wd = (next(hyper_values) if on else None for on in present)
-        hypers[gi] = SGDHyper(lr=lr, momentum=mom, dampening=damp, weight_decay=wd)
-    outs: list[ir.Value] = []
-    it = iter(values[:n_state])
-    for gi, has_buf in layout:
-        p, g = next(it), next(it)
-        buf = next(it) if has_buf else None
-        new_p, new_buf = sgd_update(b, p, g, buf, hypers[gi], flags[gi])
-        outs.append(new_p)
-        if new_buf is not None:
-            outs.append(new_buf)
-    return outs

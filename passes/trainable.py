@@ -35,7 +35,7 @@ from .autodiff import NoGradientRule, describe, gradients, topological_nodes
 from .builder import Builder, name_outputs, static_shape
 from .cleanup import cleanup
 from .rules import RULES, attr
-from .sgd import SGDFlags, sgd_updates
+from .sgd import SGDFlags, SGDHyper, sgd_update
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
                          ir.DataType.BFLOAT16})
@@ -614,3 +614,32 @@ def _append_loss(graph: ir.Graph, loss: ir.Graph, prediction: ir.Value, labels: 
         graph.append(copy)
         mapping.update({id(src): v for src, v in zip(node.outputs, outputs)})
     return mapping[id(result)], labels_value
+
+
+# --------------------------------------------------------------------------- the update
+def sgd_updates(b: Builder, values: list[ir.Value], layout, flags, used) -> list[ir.Value]:
+    """Every parameter's update, from a flat input list laid out as ``optim.SGD.step`` builds it.
+
+    ``values``: per entry of ``layout`` (group index, has a buffer), the parameter, its gradient
+    and the buffer if any; then per group in ``used``, its present hyperparameters in the order
+    lr, momentum, dampening (holding 1 - dampening), weight_decay. Returns per entry the new
+    parameter and the new buffer (when momentum is on), in the same order.
+    """
+    n_state = sum(3 if has_buf else 2 for _, has_buf in layout)
+    hyper_values = iter(values[n_state:])
+    hypers: dict[int, SGDHyper] = {}
+    for gi in used:
+        f = flags[gi]
+        present = [True, f.momentum, f.momentum and f.dampening, f.weight_decay]
+        lr, mom, damp, wd = (next(hyper_values) if on else None for on in present)
+        hypers[gi] = SGDHyper(lr=lr, momentum=mom, dampening=damp, weight_decay=wd)
+    outs: list[ir.Value] = []
+    it = iter(values[:n_state])
+    for gi, has_buf in layout:
+        p, g = next(it), next(it)
+        buf = next(it) if has_buf else None
+        new_p, new_buf = sgd_update(b, p, g, buf, hypers[gi], flags[gi])
+        outs.append(new_p)
+        if new_buf is not None:
+            outs.append(new_buf)
+    return outs

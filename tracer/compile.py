@@ -2,9 +2,9 @@
 
 Tracing runs the function eagerly with a :class:`Trace` active. Every op is recorded; a
 ``backward`` inside becomes a macro record that the autodiff pass expands, ``optimizer.step()``
-one that the SGD pass expands, and BatchNorm's running-statistics updates are ordinary recorded
-nodes. The recording is then materialized as a single graph whose inputs are the call's tensors,
-the state (parameters, buffers, momentum buffers) and the optimizer's scalar hyperparameters, and
+one that expands into the optimizer's update nodes (``Optimizer.update``), and BatchNorm's
+running-statistics updates are ordinary recorded nodes. The recording is then materialized as a single graph whose inputs are the call's tensors,
+the state (parameters, buffers, optimizer state) and the optimizers' scalar hyperparameters, and
 whose outputs are the function's results, the state's new values and the gradients.
 
 Tracing leaves no trace: state is put back as it was and the first call runs the compiled graph
@@ -60,24 +60,23 @@ class Trace:
                 self._remember(t)
 
     def add_optimizer(self, optimizer: Any) -> None:
+        """Its parameters and state tensors become state of the step (optimizer protocol)."""
         if all(o is not optimizer for o in self.optimizers):
             self.optimizers.append(optimizer)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self._remember(p)
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    self._remember(buf)
+        for _, _, t in optimizer.state_tensors():
+            self._remember(t)
 
     def remember(self, t: Tensor) -> None:
         """Make ``t`` (state created during the trace, e.g. a zero momentum buffer) an input."""
         self._remember(t)
 
-    def created_buffers(self) -> list[tuple[Any, Tensor, Tensor]]:
-        """Momentum buffers that the traced step created from scratch (PyTorch's first step)."""
-        return [(opt, p, s["momentum_buffer"]) for opt in self.optimizers
-                for p, s in opt.state.items()
-                if "momentum_buffer" in s and id(s["momentum_buffer"]) not in self.initial]
+    def created_state(self) -> list[tuple[Any, Tensor, str, Tensor]]:
+        """Optimizer state that the traced step created from scratch (a first step's output)."""
+        return [(opt, p, key, t) for opt in self.optimizers for p, key, t in opt.state_tensors()
+                if id(t) not in self.initial]
 
     def scalar_input(self, name: str, getter: Callable[[], Any], dtype: np.dtype) -> Val:
         """A scalar graph input fed from ``getter()`` at every call (learning rate, momentum)."""
@@ -149,8 +148,8 @@ class Program:
                  output_names: list[str], output_tree: Any, updated: dict[str, Tensor],
                  readonly: dict[str, Tensor], grads: dict[str, Tensor],
                  scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
-                 created: dict[str, tuple[Any, Tensor]],
-                 buffers: dict[str, tuple[Any, Tensor]] | None = None):
+                 created: dict[str, tuple[Any, Tensor, str]],
+                 owned: dict[str, tuple[Any, Tensor, str]] | None = None):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -160,23 +159,20 @@ class Program:
         self.readonly = readonly    # state input name -> tensor, read only
         self.grads = grads          # gradient output name -> parameter
         self.scalars = scalars      # scalar input name -> (getter, dtype)
-        self.created = created      # output name -> (optimizer, parameter): a new momentum buffer
-        self.buffers = buffers or {}  # state input name -> (optimizer, parameter): its buffer
+        self.created = created      # output name -> (optimizer, parameter, key): new state
+        self.owned = owned or {}    # state input name -> (optimizer, parameter, key)
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.views = RunnerViews(shared=runner.device == "cpu")
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
         runner, synced = self.runner, self.synced
-        for name, (opt, p) in self.buffers.items():
-            # optimizer.load_state_dict puts new buffer tensors into opt.state: follow them.
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is None:
-                # NOTE: cleared state; a zero buffer is PyTorch's first step exactly here (this
-                # program has buffers, so no dampening: see optim.SGD._buffer).
-                buf = Tensor(Val(np.zeros_like(p._v.data)))
-                opt.state.setdefault(p, {})["momentum_buffer"] = buf
-            if buf is not self.updated[name]:
-                self.updated[name] = buf  # its value is written to the runner just below
+        for name, (opt, p, key) in self.owned.items():
+            # optimizer.load_state_dict puts new state tensors into opt.state: follow them.
+            t = opt.state.get(p, {}).get(key)
+            if t is None:
+                t = opt.initial_state(p, key)  # cleared state: as before a first step
+            if t is not self.updated[name]:
+                self.updated[name] = t  # its value is written to the runner just below
         views = self.views
         for name, t in self.updated.items():
             edited = views.edited(name, t)  # an eager edit since the last call
@@ -200,8 +196,8 @@ class Program:
             grad = Val(runner.carried_output(name))
             p.grad = Tensor(grad)
             views.hand_out(name, grad)
-        for name, (opt, p) in self.created.items():
-            opt.state.setdefault(p, {})["momentum_buffer"] = Tensor(Val(results[name]))
+        for name, (opt, p, key) in self.created.items():
+            opt.state.setdefault(p, {})[key] = Tensor(Val(results[name]))
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
@@ -219,7 +215,8 @@ class Program:
 class CompiledFunction:
     """The callable ``og.compile`` returns; one program per input signature and module mode."""
 
-    def __init__(self, fn: Callable[..., Any], module: Any = None):
+    def __init__(self, fn: Callable[..., Any], module: Any = None,
+                 arg_names: Sequence[str] | None = None):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self._module = module
@@ -235,21 +232,16 @@ class CompiledFunction:
             params = list(pyinspect.signature(fn).parameters)
         except (TypeError, ValueError):
             params = []
-        self._arg_names = [p for p in params if p not in ("self",)]
+        self._arg_names = (list(arg_names) if arg_names is not None
+                           else [p for p in params if p not in ("self",)])
 
     def _key(self, arrays: Sequence[np.ndarray], static: tuple) -> tuple:
-        # The optimizer's structure (not its values, which are inputs): which terms exist, and
-        # with dampening, which momentum buffers exist yet (PyTorch's first step differs).
-        optim = tuple((g["momentum"] != 0, g["dampening"] != 0, g["weight_decay"] != 0,
-                       bool(g["nesterov"]), bool(g.get("maximize", False)),
-                       g["dampening"] != 0 and tuple(
-                           o.state.get(p, {}).get("momentum_buffer") is None
-                           for p in g["params"]))
-                      for o in self._optimizers for g in o.param_groups)
-        params = tuple(id(p) for o in self._optimizers for g in o.param_groups for p in g["params"])
+        # The optimizers' structure, parameters and which state exists (not their values, which
+        # are inputs): see Optimizer.graph_key.
+        optim = tuple(o.graph_key() for o in self._optimizers)
         # A gradient left from before the call accumulates (state of the step); none: it is new.
         fresh = tuple(t.grad is None for t in self._grad_owners)
-        return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim, params,
+        return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim,
                 self._modules_identity(), fresh)
 
     def _modules_identity(self) -> tuple:
@@ -298,9 +290,9 @@ class CompiledFunction:
                 t._v = val  # tracing leaves state as it was
             for t, grad in trace.grads_before.values():
                 t.grad = grad
-            created = trace.created_buffers()
-            for opt, p, _ in created:
-                del opt.state[p]["momentum_buffer"]  # the compiled step creates it
+            created = trace.created_state()
+            for opt, p, key, _ in created:
+                del opt.state[p][key]  # the compiled step creates it
         self.traces += 1
         for m in trace.modules:
             if all(m is not k for k in self._modules):
@@ -317,7 +309,7 @@ class CompiledFunction:
 
     def _build(self, trace: Trace, inputs: list[Any], result: Any, final: dict[int, Val],
                grads_after: dict[int, Tensor | None],
-               created_buffers: list[tuple[Any, Tensor, Tensor]]) -> Program:
+               created_state: list[tuple[Any, Tensor, str, Tensor]]) -> Program:
         names = _state_names(trace)
         out_tree, out_tensors = _flatten(result)
         data_inputs = [t for t in inputs if isinstance(t, Tensor)]
@@ -340,11 +332,12 @@ class CompiledFunction:
                 roots.append(final[tid])
                 root_names.append(f"{names[tid]}.new")
                 state_pairs[names[tid]] = f"{names[tid]}.new"
-        created: dict[str, tuple[Any, Tensor]] = {}
-        for opt, p, buf in created_buffers:
-            roots.append(buf._v)
-            root_names.append(f"momentum.{names[id(p)]}")
-            created[f"momentum.{names[id(p)]}"] = (opt, p)
+        created: dict[str, tuple[Any, Tensor, str]] = {}
+        for opt, p, key, t in created_state:
+            name = _optimizer_state_name(trace, opt, p, key, names)
+            roots.append(t._v)
+            root_names.append(name)
+            created[name] = (opt, p, key)
         grads: dict[str, Tensor] = {}
         for tid, (t, _) in trace.grads_before.items():
             g = grads_after.get(tid)
@@ -400,7 +393,7 @@ class CompiledFunction:
         graph = ir.Graph(graph_inputs, outputs, nodes=nodes, initializers=initializers,
                          opset_imports={"": OPSET}, name="train_step")
         model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
-        # ONNXGRAD_DUMP: the step as traced (forward, then what autodiff and the SGD pass appended,
+        # ONNXGRAD_DUMP: the step as traced (forward, then what autodiff and the optimizer appended,
         # each node tagged with its origin), then after cleanup.
         _dump("traced", model)
         cleanup(model)
@@ -416,11 +409,18 @@ class CompiledFunction:
         runner = StepRunner(proto.SerializeToString(), state_pairs,
                             {name: t._v.data for name, t in updated.items()}, carried=list(grads))
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
-        owners = {id(s["momentum_buffer"]): (opt, p) for opt in trace.optimizers
-                  for p, s in opt.state.items() if "momentum_buffer" in s}
-        buffers = {name: owners[id(t)] for name, t in updated.items() if id(t) in owners}
+        owners = {id(t): (opt, p, key) for opt in trace.optimizers
+                  for p, key, t in opt.state_tensors()}
+        owned = {name: owners[id(t)] for name, t in updated.items() if id(t) in owners}
         return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created, buffers)
+                       updated, readonly, grads, scalars, created, owned)
+
+    def keep_last(self) -> None:
+        """Drop every program but the last one run (and the runtime buffers it holds)."""
+        self._programs = {k: p for k, p in self._programs.items() if p is self.last}
+
+    def runners(self) -> dict[Any, StepRunner]:
+        return {key: program.runner for key, program in self._programs.items()}
 
     # ----------------------------------------------------------------- export
     def export(self, path: str | os.PathLike[str]) -> None:
@@ -477,19 +477,25 @@ def _state_names(trace: Trace) -> dict[int, str]:
         prefix = "" if j == 0 else f"module{j}."
         for name, t in module._state_tensors().items():
             names.setdefault(id(t), prefix + name)
-    for j, opt in enumerate(trace.optimizers):
+    for opt in trace.optimizers:
         for group in opt.param_groups:
             for p in group["params"]:
-                base = names.setdefault(id(p), f"param{len(names)}")
-                buf = opt.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    names.setdefault(id(buf), f"momentum.{base}" if j == 0
-                                     else f"optimizer{j}.momentum.{base}")
+                names.setdefault(id(p), f"param{len(names)}")
+        for p, key, t in opt.state_tensors():
+            names.setdefault(id(t), _optimizer_state_name(trace, opt, p, key, names))
     for gid, t in trace.grad_state.items():
         names[gid] = f"grad.{names.setdefault(id(t), f'param{len(names)}')}"
     for tid in trace.initial:
         names.setdefault(tid, f"state{len(names)}")
     return names
+
+
+def _optimizer_state_name(trace: Trace, opt: Any, p: Tensor, key: str,
+                          names: dict[int, str]) -> str:
+    """``momentum.<param>`` (the optimizer's short name of the state, then the parameter's)."""
+    j = next(i for i, o in enumerate(trace.optimizers) if o is opt)
+    name = f"{opt.state_name(key)}.{names[id(p)]}"
+    return name if j == 0 else f"optimizer{j}.{name}"
 
 
 def _flatten(result: Any) -> tuple[Any, list[Tensor]]:
