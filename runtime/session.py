@@ -1,4 +1,9 @@
-"""ONNX Runtime sessions: providers, options, and the bounded single-node kernel cache."""
+"""ONNX Runtime sessions: providers, options, and the one bounded session cache.
+
+The cache holds what eager code runs again and again: single-node kernels (``run_node``) and
+``backward``'s gradient plans. Compiled steps and the eager optimizer own their sessions through
+their :class:`~onnxgrad.runtime.step.StepRunner` (its state buffers live as long as the step).
+"""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -41,7 +46,7 @@ def set_providers(providers: Sequence[str]) -> None:
         raise ValueError("set_providers needs at least one execution provider")
     global _providers
     _providers = list(providers)
-    _kernel_cache.clear()
+    _cache.clear()  # sessions made for other providers
 
 
 def session_options(*, level: str = "extended") -> ort.SessionOptions:
@@ -85,28 +90,45 @@ _MISSING = object()
 
 
 class _LRU(OrderedDict):
+    """Least recently used entries go first once their total weight passes ``capacity``."""
+
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = capacity
+        self.weight = 0
 
-    def get_or_make(self, key, make):
-        value = self.get(key, _MISSING)
-        if value is not _MISSING:
+    def get_or_make(self, key: Any, make: Callable[[], Any], weight: int = 1) -> Any:
+        entry = self.get(key, _MISSING)
+        if entry is not _MISSING:
             self.move_to_end(key)
-            return value
+            return entry[0]
         # make() runs outside any `except KeyError`, so its errors don't chain a KeyError context.
         value = make()
-        self[key] = value
-        if len(self) > self.capacity:
-            self.popitem(last=False)
+        self[key] = (value, weight)
+        self.weight += weight
+        while self.weight > self.capacity and len(self) > 1:
+            _, (_, w) = self.popitem(last=False)
+            self.weight -= w
         return value
 
+    def clear(self) -> None:
+        super().clear()
+        self.weight = 0
 
-_kernel_cache = _LRU(1024)
+
+# NOTE: weighed in nodes, so that a few large gradient plans (a resnet18 backward is ~600 nodes)
+# cannot crowd out thousands of single-node kernels, nor hundreds of them exhaust memory.
+_cache = _LRU(50_000)
 
 
-def kernel_cache_size() -> int:
-    return len(_kernel_cache)
+def cached(key: Any, make: Callable[[], Any], nodes: int = 1) -> Any:
+    """The cached value for ``key`` (a session, or a plan holding one), made by ``make()`` when
+    missing; ``nodes`` is the size of its graph, what the cache's bound counts."""
+    return _cache.get_or_make(key, make, nodes)
+
+
+def cache_size() -> int:
+    return len(_cache)
 
 
 def _single_node_model(
@@ -157,7 +179,7 @@ def run_node(
     (and its value is part of the cache key) instead of being fed.
     """
     consts = list(consts) if consts is not None else [False] * len(inputs)
-    key = (op_type, attrs_key, n_out, tuple(
+    key = ("node", op_type, attrs_key, n_out, tuple(
         None if x is None else (x.dtype.str, x.shape, x.tobytes() if c else None)
         for x, c in zip(inputs, consts)
     ))
@@ -165,6 +187,6 @@ def run_node(
     def make():
         return make_session(_single_node_model(op_type, attrs, inputs, consts, n_out))
 
-    sess = _kernel_cache.get_or_make(key, make)
+    sess = cached(key, make)
     feeds = {f"x{i}": x for i, (x, c) in enumerate(zip(inputs, consts)) if x is not None and not c}
     return sess.run(None, feeds)

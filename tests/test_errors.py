@@ -36,7 +36,7 @@ def ort_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as m:
         m.setattr(tensor_module, "run_node", reached)
         m.setattr(autograd, "make_session", reached)
-        m.setattr(autograd, "_sessions", ort_session._LRU(1))  # no cached backward plan either
+        m.setattr(ort_session, "_cache", ort_session._LRU(1))  # no cached kernel or plan either
         m.setattr(ort_session.ort, "InferenceSession", reached)
         yield
 

@@ -11,12 +11,11 @@ import onnx_ir as ir
 from ..passes import gradient_graph
 from ..runtime import IR_VERSION, OPSET, make_session
 from ..runtime.dump import dump_graph
-from ..runtime.session import _LRU
+from ..runtime.session import cached
 from . import state
 from .graph import CONST, DATA, WRT, Walk
 from .tensor import Tensor, Val, _contig
 
-_sessions = _LRU(64)
 stats = {"sessions_created": 0, "backward_runs": 0}
 
 
@@ -141,7 +140,7 @@ def backward(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None = Non
         trace.backward(tensors, seeds)
         return
     walk = Walk([t._v for t in tensors], _follow, _classify)
-    plan = _sessions.get_or_make(walk.key, lambda: _build_plan(walk))
+    plan = cached(("backward", walk.key), lambda: _build_plan(walk), len(walk.records))
     results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
     stats["backward_runs"] += 1
     wrt_leaves = _wrt_leaves(walk)
