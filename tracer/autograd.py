@@ -43,7 +43,7 @@ def _seed(root: Tensor, gradient: Any, i: int) -> np.ndarray:
 
 
 class _Plan:
-    __slots__ = ("session", "feeds", "kept", "outputs")
+    __slots__ = ("feeds", "kept", "outputs", "session")
 
     def __init__(self, session, feeds, kept, outputs):
         self.session = session
