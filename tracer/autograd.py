@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..inspector.dump import dump_graph
 from ..passes import gradient_graph
 from ..runtime import IR_VERSION, OPSET, make_session
-from ..runtime.dump import dump_graph
 from ..runtime.session import _LRU
 from . import state
 from .graph import CONST, DATA, WRT, Walk

@@ -522,7 +522,7 @@ def _unflatten(tree: Any, tensors: list[Tensor]) -> Any:
 
 
 def _dump(name: str, proto: onnx.ModelProto | ir.Model) -> None:
-    from ..runtime.dump import dump_graph
+    from ..inspector.dump import dump_graph
 
     dump_graph(name, proto)
 

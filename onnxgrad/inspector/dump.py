@@ -15,8 +15,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from .inspect import GraphLike, atomic_write, format_graph
-from .opset import IR_VERSION
+from ..runtime.files import atomic_write
+from ..runtime.opset import IR_VERSION
+from .text import format_graph
+from .view import GraphLike
 
 ENV_VAR = "ONNXGRAD_DUMP"
 
