@@ -32,7 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["FileWriteError", "atomic_file", "atomic_path", "atomic_paths", "atomic_write"]
+__all__ = ["FileWriteError", "atomic_file", "atomic_path", "atomic_paths", "atomic_write",
+           "write_target"]
 
 _NEW_FILE_MODE = 0o666  # what open(path, "w") asks for; the kernel subtracts the umask
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation on the raw descriptor
@@ -99,7 +100,7 @@ def atomic_paths(*paths: str | os.PathLike[str],
     NOTE: the set is not atomic as a whole; each rename is. Between the renames (microseconds, or
     forever after a crash there) a reader can see the new first file with the old second one.
     """
-    targets = [_resolve(Path(p)) for p in paths]
+    targets = [write_target(p) for p in paths]
     temps: list[Path] = []
     try:
         for target in targets:
@@ -120,9 +121,13 @@ def atomic_paths(*paths: str | os.PathLike[str],
         _fsync_folder(folder)
 
 
-def _resolve(path: Path) -> Path:
-    # NOTE: replacing a symbolic link would turn it into a regular file; a normal write goes
-    # through the link, so the temporary file is made beside the file the link points at.
+def write_target(path: str | os.PathLike[str]) -> Path:
+    """The file a write to ``path`` replaces: ``path``, or the file a symbolic link points at.
+
+    NOTE: replacing a symbolic link would turn it into a regular file; a normal write goes
+    through the link, so the temporary file is made beside the file the link points at.
+    """
+    path = Path(path)
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
