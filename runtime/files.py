@@ -159,6 +159,8 @@ def _folder_error(target: Path, exc: OSError) -> FileWriteError:
     folder = target.parent
     if isinstance(exc, FileNotFoundError) or not folder.exists():
         reason = f"no such folder {folder}"
+    elif not folder.is_dir():
+        reason = f"{folder} is not a folder"
     elif isinstance(exc, PermissionError):
         reason = f"permission denied in folder {folder}"
     else:
