@@ -19,9 +19,6 @@ class InspectError(ValueError):
     """A user-facing inspection failure; the message is one line, fit for a CLI error."""
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-
 
 def load_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX model (and its external data), raising `InspectError` with a one-line reason.

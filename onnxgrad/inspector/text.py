@@ -32,6 +32,7 @@ __all__ = ["format_graph", "format_node"]
 
 _SHOW_VALUES = 8  # constants with at most this many elements print their values (axes, scalars)
 
+
 def _float_str(v: float) -> str:
     # ONNX stores floats as float32: print the shortest float32 text (0.1, not 0.100000001).
     return str(np.float32(v))

@@ -302,17 +302,24 @@ def _inference_skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+# --------------------------------------------------------------------------------------------
+# Spellings shared by the text dump, the summary and the picture
+
+
 def origin_of(node: ir.Node) -> str:
+    """The stage that made the node (``fwd``, ``grad``, ...), "unknown" without metadata."""
     return node.metadata_props.get(ORIGIN) or UNKNOWN_ORIGIN
 
 
 def value_ref(value: ir.Value | None) -> str:
+    """``%name``; ``_`` for an omitted optional input."""
     if value is None:
         return "_"
     return f"%{value.name}" if value.name else "%<unnamed>"
 
 
 def op_name(node: ir.Node) -> str:
+    """The op type, qualified by its domain unless it is standard ONNX."""
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
