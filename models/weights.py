@@ -7,13 +7,13 @@ through ``Module.load_state_dict`` (strict), so a wrong architecture fails namin
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .. import nn
+from ..runtime.files import atomic_file, atomic_path
 
 __all__ = ["load_weights", "read_state", "save_weights"]
 
@@ -100,27 +100,19 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"unsupported weights file {path!r}: expected one of {', '.join(SUFFIXES)}")
     # NOTE: not np.ascontiguousarray, which turns the 0-d num_batches_tracked into shape [1].
     arrays = {k: _c_order(t.numpy()) for k, t in model.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
+    if lower.endswith(".npz"):
+        with atomic_file(path) as f:  # a file object, so numpy appends no second suffix
+            np.savez(f, **arrays)
+        return
     try:
-        if lower.endswith(".npz"):
-            with open(tmp, "wb") as f:  # a file object, so numpy appends no second suffix
-                np.savez(f, **arrays)
-        else:
-            try:
-                from safetensors.numpy import save_file
-            except ImportError:
-                raise ImportError(
-                    f"writing {path!r} needs the optional 'safetensors' package: install the "
-                    "extra with `pip install onnxgrad[safetensors]` (or `pip install "
-                    "safetensors`), or save as .npz") from None
-            save_file(arrays, tmp)
-        # Readers never see a half-written file: the finished one replaces the old in one step.
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        from safetensors.numpy import save_file
+    except ImportError:
+        raise ImportError(
+            f"writing {path!r} needs the optional 'safetensors' package: install the "
+            "extra with `pip install onnxgrad[safetensors]` (or `pip install "
+            "safetensors`), or save as .npz") from None
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp))
 
 
 def _c_order(array: np.ndarray) -> np.ndarray:

@@ -31,9 +31,8 @@ class Verb:
 
 def inspect_main(argv: list[str]) -> int:
     """``onnxgrad inspect FILE.onnx``: summary (or full dump), and pictures of the graph."""
-    from .runtime.inspect import (
+    from .inspector import (
         InspectError,
-        atomic_write,
         find_dot,
         format_graph,
         load_model,
@@ -41,6 +40,7 @@ def inspect_main(argv: list[str]) -> int:
         to_dot,
         write_svg,
     )
+    from .runtime.files import atomic_write
 
     parser = argparse.ArgumentParser(
         prog="onnxgrad inspect",

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     train_step.export(path)
     print(f"3. Exported the training step to {path} ({path.stat().st_size / 1e3:.0f} kB)")
     agree = _verify(path, train_step, x_train[:batch], y_train[:batch], og)
-    from onnxgrad.runtime.inspect import atomic_write, load_model, to_dot
+    from onnxgrad.inspector import load_model, to_dot
+    from onnxgrad.runtime.files import atomic_write
 
     atomic_write(out / "digits_train_step.txt", str(og.inspect(path)).encode())
     atomic_write(out / "digits_train_step.dot", to_dot(load_model(path)).encode())

@@ -20,9 +20,9 @@ from typing import Any, Protocol, Union, runtime_checkable
 import onnx
 import onnx_ir as ir
 
+from .inspector import GraphLike, Summary, format_graph, load_model
+from .inspector import summary as _summary
 from .runtime import OPSET
-from .runtime.inspect import GraphLike, Summary, format_graph, load_model
-from .runtime.inspect import summary as _summary
 from .runtime.metadata import DATA_INPUTS, PARAMETERS
 from .tracer.graph import CONST, DATA, WRT, GraphFreedError, Walk, ir_type
 from .tracer.tensor import Tensor, Val
@@ -76,7 +76,7 @@ _MAX_DEPTH = 4  # a wrapper of a wrapper of ... a model; deeper means a cycle
 
 
 def as_model(obj: Any) -> GraphLike:
-    """``obj`` as something ``runtime.inspect`` reads (see the module docstring for what works).
+    """``obj`` as something :mod:`onnxgrad.inspector` reads (see the module docstring for what works).
 
     Raises ``TypeError`` for anything else and ``ValueError`` (``InspectError``) for a bad file
     or a tensor without recorded history.

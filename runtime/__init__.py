@@ -1,6 +1,7 @@
-"""The bottom layer: ONNX Runtime sessions, serialization, export, checkpoints, inspection.
+"""The bottom layer: ONNX Runtime sessions, export, checkpoints, and the one atomic file writer.
 
-Knows nothing of tensors or passes.
+Knows nothing of tensors or passes. Inspection (text dump, summary, DOT) only reads graphs and
+lives in ``onnxgrad.inspector``.
 """
 from __future__ import annotations
 

@@ -12,18 +12,19 @@ and reads them. The format follows the file's extension.
   ``safetensors.torch``) loads. Needs the optional ``safetensors`` package
   (``pip install 'onnxgrad[safetensors]'``).
 
-Writes are atomic: the file is written beside the target under a temporary name, flushed to disk,
-then renamed over the target, so a crash mid-write leaves the old file (or none) and never a
-partial one.
+Writes are atomic (``runtime.files``): the file is written beside the target under a temporary
+name, flushed to disk, then renamed over the target, so a crash mid-write leaves the old file (or
+none) and never a partial one.
 """
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_file
 
 NPZ_METADATA_KEY = "__onnxgrad__"
 SAFETENSORS_METADATA_KEY = "onnxgrad"
@@ -67,22 +68,20 @@ def write_arrays(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray],
     if fmt == "npz" and NPZ_METADATA_KEY in arrays:
         raise CheckpointError(f"checkpoint: the array name {NPZ_METADATA_KEY!r} is reserved")
     arrays = {name: _c_order(a) for name, a in arrays.items()}
-    if fmt == "npz":
-        members = dict(arrays)
-        if metadata is not None:
-            members[NPZ_METADATA_KEY] = np.array(metadata)
-
-        def write(f) -> None:
-            np.savez(f, **members)  # a file object, so NumPy appends no second ".npz"
-    else:
+    blob = None
+    if fmt == "safetensors":
         st = _safetensors_numpy(path, "writing")
         header = None if metadata is None else {SAFETENSORS_METADATA_KEY: metadata}
-        # Checked before the temporary file exists: safetensors refuses object/unicode arrays.
+        # Serialized before the temporary file exists: safetensors refuses object/unicode arrays.
         blob = st.save(arrays, metadata=header)
-
-        def write(f) -> None:
+    with atomic_file(path, make_folder=True) as f:
+        if blob is not None:
             f.write(blob)
-    _atomic_write(path, write)
+        else:
+            members = dict(arrays)
+            if metadata is not None:
+                members[NPZ_METADATA_KEY] = np.array(metadata)
+            np.savez(f, **members)  # a file object, so NumPy appends no second ".npz"
     return path
 
 
@@ -108,44 +107,3 @@ def read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], st
         header = f.metadata() or {}
         arrays = {key: f.get_tensor(key) for key in f.keys()}
     return arrays, header.get(SAFETENSORS_METADATA_KEY)
-
-
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is a rename within one file system (atomic on POSIX and Windows).
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes the file private (0600); the checkpoint gets an ordinary file's mode.
-        os.chmod(tmp, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-
-
-def file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: 0o666 less the process umask."""
-    umask = os.umask(0)  # the only portable way to read the umask is to set it
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX only; best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

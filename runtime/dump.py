@@ -1,71 +1,25 @@
-"""``ONNXGRAD_DUMP=DIR``: write the graph after each pass, so users see what each pass appended.
+"""Where the tracer reports each graph it makes, for ``ONNXGRAD_DUMP=DIR``.
 
-Every call of :func:`dump_graph` while the variable is set writes ``DIR/NNN-<name>.onnx`` and
-``DIR/NNN-<name>.txt`` (the typed text dump), each atomically, numbered in the order the graphs
-were made. Numbering continues after the files already in ``DIR``, so a second run appends rather
-than overwrites. Unset (or empty), it costs one environment lookup.
+The tracer calls :func:`report_graph` after each pass (``backward``, ``traced``, ``cleanup``);
+the writer of the dump files lives with the inspection code, which renders the text dump, and
+registers itself with :func:`observe_graphs` when ``onnxgrad`` is imported. So the tracer and the
+runtime import nothing above them.
 """
 from __future__ import annotations
 
-import os
-import re
-import threading
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-import onnx
-import onnx_ir as ir
-
-from .inspect import GraphLike, atomic_write, format_graph
-from .opset import IR_VERSION
-
-ENV_VAR = "ONNXGRAD_DUMP"
-
-_lock = threading.Lock()  # one number per dump, even when threads run backward concurrently
-_NUMBERED = re.compile(r"^(\d+)-")
+Observer = Callable[[str, Any], Any]
+_observers: list[Observer] = []
 
 
-def dump_dir() -> Path | None:
-    """The dump directory named by ``ONNXGRAD_DUMP``, or None when dumps are off."""
-    value = os.environ.get(ENV_VAR)
-    return Path(value) if value else None
+def observe_graphs(observer: Observer) -> None:
+    """Call ``observer(name, model_or_graph)`` for every graph the tracer reports (once each)."""
+    if observer not in _observers:
+        _observers.append(observer)
 
 
-def dump_graph(name: str, graph_or_model: GraphLike) -> list[Path] | None:
-    """Write ``graph_or_model`` as ``NNN-<name>.onnx`` and ``.txt`` when dumps are on.
-
-    Returns the paths written, or None when ``ONNXGRAD_DUMP`` is not set. ``name`` says which
-    pass produced the graph (``backward``, ``compile.autodiff``...); characters unsafe in file
-    names become ``_``.
-    """
-    directory = dump_dir()
-    if directory is None:
-        return None
-    proto = _as_proto(graph_or_model)
-    text = format_graph(proto) + "\n"
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "graph"
-    with _lock:
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = f"{_next_number(directory):03d}-{safe}"
-        paths = [directory / f"{stem}.onnx", directory / f"{stem}.txt"]
-        atomic_write(paths[0], proto.SerializeToString())
-        atomic_write(paths[1], text.encode())
-    return paths
-
-
-def _as_proto(obj: GraphLike) -> onnx.ModelProto:
-    if isinstance(obj, onnx.ModelProto):
-        return obj
-    if isinstance(obj, ir.Graph):
-        # A bare graph (a pass's output) needs a model around it to be a loadable .onnx file.
-        obj = ir.Model(obj, ir_version=IR_VERSION, producer_name="onnxgrad")
-    if isinstance(obj, ir.Model):
-        return ir.serde.serialize_model(obj)
-    raise TypeError(
-        f"dump_graph expects onnx.ModelProto, onnx_ir.Model or onnx_ir.Graph, got "
-        f"{type(obj).__name__}"
-    )
-
-
-def _next_number(directory: Path) -> int:
-    numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _NUMBERED.match(p.name))]
-    return max(numbers, default=0) + 1
+def report_graph(name: str, graph_or_model: Any) -> None:
+    for observer in _observers:
+        observer(name, graph_or_model)

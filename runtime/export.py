@@ -3,12 +3,11 @@
 The model's ``metadata_props`` say how: ``onnxgrad.state`` maps each state output to the input it
 feeds on the next step, ``onnxgrad.data_inputs`` lists the per-step inputs. State inputs carry
 their current values as initializers (defaults a caller may override). Files are written
-atomically: a temporary file in the target folder, then a rename.
+atomically (``runtime.files``): a reader never sees a half-written export.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .checkpoint import file_mode
+from .files import atomic_path, atomic_paths, write_target
 
 _PROTOBUF_LIMIT = 2 * 1024**3
 
@@ -35,7 +34,14 @@ def with_defaults(model: onnx.ModelProto, defaults: Mapping[str, np.ndarray]) ->
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
                defaults: Mapping[str, np.ndarray] | None = None) -> Path:
-    """Write ``model`` (plus ``defaults``) to ``path`` atomically; external data when over 2 GB."""
+    """Write ``model`` (plus ``defaults``) to ``path`` atomically; external data when over 2 GB.
+
+    A large model is two files, ``path`` and ``path.data`` beside it. Both are written and fsynced
+    under temporary names before either is renamed, and the data file is renamed first, so a
+    failure while writing leaves both old files as they were and the new model never points at
+    old data. NOTE: the pair is not replaced atomically as a whole: a reader that opens it
+    between the two renames, or a crash between them, pairs the old model with the new data.
+    """
     path = Path(path)
     full = with_defaults(model, defaults or {})
     large = full.ByteSize() > _PROTOBUF_LIMIT - 64 * 1024**2 if _size_known(full) else True
@@ -43,34 +49,26 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str],
         # NOTE: an in-memory check serializes the whole model, which protobuf refuses over 2 GB;
         # a large model is checked from its file instead (below).
         onnx.checker.check_model(full, full_check=False)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    os.chmod(tmp, file_mode())  # mkstemp's file is private (0600); an export is an ordinary file
-    data_name = path.name + ".data"
-    tmp_data = folder / f".{data_name}.tmp"
-    try:
-        if large:
-            onnx.save_model(full, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data.name, size_threshold=1024)
-            onnx.checker.check_model(tmp, full_check=False)  # by path: no 2 GB limit
-            _point_external_data(tmp, data_name)
-            os.replace(tmp_data, folder / data_name)
-        else:
-            onnx.save_model(full, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (Path(tmp), tmp_data):
-            leftover.unlink(missing_ok=True)
-        raise
+        with atomic_path(path, make_folder=True) as tmp:
+            onnx.save_model(full, str(tmp))
+        return path
+    # The data file goes beside the file actually written (a symbolic link's target), since
+    # the model names it relative to its own folder.
+    data_path = write_target(path).with_name(path.name + ".data")
+    with atomic_paths(data_path, path, make_folder=True) as (tmp_data, tmp):
+        # The external-data location is relative to the model's folder, which both share.
+        onnx.save_model(full, str(tmp), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=tmp_data.name,
+                        size_threshold=1024)
+        onnx.checker.check_model(str(tmp), full_check=False)  # by path: no 2 GB limit
+        _point_external_data(str(tmp), data_path.name)
     return path
 
 
 def _size_known(model: onnx.ModelProto) -> bool:
     try:
         model.ByteSize()
-    except Exception:  # protobuf refuses to size messages over 2 GB
+    except Exception:  # noqa: BLE001 - protobuf refuses to size messages over 2 GB
         return False
     return True
 

@@ -10,9 +10,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxgrad.runtime import dump
-from onnxgrad.runtime.inspect import (
+from onnxgrad.runtime.metadata import DATA_INPUTS, MODULE, ORIGIN, SOURCE, STATE
+
+import onnxgrad as og
+from onnxgrad.inspector import (
     InspectError,
+    dump,
     format_graph,
     format_node,
     load_model,
@@ -20,9 +23,6 @@ from onnxgrad.runtime.inspect import (
     summary,
     to_dot,
 )
-from onnxgrad.runtime.metadata import DATA_INPUTS, MODULE, ORIGIN, SOURCE, STATE
-
-import onnxgrad as og
 
 F32 = TensorProto.FLOAT
 
@@ -444,7 +444,8 @@ def test_onnxgrad_dump_writes_the_backward_graph(tmp_path: Path,
 
 def test_large_graphs_are_drawn_by_module_group() -> None:
     from onnx import TensorProto, helper
-    from onnxgrad.runtime.inspect import MAX_DOT_NODES, to_dot
+
+    from onnxgrad.inspector import MAX_DOT_NODES, to_dot
 
     n = MAX_DOT_NODES + 10
     nodes = [helper.make_node("Relu", [f"v{i}"], [f"v{i + 1}"]) for i in range(n)]

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from ..passes import gradient_graph
 from ..runtime import IR_VERSION, OPSET, make_session
-from ..runtime.dump import dump_graph
+from ..runtime.dump import report_graph
 from ..runtime.session import cached
 from . import state
 from .graph import CONST, DATA, WRT, Walk
@@ -78,7 +78,7 @@ def _gradient_ir(walk: Walk) -> tuple[ir.Model, list[int]]:
 
 def _build_plan(walk: Walk) -> _Plan:
     model, kept = _gradient_ir(walk)
-    dump_graph("backward", model)  # ONNXGRAD_DUMP=DIR: what autodiff appended
+    report_graph("backward", model)  # ONNXGRAD_DUMP=DIR: what autodiff appended
     session = make_session(ir.serde.serialize_model(model))
     stats["sessions_created"] += 1
     graph = model.graph

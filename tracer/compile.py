@@ -27,6 +27,7 @@ from ..passes import gradients
 from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
 from ..runtime import IR_VERSION, OPSET
+from ..runtime.dump import report_graph
 from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.step import StepRunner
@@ -395,14 +396,14 @@ class CompiledFunction:
         model = ir.Model(graph, ir_version=IR_VERSION, producer_name="onnxgrad")
         # ONNXGRAD_DUMP: the step as traced (forward, then what autodiff and the optimizer appended,
         # each node tagged with its origin), then after cleanup.
-        _dump("traced", model)
+        report_graph("traced", model)
         cleanup(model)
         input_names = {v.name for v in model.graph.inputs}
         state_pairs = {k: v for k, v in state_pairs.items() if k in input_names}
         model.metadata_props[STATE] = json.dumps({v: k for k, v in state_pairs.items()})
         model.metadata_props[DATA_INPUTS] = json.dumps(data_names)
         proto = ir.serde.serialize_model(model)
-        _dump("cleanup", proto)
+        report_graph("cleanup", proto)
 
         updated = {name: t for name, t in used_state.items() if name in state_pairs}
         readonly = {name: t for name, t in used_state.items() if name not in state_pairs}
@@ -435,7 +436,7 @@ class CompiledFunction:
         return self.last.model
 
 
-def compile(fn: Any) -> CompiledFunction:  # noqa: A001  (og.compile, as torch.compile)
+def compile(fn: Any) -> CompiledFunction:
     """Compile a step function (or a module's forward) into one ONNX model run by ONNX Runtime."""
     if hasattr(fn, "_state_tensors") and callable(fn):
         module = fn
@@ -527,8 +528,4 @@ def _unflatten(tree: Any, tensors: list[Tensor]) -> Any:
     return kind(out)
 
 
-def _dump(name: str, proto: onnx.ModelProto | ir.Model) -> None:
-    from ..runtime.dump import dump_graph
-
-    dump_graph(name, proto)
 
