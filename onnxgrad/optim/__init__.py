@@ -6,7 +6,8 @@ nodes. See ``optimizer.py`` and CONTRIBUTING.md ("Adding an optimizer").
 """
 from __future__ import annotations
 
+from .adam import Adam, AdamW
 from .optimizer import Optimizer
 from .sgd import SGD
 
-__all__ = ["SGD", "Optimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer"]

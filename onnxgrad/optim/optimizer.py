@@ -45,6 +45,8 @@ class Optimizer:
 
     #: Short names of state tensors in compiled graphs (``momentum.<param>``); default: the key.
     state_names: ClassVar[dict[str, str]] = {}
+    #: The dtype hyperparameters are fed in; None: the dtype of the group's parameters.
+    scalar_dtype: ClassVar[np.dtype | None] = None
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
@@ -171,7 +173,7 @@ class Optimizer:
                 inputs += [p._v, grad_of[id(p)]._v]
                 inputs += [self.state[p][key]._v for key, there in has if there]
             getters = self.hyperparameters(group)
-            dtype = members[0].dtype
+            dtype = self.scalar_dtype or members[0].dtype
             suffix = "" if gi == 0 else f".group{gi}"
             prefix = "" if index == 0 else f"optimizer{index}."
             inputs += [trace.scalar_input(f"{prefix}{name}{suffix}", getter, dtype)
