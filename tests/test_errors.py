@@ -23,8 +23,8 @@ from onnxgrad.tracer.tensor import emit
 
 import onnxgrad as og
 
-# The module, not the `tensor` factory that onnxgrad.tracer re-exports under the same name.
-tensor_module = importlib.import_module("onnxgrad.tracer.tensor")
+# The module whose `emit` runs eager kernels (tracer/values.py).
+values_module = importlib.import_module("onnxgrad.tracer.values")
 
 @contextlib.contextmanager
 def ort_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -34,7 +34,7 @@ def ort_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         raise AssertionError("ONNX Runtime was reached before the error was raised")
 
     with monkeypatch.context() as m:
-        m.setattr(tensor_module, "run_node", reached)
+        m.setattr(values_module, "run_node", reached)
         m.setattr(autograd, "make_session", reached)
         m.setattr(autograd, "_sessions", ort_session._LRU(1))  # no cached backward plan either
         m.setattr(ort_session.ort, "InferenceSession", reached)
