@@ -63,14 +63,6 @@ def _names(flag: Names, default: str) -> tuple[str, ...]:
     return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
-def _claim(table: dict[str, Callable[..., Any]], name: str, fn: Callable[..., Any],
-           where: str, op_name: str) -> None:
-    if name in table:
-        raise ValueError(f"op {op_name!r}: {where} name {name!r} is already taken by "
-                         f"{getattr(table[name], '__qualname__', table[name])!r}")
-    table[name] = fn
-
-
 def op(*, og: Names = False, functional: Names = False, method: Names = False,
        reflected: str | Sequence[str] = (), inplace: str | Sequence[str] = (),
        name: str | None = None) -> Callable[[F], F]:
@@ -82,23 +74,28 @@ def op(*, og: Names = False, functional: Names = False, method: Names = False,
 
     def register(fn: F) -> F:
         op_name = name or fn.__name__
-        if op_name in OPS:
-            raise ValueError(f"op {op_name!r} is defined twice")
         public = fn.__name__
         spec = OpDef(op_name, fn, _names(og, public), _names(functional, public),
                      _names(method, public), _names(reflected, public), _names(inplace, public))
+        if spec.inplace and _inplace_variant is None:
+            raise RuntimeError(f"op {op_name!r}: in-place names need inplace_variant first")
+        # Everything is checked before anything is registered: a refused op leaves no trace.
+        claims = [(_ENTRIES[ns], ns, entry, fn) for ns in NAMESPACES
+                  for entry in getattr(spec, ns)]
+        claims += [(METHODS, "Tensor method", attr, fn) for attr in spec.methods]
+        claims += [(METHODS, "Tensor method", attr, _reflect(fn, attr))
+                   for attr in spec.reflected]
+        claims += [(METHODS, "Tensor method", attr, _inplace_variant(fn, attr))
+                   for attr in spec.inplace]
+        if op_name in OPS:
+            raise ValueError(f"op {op_name!r} is defined twice")
+        for table, where, entry, _ in claims:
+            if entry in table:
+                raise ValueError(f"op {op_name!r}: {where} name {entry!r} is already taken by "
+                                 f"{table[entry].__qualname__}")
         OPS[op_name] = spec
-        for ns in NAMESPACES:
-            for public in getattr(spec, ns):
-                _claim(_ENTRIES[ns], public, fn, ns, op_name)
-        for attr in spec.methods:
-            _claim(METHODS, attr, fn, "Tensor method", op_name)
-        for attr in spec.reflected:
-            _claim(METHODS, attr, _reflect(fn, attr), "Tensor method", op_name)
-        for attr in spec.inplace:
-            if _inplace_variant is None:
-                raise RuntimeError(f"op {op_name!r}: in-place names need inplace_variant first")
-            _claim(METHODS, attr, _inplace_variant(fn, attr), "Tensor method", op_name)
+        for table, _, entry, value in claims:
+            table[entry] = value
         return fn
 
     return register
