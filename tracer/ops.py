@@ -299,6 +299,27 @@ def sqrt(x: Tensor) -> Tensor:
     return _unary("Sqrt", x)
 
 
+@op(og=True, method=True)
+def sin(x: Tensor) -> Tensor:
+    return _unary("Sin", x)
+
+
+@op(og=True, method=True)
+def cos(x: Tensor) -> Tensor:
+    return _unary("Cos", x)
+
+
+@op(og=True, method=True)
+def erf(x: Tensor) -> Tensor:
+    v = _float_input(x)
+    if v.data.dtype != np.float64:
+        return _wrap(emit("Erf", [v])[0])
+    # NOTE: ONNX Runtime has no float64 Erf kernel (CPU provider), so float64 erf is computed
+    # in float32 between two Casts: values and gradients have float32 accuracy (~1e-7).
+    f32 = emit("Cast", [v], {"to": int(ir.DataType.FLOAT)})[0]
+    return _wrap(emit("Cast", [emit("Erf", [f32])[0]], {"to": int(ir.DataType.DOUBLE)})[0])
+
+
 @op(og=True, functional=True, method=True)
 def tanh(x: Tensor) -> Tensor:
     return _unary("Tanh", x)

@@ -100,6 +100,16 @@ def abs_(b, node, grads, needs):
     return [b.op("Mul", grads[0], b.op("Sign", node.inputs[0]))]
 
 
+@rule("Sin", same_shape=True)
+def sin(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Cos", node.inputs[0]))]
+
+
+@rule("Cos", same_shape=True)
+def cos(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Neg", b.op("Sin", node.inputs[0])))]
+
+
 @rule("Tanh", same_shape=True)
 def tanh(b, node, grads, needs):
     out = node.outputs[0]
