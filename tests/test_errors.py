@@ -181,7 +181,8 @@ def test_onnx_ir_graph_without_rule() -> None:
     y = node.outputs[0]
     y.name, y.shape, y.type = "y", ir.Shape([3]), ir.TensorType(ir.DataType.FLOAT)
     seed = ir.Value(name="seed", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.FLOAT))
-    with pytest.raises(NoGradientRule, match=r"no gradient rule for ONNX op 'Atan' \(node the_atan\)"):
+    with pytest.raises(NoGradientRule,
+                       match=r"no gradient rule for ONNX op 'Atan' \(node the_atan\)"):
         gradient_graph([y], [seed], [x], opset=OPSET)
 
 

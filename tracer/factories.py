@@ -1,4 +1,5 @@
-"""Tensor factories (``og.zeros``, ``og.rand``...) and the global random generator (``og.manual_seed``)."""
+"""Tensor factories (``og.zeros``, ``og.rand``...) and the global random generator
+(``og.manual_seed``)."""
 from __future__ import annotations
 
 import weakref
