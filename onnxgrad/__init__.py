@@ -18,55 +18,11 @@ from .tracer import (
     set_grad_enabled,
     tensor,
 )
+from .tracer import registry as _registry
 from .tracer.compile import compile
-from .tracer.factories import (
-    arange,
-    full,
-    manual_seed,
-    ones,
-    ones_like,
-    rand,
-    randint,
-    randn,
-    zeros,
-    zeros_like,
-)
-from .tracer.ops import (
-    ShapeError,
-    abs,
-    amax,
-    amin,
-    argmax,
-    argmin,
-    cat,
-    chunk,
-    clamp,
-    exp,
-    flatten,
-    log,
-    log_softmax,
-    matmul,
-    max,
-    maximum,
-    mean,
-    min,
-    minimum,
-    permute,
-    relu,
-    reshape,
-    sigmoid,
-    softmax,
-    split,
-    sqrt,
-    squeeze,
-    stack,
-    sum,
-    tanh,
-    transpose,
-    unsqueeze,
-    where,
-)
-from .tracer.tensor import (
+from .tracer.factories import manual_seed
+from .tracer.ops import ShapeError
+from .tracer.values import (
     bool_,
     float16,
     float32,
@@ -84,21 +40,20 @@ bool = bool_  # noqa: A001  (og.bool, as torch.bool)
 float = float32  # noqa: A001
 double = float64
 long = int64
-clip = clamp
 
 __version__ = "0.1.0"
 
+# The ops declared @op(og=True) (tracer/ops.py, tracer/factories.py): og.exp, og.zeros, ...
+globals().update(_registry.namespace("og"))
+
 __all__ = [
-    "ShapeError", "Tensor", "TraceError", "abs", "amax", "amin", "arange", "argmax", "argmin",
-    "as_tensor", "bool", "cat", "chunk", "clamp", "clip", "compile", "double", "enable_grad", "exp",
-    "flatten", "float", "float16", "float32", "float64", "full", "get_default_dtype",
-    "get_providers", "grad", "inspect", "int8", "int16", "int32", "int64", "load", "log",
-    "log_softmax", "long", "manual_seed", "matmul", "max", "maximum", "mean", "min", "minimum",
-    "models", "nn", "no_grad", "ones", "ones_like", "optim", "permute", "rand", "randint", "randn",
-    "relu", "reshape", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
-    "sigmoid", "softmax", "split", "sqrt", "squeeze", "stack", "sum", "summary", "tanh", "tensor",
-    "training_step", "transpose", "uint8", "unsqueeze", "where", "zeros", "zeros_like",
+    "ShapeError", "Tensor", "TraceError", "as_tensor", "bool", "compile", "double",
+    "enable_grad", "float", "float16", "float32", "float64", "get_default_dtype", "get_providers",
+    "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
+    "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
+    "summary", "tensor", "training_step", "uint8",
 ]
+__all__.extend(_registry.names("og"))
 
 
 def __getattr__(name: str):

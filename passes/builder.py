@@ -11,13 +11,13 @@ import onnx_ir as ir
 # The keys are defined once, in the bottom layer; re-exported here for the tracer.
 from ..runtime.metadata import MODULE, ORIGIN, SOURCE  # noqa: F401
 
-# Ops whose output dtype differs from their first input's.
-_BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-             "IsNaN", "IsInf"}
-_INT64_OUT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
-# Ops whose output has the shape of their first input.
-_SAME_SHAPE = {"Relu", "Neg", "Exp", "Log", "Sqrt", "Abs", "Tanh", "Sigmoid", "Sign", "Reciprocal",
-               "Cast", "Identity", "Softmax", "LogSoftmax", "Not", "Erf", "Clip", "Floor", "Ceil"}
+# Ops whose output dtype differs from their first input's (any other op: the first input's).
+BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+            "IsNaN", "IsInf"}
+INT64_OUT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
+# Ops whose output has the shape of their first input. An op with a gradient rule declares it with
+# the rule (``@rule("Exp", same_shape=True)``, passes/rules); listed here are those without one.
+SAME_SHAPE = {"Sign", "Not", "Floor", "Ceil"}
 
 
 def np_dtype(value: ir.Value) -> np.dtype:
@@ -88,9 +88,9 @@ class Builder:
         first = next((v for v in node.inputs if v is not None), None)
         out = node.outputs[0]
         op = node.op_type
-        if op in _BOOL_OUT:
+        if op in BOOL_OUT:
             out.dtype = ir.DataType.BOOL
-        elif op in _INT64_OUT:
+        elif op in INT64_OUT:
             out.dtype = ir.DataType.INT64
         elif op == "Cast":
             out.dtype = ir.DataType(attrs["to"])
@@ -104,7 +104,7 @@ class Builder:
         elif first is not None:
             for o in node.outputs:
                 o.dtype = first.dtype
-        if op in _SAME_SHAPE and first is not None and first.shape is not None:
+        if op in SAME_SHAPE and first is not None and first.shape is not None:
             out.shape = ir.Shape(first.shape)
 
     def const(self, value: Any, dtype: Any = None) -> ir.Value:

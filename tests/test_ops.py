@@ -4,6 +4,8 @@ Add a row with ``case(id, onnxgrad_fn, numpy_ref, *input_specs, **options)``; se
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from opcheck import OpCase, arg, case, fixed, index, pos, table_tests
 
@@ -29,6 +31,9 @@ def np_max_dim(x: np.ndarray, axis: int, keepdims: bool = False, arg=np.argmax):
 
 def np_split(x: np.ndarray, size: int, axis: int) -> list[np.ndarray]:
     return np.split(x, range(size, x.shape[axis], size), axis=axis)
+
+
+np_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def f32(fn):
@@ -80,6 +85,15 @@ CASES: list[OpCase] = [
     case("sqrt", og.sqrt, np.sqrt, pos(2, 3)),
     case("abs", og.abs, np.abs, (2, 3), avoid=(0.0,)),
     case("abs/builtin", lambda a: abs(a), np.abs, (4,), avoid=(0.0,)),
+    case("sin", og.sin, np.sin, arg(2, 3, low=-4, high=4)),
+    case("cos", og.cos, np.cos, arg(2, 3, low=-4, high=4)),
+    case("sin-cos/methods", lambda a: a.sin() * a.cos(), lambda a: np.sin(a) * np.cos(a), (5,)),
+    case("cos/int", og.cos, f32(np.cos), index([0, 1, -3]), grad=False),
+    # NOTE: ONNX Runtime has no float64 Erf, so erf runs in float32 even on the VJP check's
+    # float64 inputs: a wider step and tolerance keep float32 rounding out of the difference.
+    case("erf", og.erf, f32(np_erf), (2, 3), eps=1e-3, grad_rtol=1e-4),
+    case("erf/method", lambda a: a.erf().sum(0), lambda a: f32(np_erf)(a).sum(0), (3, 2),
+         eps=1e-3, grad_rtol=1e-4),
     case("tanh", og.tanh, np.tanh, (2, 3)),
     case("sigmoid", og.sigmoid, lambda a: 1 / (1 + np.exp(-a)), (2, 3)),
     case("relu", og.relu, lambda a: np.maximum(a, 0), (2, 3), avoid=(0.0,)),

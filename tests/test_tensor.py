@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from onnxgrad.runtime import add_model_check
-from onnxgrad.tracer import autograd
+from onnxgrad.tracer import autograd, registry
+from onnxgrad.tracer.registry import OpMethod
 
 import onnxgrad as og
 
@@ -403,3 +404,86 @@ def test_data_alias_and_in_place_fills_write_through() -> None:
     t = og.zeros(2, dtype=og.int64)
     t.copy_(og.tensor([1.7, 2.2]))
     assert t.tolist() == [1, 2]
+
+
+# --------------------------------------------------------------------------- entry points of the op definitions
+# Every public op name as it was before the ops got one definition each (tracer/registry.py):
+# none may disappear.
+OG_OPS = ["abs", "amax", "amin", "arange", "argmax", "argmin", "cat", "chunk", "clamp", "clip",
+          "exp", "flatten", "full", "log", "log_softmax", "matmul", "max", "maximum", "mean", "min",
+          "minimum", "ones", "ones_like", "permute", "rand", "randint", "randn", "relu", "reshape",
+          "sigmoid", "softmax", "split", "sqrt", "squeeze", "stack", "sum", "tanh", "transpose",
+          "unsqueeze", "where", "zeros", "zeros_like"]
+FUNCTIONAL = ["adaptive_avg_pool2d", "avg_pool2d", "batch_norm", "conv2d", "cross_entropy",
+              "dropout", "flatten", "l1_loss", "linear", "log_softmax", "max_pool2d", "mse_loss",
+              "nll_loss", "relu", "sigmoid", "softmax", "tanh"]
+TENSOR_METHODS = [
+    "abs", "add", "add_", "amax", "amin", "argmax", "argmin", "backward", "bool", "chunk", "clamp",
+    "clip", "clone", "copy_", "div", "div_", "double", "eq", "exp", "expand", "expand_as",
+    "fill_", "flatten", "float", "ge", "gt", "int", "le", "log", "log_softmax", "logical_not",
+    "long", "lt", "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "mul_", "ne", "neg",
+    "permute", "pow", "relu", "reshape", "reshape_as", "sigmoid", "softmax", "split", "sqrt",
+    "squeeze", "sub", "sub_", "sum", "tanh", "to", "transpose", "type_as", "unsqueeze", "view",
+    "view_as", "zero_",
+]
+
+
+def test_public_op_names_are_kept() -> None:
+    import onnxgrad.nn.functional as F
+
+    for name in OG_OPS:
+        assert callable(getattr(og, name)) and name in og.__all__, name
+    for name in FUNCTIONAL:
+        assert callable(getattr(F, name)) and name in F.__all__, name
+    t = og.ones(2)
+    for name in TENSOR_METHODS:
+        assert callable(getattr(t, name)) and name in dir(t), name
+    assert og.clip is og.clamp and F.relu is og.relu
+    assert F.flatten(og.ones(2, 3, 4)).shape == (2, 12)  # functional's own: from dim 1
+    assert og.flatten(og.ones(2, 3, 4)).shape == (24,)
+
+
+def test_all_names_resolve() -> None:
+    import onnxgrad.nn.functional as F
+
+    for module in (og, F):
+        assert len(module.__all__) == len(set(module.__all__)), module.__name__
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"
+
+
+def test_operator_slots_are_exactly_the_declared_operators() -> None:
+    # Python finds operators on the type: each dunder an op declares needs its slot in the
+    # Tensor class body, and a slot that no op declares would be a dead operator.
+    slots = {name for name, value in vars(og.Tensor).items() if isinstance(value, OpMethod)}
+    declared = {name for name in registry.METHODS if name.startswith("__")}
+    assert slots == declared
+
+
+def test_operators_and_methods_dispatch_to_their_op() -> None:
+    a, b = og.tensor([1.0, 4.0]), og.tensor([2.0, 2.0])
+    np.testing.assert_array_equal((a + b).numpy(), [3.0, 6.0])
+    np.testing.assert_array_equal((1 - a).numpy(), [0.0, -3.0])  # reflected
+    np.testing.assert_array_equal((2 ** a).numpy(), [2.0, 16.0])
+    np.testing.assert_array_equal(a.sub(b, alpha=2).numpy(), [-3.0, 0.0])
+    c = a * 1
+    c += b  # in place: the same handle
+    assert c is not a and c.tolist() == [3.0, 6.0] and a.tolist() == [1.0, 4.0]
+    with pytest.raises(AttributeError, match="'Tensor' object has no attribute 'no_such_op'"):
+        _ = a.no_such_op
+    with pytest.raises(AttributeError):
+        _ = a.__no_such_dunder__
+
+
+def test_a_name_is_registered_once() -> None:
+    before = (dict(registry.OPS), dict(registry.METHODS), registry.namespace("og"))
+
+    def exp(x):  # the name og.exp and Tensor.exp already have
+        return x
+
+    with pytest.raises(ValueError, match="og name 'exp' is already taken"):
+        registry.op(og=True, method=True, name="test.exp")(exp)
+    with pytest.raises(ValueError, match="op 'exp' is defined twice"):
+        registry.op()(exp)
+    # A refused op leaves nothing behind.
+    assert (registry.OPS, registry.METHODS, registry.namespace("og")) == before

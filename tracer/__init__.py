@@ -1,10 +1,11 @@
 """Tensors recorded as ONNX nodes, eager evaluation, backward, and compile."""
 from __future__ import annotations
 
-from . import ops
+# The op modules register their ops (tracer/registry.py) as they are imported.
+from . import factories, nnops, ops, registry
 from .autograd import backward, grad
 from .state import enable_grad, no_grad, set_grad_enabled
 from .tensor import Tensor, TraceError, Val, as_tensor, tensor
 
-__all__ = ["Tensor", "TraceError", "Val", "as_tensor", "backward", "enable_grad", "grad",
-           "no_grad", "ops", "set_grad_enabled", "tensor"]
+__all__ = ["Tensor", "TraceError", "Val", "as_tensor", "backward", "enable_grad", "factories",
+           "grad", "nnops", "no_grad", "ops", "registry", "set_grad_enabled", "tensor"]

@@ -1,4 +1,5 @@
-"""Tensor factories and the global random generator (``og.manual_seed``)."""
+"""Tensor factories (``og.zeros``, ``og.rand``...) and the global random generator
+(``og.manual_seed``)."""
 from __future__ import annotations
 
 import weakref
@@ -9,7 +10,9 @@ import onnx_ir as ir
 
 from . import ops, state
 from .ops import _shape_args
-from .tensor import Tensor, Val, _contig, emit, get_default_dtype, int64
+from .registry import op
+from .tensor import Tensor
+from .values import Val, _contig, emit, get_default_dtype, int64
 
 _rng = np.random.default_rng()
 
@@ -35,14 +38,17 @@ def _dtype(dtype: Any) -> np.dtype:
     return get_default_dtype() if dtype is None else np.dtype(dtype)
 
 
+@op(og=True)
 def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return _make(np.zeros(_shape_args(size), _dtype(dtype)), requires_grad)
 
 
+@op(og=True)
 def ones(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return _make(np.ones(_shape_args(size), _dtype(dtype)), requires_grad)
 
 
+@op(og=True)
 def full(size: Any, fill_value: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     if dtype is None and isinstance(fill_value, bool):
         dtype = np.bool_
@@ -51,10 +57,12 @@ def full(size: Any, fill_value: Any, dtype: Any = None, requires_grad: bool = Fa
     return _make(np.full(_shape_args((size,)), fill_value, _dtype(dtype)), requires_grad)
 
 
+@op(og=True)
 def zeros_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return zeros(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
 
 
+@op(og=True)
 def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return ones(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
 
@@ -68,6 +76,7 @@ def _traced_random(op: str, shape: tuple[int, ...], dtype: np.dtype, **attrs: An
     return Tensor(emit(op, [], attrs, differentiable=False)[0])
 
 
+@op(og=True)
 def rand(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     dt, shape = _dtype(dtype), _shape_args(size)
     traced = None if requires_grad else _traced_random("RandomUniform", shape, dt)
@@ -76,6 +85,7 @@ def rand(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return _make(_rng.random(shape, dtype=np.float64).astype(dt), requires_grad)
 
 
+@op(og=True)
 def randn(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     dt, shape = _dtype(dtype), _shape_args(size)
     traced = None if requires_grad else _traced_random("RandomNormal", shape, dt)
@@ -84,6 +94,7 @@ def randn(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return _make(_rng.standard_normal(shape).astype(dt), requires_grad)
 
 
+@op(og=True)
 def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None) -> Tensor:
     if high is None:
         low, high = 0, low
@@ -96,6 +107,7 @@ def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None
     return _make(_rng.integers(low, high, size=shape, dtype=dt), False)
 
 
+@op(og=True)
 def arange(start: Any, end: Any = None, step: Any = 1, dtype: Any = None,
            requires_grad: bool = False) -> Tensor:
     if end is None:

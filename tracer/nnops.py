@@ -14,7 +14,9 @@ import numpy as np
 
 from . import state
 from .ops import ShapeError, _fmt, _where
-from .tensor import Tensor, Val, const, emit, int64
+from .registry import op
+from .tensor import Tensor
+from .values import Val, const, emit, int64
 
 IntPair = int | Sequence[int]
 
@@ -54,6 +56,7 @@ def _unbatched(v: Val, squeeze: bool) -> Tensor:
 
 
 # --------------------------------------------------------------------------- convolution
+@op(functional=True)
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPair = 1,
            padding: IntPair | str = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
     """``torch.nn.functional.conv2d`` as one ONNX ``Conv``.
@@ -168,6 +171,7 @@ def _pool_attrs(op: str, x: Tensor, xs: tuple[int, ...], kernel_size: IntPair,
     return attrs
 
 
+@op(functional=True)
 def max_pool2d(x: Tensor, kernel_size: IntPair, stride: IntPair | None = None,
                padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False,
                return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -194,6 +198,7 @@ def max_pool2d(x: Tensor, kernel_size: IntPair, stride: IntPair | None = None,
     return _unbatched(y, squeeze), _unbatched(plane, squeeze)
 
 
+@op(functional=True)
 def avg_pool2d(x: Tensor, kernel_size: IntPair, stride: IntPair | None = None,
                padding: IntPair = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None) -> Tensor:
@@ -218,6 +223,7 @@ def _adaptive_bins(size: int, out: int) -> np.ndarray:
     return m
 
 
+@op(functional=True)
 def adaptive_avg_pool2d(x: Tensor, output_size: int | None | Sequence[int | None]) -> Tensor:
     """``torch.nn.functional.adaptive_avg_pool2d``.
 
@@ -253,9 +259,6 @@ def adaptive_avg_pool2d(x: Tensor, output_size: int | None | Sequence[int | None
     if out[0] != xs[2]:
         v = emit("MatMul", [const(_adaptive_bins(xs[2], out[0]), x.dtype), v])[0]
     return _unbatched(v, squeeze)
-
-
-__all__ = ["adaptive_avg_pool2d", "avg_pool2d", "conv2d", "max_pool2d"]
 
 
 def batch_normalization(x: Tensor, scale: Tensor | None, bias: Tensor | None, mean: Tensor,

@@ -1,8 +1,10 @@
-"""The op builders: every tensor operation emits standard ONNX node(s) through ``emit``.
+"""The op definitions: every tensor operation emits standard ONNX node(s) through ``emit``.
 
-Shapes and dtypes are checked here, before ONNX Runtime sees anything, so errors name the op,
-both shapes and the user's line. Composite ops (``linear``, losses) live in ``onnxgrad.nn`` and
-are plain compositions of these.
+Each op is defined once, here: its builder, whose signature is the public one, and an ``@op``
+declaring where it is public (``og.`` function, ``og.nn.functional`` function, Tensor method,
+operator; see ``tracer/registry.py``). Shapes and dtypes are checked before ONNX Runtime sees
+anything, so errors name the op, both shapes and the user's line. Composite ops (losses,
+``batch_norm``) live in ``onnxgrad/nn/functional.py`` as plain compositions of these.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import state
-from .tensor import Tensor, Val, const, emit, get_default_dtype, int64
+from . import autograd, state
+from .registry import inplace_variant, op
+from .tensor import Tensor
+from .values import Val, const, emit, get_default_dtype, int64
 
 Number = (bool, int, float, np.number, np.bool_)
 MaxResult = namedtuple("MaxResult", ["values", "indices"])
@@ -123,6 +127,52 @@ def _logical(op: str, a: Any, b: Any) -> Tensor:
     return _wrap(emit(op, [_val(a, bool_), _val(b, bool_)], differentiable=False)[0])
 
 
+# --------------------------------------------------------------------------- in-place semantics
+_TORCH_NAMES = {"float16": "Half", "float32": "Float", "float64": "Double", "int8": "Char",
+                "uint8": "Byte", "int32": "Int", "int64": "Long", "bool": "Bool"}
+
+
+def _can_cast(src: np.dtype, dst: np.dtype) -> bool:
+    """torch.can_cast: no float -> integer and nothing but bool -> bool; widths may shrink."""
+    return _category(src) <= _category(dst)
+
+
+@inplace_variant
+def _inplace(fn: Any, name: str) -> Any:
+    """``self op= other`` as PyTorch: same handle, same dtype and shape, leaves guarded.
+
+    The in-place names of every op (``@op(inplace=("add_", "__iadd__"))``) are made by this.
+
+    A Tensor is a handle on an immutable Val, so the update swaps the handle's Val; records that
+    read the old value keep it, which is what autograd's saved tensors need.
+    """
+
+    def method(self: Tensor, other: Any) -> Tensor:
+        if self.requires_grad and self.is_leaf and state.grad_enabled():
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               f"operation ({name}){_where()}")
+        # Checked before anything runs: the result's dtype and shape follow from the operands.
+        dtype = result_type(self, other)
+        if fn is div and dtype.kind != "f":
+            dtype = get_default_dtype()
+        if not _can_cast(dtype, self.dtype):
+            raise TypeError(f"result type {_TORCH_NAMES.get(dtype.name, dtype.name)} "
+                            f"can't be cast to the desired output type "
+                            f"{_TORCH_NAMES.get(self.dtype.name, self.dtype.name)} ({name})"
+                            f"{_where()}")
+        other_shape = other.shape if isinstance(other, Tensor) else np.shape(other)
+        shape = _check_broadcast(name, self.shape, other_shape)
+        if shape != self.shape:
+            raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
+                             f"shape {_fmt(shape)} ({name}){_where()}")
+        self._write(to(fn(self, other), self.dtype)._v)
+        return self
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+@op(method=("add", "__add__"), reflected="__radd__", inplace=("add_", "__iadd__"))
 def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     if alpha != 1:
         b = mul(b, alpha)
@@ -135,6 +185,7 @@ def _is_bool(x: Any) -> bool:
     return isinstance(x, (bool, np.bool_)) or (isinstance(x, Tensor) and x.dtype == np.bool_)
 
 
+@op(method=("sub", "__sub__"), reflected="__rsub__", inplace=("sub_", "__isub__"))
 def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     # NOTE: PyTorch's checks and wording; ONNX Sub has no bool kernel, so ORT would fail later.
     if _is_bool(a) and _is_bool(b):
@@ -149,16 +200,20 @@ def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     return _binary("Sub", a, b)
 
 
+@op(method=("mul", "__mul__"), reflected="__rmul__", inplace=("mul_", "__imul__"))
 def mul(a: Any, b: Any) -> Tensor:
     if result_type(a, b) == np.bool_:  # torch: bool * bool is logical and
         return _logical("And", a, b)
     return _binary("Mul", a, b)
 
 
+@op(method=("div", "__truediv__"), reflected="__rtruediv__",
+    inplace=("div_", "__itruediv__"))
 def div(a: Any, b: Any) -> Tensor:
     return _binary("Div", a, b)
 
 
+@op(method=("pow", "__pow__"), reflected="__rpow__", inplace="__ipow__")
 def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
     if (isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b < 0
             and result_type(a, b).kind in "iub"):
@@ -167,6 +222,7 @@ def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
     return _binary("Pow", a, b)
 
 
+@op(method=("neg", "__neg__"))
 def neg(a: Tensor) -> Tensor:
     if a.dtype == np.bool_:
         raise TypeError("Negation, the `-` operator, on a bool tensor is not supported. If you are "
@@ -182,30 +238,37 @@ def _compare(op: str, a: Any, b: Any, negate: bool = False) -> Tensor:
     return out
 
 
+@op(method=("eq", "__eq__"))
 def eq(a: Any, b: Any) -> Tensor:
     return _compare("Equal", a, b)
 
 
+@op(method=("ne", "__ne__"))
 def ne(a: Any, b: Any) -> Tensor:
     return _compare("Equal", a, b, negate=True)
 
 
+@op(method=("lt", "__lt__"))
 def lt(a: Any, b: Any) -> Tensor:
     return _compare("Less", a, b)
 
 
+@op(method=("le", "__le__"))
 def le(a: Any, b: Any) -> Tensor:
     return _compare("LessOrEqual", a, b)
 
 
+@op(method=("gt", "__gt__"))
 def gt(a: Any, b: Any) -> Tensor:
     return _compare("Greater", a, b)
 
 
+@op(method=("ge", "__ge__"))
 def ge(a: Any, b: Any) -> Tensor:
     return _compare("GreaterOrEqual", a, b)
 
 
+@op(method=("logical_not", "__invert__"))
 def logical_not(a: Tensor) -> Tensor:
     if a.dtype != np.bool_:
         a = to(a, np.bool_)
@@ -221,26 +284,53 @@ def _unary(op: str, x: Tensor, attrs: dict | None = None) -> Tensor:
     return _wrap(emit(op, [_float_input(x)], attrs)[0])
 
 
+@op(og=True, method=True)
 def exp(x: Tensor) -> Tensor:
     return _unary("Exp", x)
 
 
+@op(og=True, method=True)
 def log(x: Tensor) -> Tensor:
     return _unary("Log", x)
 
 
+@op(og=True, method=True)
 def sqrt(x: Tensor) -> Tensor:
     return _unary("Sqrt", x)
 
 
+@op(og=True, method=True)
+def sin(x: Tensor) -> Tensor:
+    return _unary("Sin", x)
+
+
+@op(og=True, method=True)
+def cos(x: Tensor) -> Tensor:
+    return _unary("Cos", x)
+
+
+@op(og=True, method=True)
+def erf(x: Tensor) -> Tensor:
+    v = _float_input(x)
+    if v.data.dtype != np.float64:
+        return _wrap(emit("Erf", [v])[0])
+    # NOTE: ONNX Runtime has no float64 Erf kernel (CPU provider), so float64 erf is computed
+    # in float32 between two Casts: values and gradients have float32 accuracy (~1e-7).
+    f32 = emit("Cast", [v], {"to": int(ir.DataType.FLOAT)})[0]
+    return _wrap(emit("Cast", [emit("Erf", [f32])[0]], {"to": int(ir.DataType.DOUBLE)})[0])
+
+
+@op(og=True, functional=True, method=True)
 def tanh(x: Tensor) -> Tensor:
     return _unary("Tanh", x)
 
 
+@op(og=True, functional=True, method=True)
 def sigmoid(x: Tensor) -> Tensor:
     return _unary("Sigmoid", x)
 
 
+@op(og=True, functional=True, method=True)
 def relu(x: Tensor) -> Tensor:
     if x.dtype.kind != "f":
         # ONNX Relu is float-only; torch.relu keeps integer dtypes, as Max(x, 0) does.
@@ -248,14 +338,17 @@ def relu(x: Tensor) -> Tensor:
     return _wrap(emit("Relu", [x._v])[0])
 
 
+@op(og=True, method=("abs", "__abs__"))
 def abs(x: Tensor) -> Tensor:  # noqa: A001
     return _wrap(emit("Abs", [x._v])[0])
 
 
+@op(method="clone")
 def identity(x: Tensor) -> Tensor:
     return _wrap(emit("Identity", [x._v])[0])
 
 
+@op(method=True)
 def to(x: Tensor, dtype: Any) -> Tensor:
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
@@ -263,6 +356,7 @@ def to(x: Tensor, dtype: Any) -> Tensor:
     return _wrap(_val(x, dtype))
 
 
+@op(og=("clamp", "clip"), method=("clamp", "clip"))
 def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002
     if min is None and max is None:
         raise ValueError(f"clamp: at least one of min and max must be given{_where()}")
@@ -279,14 +373,17 @@ def clamp(x: Tensor, min: Any = None, max: Any = None) -> Tensor:  # noqa: A002
     return _wrap(emit("Clip", [_val(x, dtype), *bounds])[0])
 
 
+@op(og=True, method=True)
 def maximum(a: Any, b: Any) -> Tensor:
     return _binary("Max", a, b)
 
 
+@op(og=True, method=True)
 def minimum(a: Any, b: Any) -> Tensor:
     return _binary("Min", a, b)
 
 
+@op(og=True)
 def where(cond: Any, a: Any, b: Any) -> Tensor:
     if not isinstance(cond, Tensor) or cond.dtype != np.bool_:
         raise TypeError(f"where: condition must be a bool tensor{_where()}")
@@ -297,6 +394,7 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
 
 
 # --------------------------------------------------------------------------- matmul
+@op(og=True, method=("matmul", "__matmul__"), reflected="__rmatmul__")
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError("matmul: both operands must be tensors")
@@ -341,11 +439,13 @@ def _reduce(op: str, x: Tensor, dim: Any, keepdim: bool, val: Val | None = None)
     return _wrap(emit(op, inputs, {"keepdims": int(bool(keepdim))})[0])
 
 
+@op(og=True, method=True)
 def sum(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:  # noqa: A001
     target = np.dtype(dtype) if dtype is not None else (x.dtype if x.dtype.kind == "f" else int64)
     return _reduce("ReduceSum", x, dim, keepdim, _val(x, target))
 
 
+@op(og=True, method=True)
 def mean(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     if x.dtype.kind != "f":
         raise TypeError(f"mean(): could not infer output dtype. Input dtype must be floating "
@@ -353,10 +453,12 @@ def mean(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     return _reduce("ReduceMean", x, dim, keepdim)
 
 
+@op(og=True, method=True)
 def amax(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     return _reduce("ReduceMax", x, dim, keepdim)
 
 
+@op(og=True, method=True)
 def amin(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     return _reduce("ReduceMin", x, dim, keepdim)
 
@@ -369,10 +471,12 @@ def _arg(op: str, x: Tensor, dim: int | None, keepdim: bool) -> Tensor:
     return _wrap(emit(op, [x._v], {"axis": d, "keepdims": int(keepdim)}, differentiable=False)[0])
 
 
+@op(og=True, method=True)
 def argmax(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     return _arg("ArgMax", x, dim, keepdim)
 
 
+@op(og=True, method=True)
 def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     return _arg("ArgMin", x, dim, keepdim)
 
@@ -388,6 +492,7 @@ def _select_reduce(arg_op: str, x: Tensor, dim: int, keepdim: bool) -> MaxResult
     return MaxResult(values, idx)
 
 
+@op(og=True, method=True)
 def max(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return maximum(x, dim)
@@ -396,6 +501,7 @@ def max(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     return _select_reduce("ArgMax", x, dim, keepdim)
 
 
+@op(og=True, method=True)
 def min(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return minimum(x, dim)
@@ -411,6 +517,7 @@ def _shape_args(shape: tuple) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+@op(og=True, method=("reshape", "view"))
 def reshape(x: Tensor, *shape: Any) -> Tensor:
     shape = _shape_args(shape)
     size = x.numel()
@@ -425,6 +532,7 @@ def reshape(x: Tensor, *shape: Any) -> Tensor:
     return _wrap(emit("Reshape", [x._v, const(shape, int64)])[0])
 
 
+@op(og=True, method=True)
 def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     if x.ndim == 0:
         return reshape(x, (1,))
@@ -433,6 +541,7 @@ def flatten(x: Tensor, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     return reshape(x, shape)
 
 
+@op(og=True, method=True)
 def squeeze(x: Tensor, dim: Any = None) -> Tensor:
     if dim is None:
         axes = [i for i, d in enumerate(x.shape) if d == 1]
@@ -443,12 +552,14 @@ def squeeze(x: Tensor, dim: Any = None) -> Tensor:
     return _wrap(emit("Squeeze", [x._v, const(axes, int64)])[0])
 
 
+@op(og=True, method=True)
 def unsqueeze(x: Tensor, dim: int) -> Tensor:
     if not -x.ndim - 1 <= dim <= x.ndim:
         raise IndexError(f"unsqueeze: dimension {dim} out of range for {x.ndim}-d tensor{_where()}")
     return _wrap(emit("Unsqueeze", [x._v, const([dim % (x.ndim + 1)], int64)])[0])
 
 
+@op(og=True, method=True)
 def permute(x: Tensor, *dims: Any) -> Tensor:
     perm = list(_shape_args(dims))
     if sorted(d % builtins.max(x.ndim, 1) for d in perm) != list(range(x.ndim)):
@@ -459,6 +570,7 @@ def permute(x: Tensor, *dims: Any) -> Tensor:
     return _wrap(emit("Transpose", [x._v], {"perm": perm})[0])
 
 
+@op(og=True, method=True)
 def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
     perm = list(range(x.ndim))
     d0, d1 = _norm_dims(x, dim0)[0], _norm_dims(x, dim1)[0]
@@ -466,6 +578,7 @@ def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
     return permute(x, perm)
 
 
+@op(method=True)
 def expand(x: Tensor, *shape: Any) -> Tensor:
     shape = _shape_args(shape)
     lead = len(shape) - x.ndim
@@ -476,6 +589,7 @@ def expand(x: Tensor, *shape: Any) -> Tensor:
     return _wrap(emit("Expand", [x._v, const(full, int64)])[0])
 
 
+@op(og=True)
 def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     tensors = list(tensors)
     if not tensors:
@@ -493,6 +607,7 @@ def cat(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     return _wrap(emit("Concat", [_val(t, dtype) for t in tensors], {"axis": d})[0])
 
 
+@op(og=True)
 def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     tensors = list(tensors)
     if not tensors:
@@ -506,6 +621,7 @@ def stack(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
     return cat([unsqueeze(t, d) for t in tensors], d)
 
 
+@op(og=True, method=True)
 def chunk(x: Tensor, chunks: int, dim: int = 0) -> list[Tensor]:
     if chunks <= 0:
         raise ValueError(f"chunk expects `chunks` to be greater than 0, got: {chunks}{_where()}")
@@ -514,6 +630,7 @@ def chunk(x: Tensor, chunks: int, dim: int = 0) -> list[Tensor]:
     return split(x, size, d)
 
 
+@op(og=True, method=True)
 def split(x: Tensor, split_size: Any, dim: int = 0) -> list[Tensor]:
     d = _norm_dims(x, dim)[0]
     n = x.shape[d]
@@ -532,15 +649,18 @@ def sum_(values):
     return total
 
 
+@op(og=True, functional=True, method=True)
 def softmax(x: Tensor, dim: int) -> Tensor:
     return _wrap(emit("Softmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
 
 
+@op(og=True, functional=True, method=True)
 def log_softmax(x: Tensor, dim: int) -> Tensor:
     return _wrap(emit("LogSoftmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
 
 
 # --------------------------------------------------------------------------- indexing
+@op(method="__getitem__")
 def getitem(x: Tensor, index: Any) -> Tensor:
     if not isinstance(index, tuple):
         index = (index,)
@@ -620,47 +740,7 @@ def getitem(x: Tensor, index: Any) -> Tensor:
 
 
 # --------------------------------------------------------------------------- in-place
-_TORCH_NAMES = {"float16": "Half", "float32": "Float", "float64": "Double", "int8": "Char",
-                "uint8": "Byte", "int32": "Int", "int64": "Long", "bool": "Bool"}
-
-
-def _can_cast(src: np.dtype, dst: np.dtype) -> bool:
-    """torch.can_cast: no float -> integer and nothing but bool -> bool; widths may shrink."""
-    return _category(src) <= _category(dst)
-
-
-def _inplace(fn, name: str):
-    """``self op= other`` as PyTorch: same handle, same dtype and shape, leaves guarded.
-
-    A Tensor is a handle on an immutable Val, so the update swaps the handle's Val; records that
-    read the old value keep it, which is what autograd's saved tensors need.
-    """
-
-    def method(self: Tensor, other: Any) -> Tensor:
-        if self.requires_grad and self.is_leaf and state.grad_enabled():
-            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
-                               f"operation ({name}){_where()}")
-        # Checked before anything runs: the result's dtype and shape follow from the operands.
-        dtype = result_type(self, other)
-        if fn is div and dtype.kind != "f":
-            dtype = get_default_dtype()
-        if not _can_cast(dtype, self.dtype):
-            raise TypeError(f"result type {_TORCH_NAMES.get(dtype.name, dtype.name)} "
-                            f"can't be cast to the desired output type "
-                            f"{_TORCH_NAMES.get(self.dtype.name, self.dtype.name)} ({name})"
-                            f"{_where()}")
-        other_shape = other.shape if isinstance(other, Tensor) else np.shape(other)
-        shape = _check_broadcast(name, self.shape, other_shape)
-        if shape != self.shape:
-            raise ShapeError(f"output with shape {_fmt(self.shape)} doesn't match the broadcast "
-                             f"shape {_fmt(shape)} ({name}){_where()}")
-        self._write(to(fn(self, other), self.dtype)._v)
-        return self
-
-    method.__name__ = name
-    return method
-
-
+@op(method=True)
 def copy_(self: Tensor, src: Any) -> Tensor:
     """``self.copy_(src)``: ``src`` broadcast to this shape and cast to this dtype, in place."""
     if self.requires_grad and self.is_leaf and state.grad_enabled():
@@ -673,72 +753,59 @@ def copy_(self: Tensor, src: Any) -> Tensor:
     return self
 
 
+@op(method=True)
 def fill_(self: Tensor, value: Any) -> Tensor:
     return copy_(self, Tensor(Val(np.asarray(value, dtype=self.dtype))))
 
 
+@op(method=True)
 def zero_(self: Tensor) -> Tensor:
     return fill_(self, 0)
 
 
-# --------------------------------------------------------------------------- Tensor methods
-def _reflect(fn):
-    return lambda self, other: fn(other, self)
+# --------------------------------------------------------------------------- conversions
+@op(method="float")
+def to_float(x: Tensor) -> Tensor:
+    return to(x, np.float32)
 
 
-def _install() -> None:
-    T = Tensor
-    T.__add__ = add
-    T.__radd__ = _reflect(add)
-    T.__sub__ = sub
-    T.__rsub__ = _reflect(sub)
-    T.__mul__ = mul
-    T.__rmul__ = _reflect(mul)
-    T.__truediv__ = div
-    T.__rtruediv__ = _reflect(div)
-    T.__pow__ = pow
-    T.__rpow__ = _reflect(pow)
-    T.__matmul__ = matmul
-    T.__rmatmul__ = _reflect(matmul)
-    T.__neg__ = neg
-    T.__abs__ = abs
-    T.__eq__ = eq
-    T.__ne__ = ne
-    T.__lt__ = lt
-    T.__le__ = le
-    T.__gt__ = gt
-    T.__ge__ = ge
-    T.__invert__ = logical_not
-    T.__getitem__ = getitem
-    for op, fn in (("add", add), ("sub", sub), ("mul", mul), ("truediv", div), ("pow", pow)):
-        setattr(T, f"__i{op}__", _inplace(fn, f"__i{op}__"))
-    for op, fn in (("add_", add), ("sub_", sub), ("mul_", mul), ("div_", div)):
-        setattr(T, op, _inplace(fn, op))
-    T.copy_, T.fill_, T.zero_ = copy_, fill_, zero_
-    T.__hash__ = object.__hash__
-    for name in ("add", "sub", "mul", "div", "pow", "neg", "matmul", "eq", "ne", "lt", "le", "gt",
-                 "ge", "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "abs", "sum", "mean",
-                 "amax", "amin", "max", "min", "argmax", "argmin", "reshape", "flatten", "squeeze",
-                 "unsqueeze", "permute", "transpose", "expand", "clamp", "softmax", "log_softmax",
-                 "chunk", "split", "to", "maximum", "minimum", "logical_not"):
-        setattr(T, name, globals()[name])
-    T.view = reshape
-    T.clip = clamp
-    T.float = lambda self: to(self, np.float32)
-    T.double = lambda self: to(self, np.float64)
-    T.long = lambda self: to(self, np.int64)
-    T.int = lambda self: to(self, np.int32)
-    T.bool = lambda self: to(self, np.bool_)
-    T.type_as = lambda self, other: to(self, other.dtype)
-    T.expand_as = lambda self, other: expand(self, other.shape)
-    T.view_as = lambda self, other: reshape(self, other.shape)
-    T.reshape_as = lambda self, other: reshape(self, other.shape)
+@op(method="double")
+def to_double(x: Tensor) -> Tensor:
+    return to(x, np.float64)
 
 
-_install()
+@op(method="long")
+def to_long(x: Tensor) -> Tensor:
+    return to(x, np.int64)
+
+
+@op(method="int")
+def to_int(x: Tensor) -> Tensor:
+    return to(x, np.int32)
+
+
+@op(method="bool")
+def to_bool(x: Tensor) -> Tensor:
+    return to(x, np.bool_)
+
+
+@op(method=True)
+def type_as(x: Tensor, other: Tensor) -> Tensor:
+    return to(x, other.dtype)
+
+
+@op(method=True)
+def expand_as(x: Tensor, other: Tensor) -> Tensor:
+    return expand(x, other.shape)
+
+
+@op(method=("view_as", "reshape_as"))
+def reshape_as(x: Tensor, other: Tensor) -> Tensor:
+    return reshape(x, other.shape)
 
 
 # --------------------------------------------------------------------------- layers
+@op(functional=True)
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias``: one ``Gemm`` for 2-D input, MatMul (+ Add) otherwise."""
     if x.shape[-1:] != weight.shape[1:]:
@@ -755,7 +822,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else add(out, bias)
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+@op(functional=True)
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """ONNX ``Dropout`` in training mode: a fresh mask per run, scaled by 1/(1-p)."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}{_where()}")
@@ -770,6 +838,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     return _wrap(emit("Dropout", [x._v, ratio, mode], n_out=2)[0])
 
 
+@op(method=True)
 def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
     """``torch.gather``: ONNX ``GatherElements`` along ``dim``."""
     d = _norm_dims(x, dim)[0]
@@ -777,3 +846,15 @@ def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
         raise IndexError(f"gather: index must be an integer tensor of rank {x.ndim}, got "
                          f"{index.dtype}{_fmt(index.shape)}{_where()}")
     return _wrap(emit("GatherElements", [x._v, index._v], {"axis": d})[0])
+
+
+# --------------------------------------------------------------------------- autograd
+@op(method=True)
+def backward(self: Tensor, gradient: Any = None, retain_graph: bool | None = None,
+             create_graph: bool = False) -> None:
+    """``tensor.backward()``: accumulate the gradients of this tensor into the leaves' ``.grad``.
+
+    NOTE: declared with the ops, not in autograd.py, which knows tensors only as roots and leaves.
+    """
+    autograd.backward([self], None if gradient is None else [gradient],
+                      retain_graph=retain_graph, create_graph=create_graph)

@@ -1,144 +1,50 @@
 """Eager tensors whose every operation is an ONNX node, recorded as it runs.
 
-A :class:`Tensor` is a mutable handle on an immutable :class:`Val`. A Val is either a leaf (data
-with no producer) or output ``index`` of a :class:`Record`: one ONNX node with its op type,
-attributes and input Vals. In-place updates (optimizer steps, running statistics) swap the
-handle's Val, so records never change under the graph that reads them.
+A :class:`Tensor` is a mutable handle on an immutable :class:`~.values.Val` (``tracer/values.py``:
+data plus the recorded ONNX node that made it). In-place updates (optimizer steps, running
+statistics) swap the handle's Val, so records never change under the graph that reads them.
 
 Recording is a light Python DAG; ``tracer.graph`` turns it into an onnx_ir graph on demand
 (backward, compile), which keeps the eager hot path free of IR objects and lets Python's
 garbage collector free what the user no longer references.
+
+The ops are defined once each in ``tracer/ops.py`` (and ``nnops.py``, ``nn/functional.py``) with
+the Tensor methods they provide (``@op(method=...)``, ``tracer/registry.py``); the class below
+lists Python's operator slots, which dispatch to them, and finds named op methods (``x.exp()``)
+in the same registry.
 """
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..runtime import run_node
 from . import state
+from .registry import METHODS, OpMethod, bound_method
 
-float16 = np.dtype("float16")
-float32 = np.dtype("float32")
-float64 = np.dtype("float64")
-int32 = np.dtype("int32")
-int64 = np.dtype("int64")
-uint8 = np.dtype("uint8")
-int8 = np.dtype("int8")
-int16 = np.dtype("int16")
-bool_ = np.dtype("bool")
-
-_default_float = float32
-
-
-def get_default_dtype() -> np.dtype:
-    return _default_float
-
-
-def set_default_dtype(dtype: Any) -> None:
-    global _default_float
-    dtype = np.dtype(dtype)
-    if dtype not in (float32, float64):
-        raise TypeError(f"default dtype must be float32 or float64, got {dtype}")
-    _default_float = dtype
-
-
-class TraceError(RuntimeError):
-    """Python needed a tensor's value while ``og.compile`` was tracing."""
-
-
-class Record:
-    """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
-
-    __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
-                 "extra", "grad")
-
-    def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
-                 outs: list[np.ndarray]):
-        self.op = op
-        self.attrs = attrs
-        self.key = key
-        self.inputs = tuple(inputs)
-        self.outs = outs
-        self.where = state.user_frame()
-        self.module = state.module_path()
-        self.origin = state.origin()
-        self.freed = False
-        self.extra: Any = None
-        self.grad = True  # whether a gradient may flow through it (False: no_grad, detach)
-
-    def source(self) -> str:
-        return state.format_frame(self.where)
-
-
-class Val:
-    """An immutable value: eager data plus how it was made."""
-
-    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner",
-                 "__weakref__")
-
-    def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
-                 requires_grad: bool = False, const: bool = False):
-        self.data = data
-        self.rec = rec
-        self.index = index
-        self.requires_grad = requires_grad
-        self.leaf: weakref.ref | None = None  # the leaf Tensor that accumulates .grad
-        self.const = const  # an attribute-like constant (axes, shapes): baked into graphs
-        # The tensor a user made this value as (og.tensor, factories): a compiled step that
-        # reads it while that tensor lives feeds it as an input rather than baking it in.
-        self.owner: weakref.ref | None = None
-
-
-def _contig(array: Any, dtype: Any = None) -> np.ndarray:
-    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
-    array = np.asarray(array, dtype=dtype)
-    return array if array.flags.c_contiguous else np.array(array, order="C")
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, np.ndarray):
-        return (value.dtype.str, value.shape, value.tobytes())
-    return value
-
-
-def attrs_key(attrs: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, _freeze(v)) for k, v in attrs.items())) if attrs else ()
-
-
-def const(value: Any, dtype: Any = None) -> Val:
-    """An attribute-like constant input (axes, shapes, slice bounds)."""
-    return Val(np.asarray(value, dtype=dtype), const=True)
-
-
-def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = None,
-         n_out: int = 1, differentiable: bool = True) -> list[Val]:
-    """Run one ONNX node eagerly and record it when gradients or a trace need it."""
-    attrs = attrs or {}
-    key = attrs_key(attrs)
-    datas = [None if v is None else v.data for v in inputs]
-    consts = [v is not None and v.const for v in inputs]
-    try:
-        outs = run_node(op, attrs, key, datas, n_out, consts)
-    except Exception as exc:  # ORT's message plus the op and the user's line
-        where = state.format_frame(state.user_frame())
-        shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
-        raise RuntimeError(f"{op}({shapes}) failed at {where}: {exc}") from None
-    requires_grad = (
-        differentiable and state.grad_enabled()
-        and any(v is not None and v.requires_grad for v in inputs)
-    )
-    if requires_grad or state.active_trace() is not None:
-        rec = Record(op, attrs, key, inputs, outs)
-        rec.grad = requires_grad
-        return [
-            Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
-        ]
-    return [Val(o) for o in outs]
+# Re-exported: the recording core was defined here before it had its own module.
+from .values import (  # noqa: F401
+    Record,
+    TraceError,
+    Val,
+    _contig,
+    attrs_key,
+    bool_,
+    const,
+    emit,
+    emit_macro,
+    float16,
+    float32,
+    float64,
+    get_default_dtype,
+    int8,
+    int16,
+    int32,
+    int64,
+    set_default_dtype,
+    uint8,
+)
 
 
 def _check_traceable(what: str) -> None:
@@ -273,9 +179,7 @@ class Tensor:
 
     @property
     def T(self) -> Tensor:
-        from . import ops
-
-        return ops.permute(self, list(reversed(range(self.ndim))))
+        return self.permute(list(reversed(range(self.ndim))))
 
     # ----------------------------------------------------------------- values
     def numpy(self) -> np.ndarray:
@@ -337,24 +241,12 @@ class Tensor:
             return Tensor(emit("Identity", [self._v], differentiable=False)[0])
         return Tensor(Val(self._v.data))
 
-    def clone(self) -> Tensor:
-        from . import ops
-
-        return ops.identity(self)
-
     def detach_(self) -> Tensor:
         self._v = Val(self._v.data)
         return self
 
     def retain_grad(self) -> None:
         raise NotImplementedError("retain_grad is not supported; use og.autograd.grad instead")
-
-    def backward(self, gradient: Any = None, retain_graph: bool | None = None,
-                 create_graph: bool = False) -> None:
-        from .autograd import backward
-
-        backward([self], None if gradient is None else [gradient],
-                 retain_graph=retain_graph, create_graph=create_graph)
 
     # ----------------------------------------------------------------- repr
     def __repr__(self) -> str:
@@ -387,7 +279,7 @@ class Tensor:
         else:
             body = np.array2string(data, separator=", ", prefix=prefix)
         extras = []
-        if data.dtype not in (_default_float, int64, bool_):
+        if data.dtype not in (get_default_dtype(), int64, bool_):
             extras.append(f"dtype={data.dtype}")
         if self._v.rec is not None and self._v.requires_grad:
             extras.append(f"grad_fn={self.grad_fn}")
@@ -396,7 +288,47 @@ class Tensor:
         return prefix + body + "".join(", " + e for e in extras) + ")"
 
     __str__ = __repr__
-    __hash__ = object.__hash__
+
+    # ----------------------------------------------------------------- operators and op methods
+    # Python finds operators on the type, so their slots are listed here; each dispatches to the
+    # op whose definition declares it (``@op(method=("add", "__add__"), reflected="__radd__",
+    # inplace=("add_", "__iadd__"))`` in ops.py).
+    __add__ = OpMethod()
+    __radd__ = OpMethod()
+    __iadd__ = OpMethod()
+    __sub__ = OpMethod()
+    __rsub__ = OpMethod()
+    __isub__ = OpMethod()
+    __mul__ = OpMethod()
+    __rmul__ = OpMethod()
+    __imul__ = OpMethod()
+    __truediv__ = OpMethod()
+    __rtruediv__ = OpMethod()
+    __itruediv__ = OpMethod()
+    __pow__ = OpMethod()
+    __rpow__ = OpMethod()
+    __ipow__ = OpMethod()
+    __matmul__ = OpMethod()
+    __rmatmul__ = OpMethod()
+    __neg__ = OpMethod()
+    __abs__ = OpMethod()
+    __invert__ = OpMethod()
+    __eq__ = OpMethod()
+    __ne__ = OpMethod()
+    __lt__ = OpMethod()
+    __le__ = OpMethod()
+    __gt__ = OpMethod()
+    __ge__ = OpMethod()
+    __getitem__ = OpMethod()
+    __hash__ = object.__hash__  # by identity, as torch.Tensor (__eq__ is elementwise)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the named op methods (x.exp(), x.sum(1),
+        # x.add_(y), x.backward()), declared with their ops.
+        return bound_method(self, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | {m for m in METHODS if not m.startswith("__")})
 
 
 def _int_float(x: float) -> str:
@@ -416,7 +348,7 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     if dtype is not None:
         array = array.astype(np.dtype(dtype), copy=False)
     elif array.dtype.kind == "f":
-        array = array.astype(_default_float if not isinstance(data, (np.ndarray, Tensor))
+        array = array.astype(get_default_dtype() if not isinstance(data, (np.ndarray, Tensor))
                              else array.dtype, copy=False)
     elif array.dtype.kind in "iu" and not isinstance(data, np.ndarray):
         array = array.astype(int64, copy=False)
@@ -433,17 +365,3 @@ def as_tensor(data: Any, dtype: Any = None) -> Tensor:
     if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
         return data
     return tensor(data, dtype=dtype)
-
-
-def emit_macro(op: str, inputs: Sequence[Val], outs: Sequence[np.ndarray], expand: Any, *,
-               key: Any, origin: str) -> list[Val]:
-    """Record a step that a pass expands into nodes when the graph is built.
-
-    ``expand(builder, input_values) -> output_values`` appends the nodes (gradients of a traced
-    ``backward``, an optimizer's updates); ``outs`` are the eagerly computed results and ``key``
-    the step's structure, so equal structures give equal graphs.
-    """
-    rec = Record(op, {}, ("macro", key), inputs, list(outs))
-    rec.extra = expand
-    rec.origin = origin
-    return [Val(o, rec, i) for i, o in enumerate(outs)]

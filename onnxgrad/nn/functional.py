@@ -1,36 +1,26 @@
 """``onnxgrad.nn.functional``: layers and losses as compositions of the tracer's op builders.
 
-Nothing here has gradient code of its own (DESIGN decision 2): every function emits ONNX nodes
-through ``tracer.ops`` / ``tracer.nnops`` and autodiff differentiates those.
+Its entries are the ops declared ``@op(functional=True)``: single ops in ``tracer/ops.py``
+(``relu``, ``softmax``, ``linear``, ``dropout``...) and ``tracer/nnops.py`` (``conv2d``, pooling),
+and the compositions defined here (``batch_norm``, the losses). Nothing here has gradient code of
+its own (DESIGN decision 2): every function emits ONNX nodes and autodiff differentiates those.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..tracer import nnops, ops
-from ..tracer.ops import dropout as _dropout
-from ..tracer.ops import linear, log_softmax, relu, sigmoid, softmax, tanh
+from ..tracer import nnops, ops, registry, state
+from ..tracer.registry import op
 from ..tracer.state import no_grad, recording_as
 from ..tracer.tensor import Tensor
 
-conv2d = nnops.conv2d
-max_pool2d = nnops.max_pool2d
-avg_pool2d = nnops.avg_pool2d
-adaptive_avg_pool2d = nnops.adaptive_avg_pool2d
 
-__all__ = ["adaptive_avg_pool2d", "avg_pool2d", "batch_norm", "conv2d", "cross_entropy",
-           "dropout", "flatten", "l1_loss", "linear", "log_softmax", "max_pool2d", "mse_loss",
-           "nll_loss", "relu", "sigmoid", "softmax", "tanh"]
-
-
+@op(functional=True, name="functional.flatten")
 def flatten(x: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
     return ops.flatten(x, start_dim, end_dim)
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    return _dropout(x, p, training)
-
-
+@op(functional=True)
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
@@ -85,17 +75,20 @@ def _check_pair(what: str, input: Tensor, target: Tensor) -> None:
                              f"{list(target.shape)} differ{ops._where()}")
 
 
+@op(functional=True)
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     _check_pair("mse_loss", input, target)
     diff = input - target
     return _reduce(diff * diff, reduction, "mse_loss")
 
 
+@op(functional=True)
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     _check_pair("l1_loss", input, target)
     return _reduce(ops.abs(input - target), reduction, "l1_loss")
 
 
+@op(functional=True)
 def nll_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Negative log-likelihood of class indices ``target`` under log-probabilities ``input``."""
     if not isinstance(target, Tensor) or target.dtype.kind not in "iu":
@@ -111,8 +104,6 @@ def nll_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def _check_class_range(target: Tensor, classes: int) -> None:
-    from ..tracer import state
-
     if state.active_trace() is not None:
         return  # values are per-call data then; ONNX Runtime's GatherElements bounds-checks
     data = target._v.data
@@ -122,9 +113,16 @@ def _check_class_range(target: Tensor, classes: int) -> None:
                          f"must be in [0, {classes}){ops._where()}")
 
 
+@op(functional=True)
 def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """``nll_loss(log_softmax(input, 1), target)`` for class-index targets."""
     if isinstance(target, Tensor) and target.dtype.kind == "f":
         raise TypeError(f"cross_entropy: target has float dtype {target.dtype}; onnxgrad's "
                         f"cross_entropy takes class indices (int64){ops._where()}")
-    return nll_loss(log_softmax(input, 1), target, reduction)
+    return nll_loss(ops.log_softmax(input, 1), target, reduction)
+
+
+# Every entry declared @op(functional=True), here and in the tracer's op modules.
+globals().update(registry.namespace("functional"))
+__all__: list[str] = []
+__all__.extend(registry.names("functional"))

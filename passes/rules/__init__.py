@@ -4,6 +4,10 @@ A rule is ``rule(b, node, grads, needs) -> list[grad per input]``: ``grads`` hol
 of each node output (None where no gradient flows), ``needs[i]`` says whether input ``i`` wants a
 gradient. Rules of ops in ``BROADCASTING`` may return gradients in the output's shape; the driver
 reduces them to the input's shape.
+
+``same_shape=True`` declares that the op's output has its first input's shape (unary elementwise
+ops, softmax): the Builder then gives the nodes it makes of that type their shape, so a new
+elementwise op needs its rule and nothing else here.
 """
 from __future__ import annotations
 
@@ -11,12 +15,15 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from ..builder import SAME_SHAPE
+
 Rule = Callable[..., list]
 RULES: dict[str, Rule] = {}
 BROADCASTING: set[str] = set()
 
 
-def rule(*op_types: str, broadcasting: bool = False) -> Callable[[Rule], Rule]:
+def rule(*op_types: str, broadcasting: bool = False,
+         same_shape: bool = False) -> Callable[[Rule], Rule]:
     def register(fn: Rule) -> Rule:
         for op_type in op_types:
             if op_type in RULES:
@@ -24,6 +31,8 @@ def rule(*op_types: str, broadcasting: bool = False) -> Callable[[Rule], Rule]:
             RULES[op_type] = fn
             if broadcasting:
                 BROADCASTING.add(op_type)
+            if same_shape:
+                SAME_SHAPE.add(op_type)
         return fn
     return register
 

@@ -63,58 +63,68 @@ def pow_(b, node, grads, needs):
     return [dx, dy]
 
 
-@rule("Neg")
+@rule("Neg", same_shape=True)
 def neg(b, node, grads, needs):
     return [b.op("Neg", grads[0])]
 
 
-@rule("Identity")
+@rule("Identity", same_shape=True)
 def identity(b, node, grads, needs):
     return [grads[0]]
 
 
-@rule("Exp")
+@rule("Exp", same_shape=True)
 def exp(b, node, grads, needs):
     return [b.op("Mul", grads[0], node.outputs[0])]
 
 
-@rule("Log")
+@rule("Log", same_shape=True)
 def log(b, node, grads, needs):
     return [b.op("Div", grads[0], node.inputs[0])]
 
 
-@rule("Sqrt")
+@rule("Sqrt", same_shape=True)
 def sqrt(b, node, grads, needs):
     out = node.outputs[0]
     return [b.op("Div", grads[0], b.op("Mul", b.const_like(2, out), out))]
 
 
-@rule("Reciprocal")
+@rule("Reciprocal", same_shape=True)
 def reciprocal(b, node, grads, needs):
     out = node.outputs[0]
     return [b.op("Neg", b.op("Mul", grads[0], b.op("Mul", out, out)))]
 
 
-@rule("Abs")
+@rule("Abs", same_shape=True)
 def abs_(b, node, grads, needs):
     return [b.op("Mul", grads[0], b.op("Sign", node.inputs[0]))]
 
 
-@rule("Tanh")
+@rule("Sin", same_shape=True)
+def sin(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Cos", node.inputs[0]))]
+
+
+@rule("Cos", same_shape=True)
+def cos(b, node, grads, needs):
+    return [b.op("Mul", grads[0], b.op("Neg", b.op("Sin", node.inputs[0])))]
+
+
+@rule("Tanh", same_shape=True)
 def tanh(b, node, grads, needs):
     out = node.outputs[0]
     one = b.const_like(1, out)
     return [b.op("Mul", grads[0], b.op("Sub", one, b.op("Mul", out, out)))]
 
 
-@rule("Sigmoid")
+@rule("Sigmoid", same_shape=True)
 def sigmoid(b, node, grads, needs):
     out = node.outputs[0]
     one = b.const_like(1, out)
     return [b.op("Mul", b.op("Mul", grads[0], b.op("Sub", one, out)), out)]
 
 
-@rule("Relu")
+@rule("Relu", same_shape=True)
 def relu(b, node, grads, needs):
     # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0). The mask is
     # multiplied in rather than selected with Where: ONNX Runtime's Where with a broadcast zero
@@ -154,7 +164,7 @@ def max_min(b, node, grads, needs):
     return [dx, dy]
 
 
-@rule("Clip")
+@rule("Clip", same_shape=True)
 def clip(b, node, grads, needs):
     (g,) = grads
     x = node.inputs[0]
@@ -170,7 +180,7 @@ def clip(b, node, grads, needs):
     return [dx] + [None] * (len(node.inputs) - 1)
 
 
-@rule("Cast")
+@rule("Cast", same_shape=True)
 def cast(b, node, grads, needs):
     x = node.inputs[0]
     if not np.issubdtype(np_dtype(x), np.floating):
@@ -183,19 +193,19 @@ def sum_(b, node, grads, needs):
     return [grads[0]] * len(node.inputs)
 
 
-@rule("Erf")
+@rule("Erf", same_shape=True)
 def erf(b, node, grads, needs):
     x = node.inputs[0]
     scale = b.const_like(2.0 / np.sqrt(np.pi), x)
     return [b.op("Mul", grads[0], b.op("Mul", scale, b.op("Exp", b.op("Neg", b.op("Mul", x, x)))))]
 
 
-@rule("Softplus")
+@rule("Softplus", same_shape=True)
 def softplus(b, node, grads, needs):
     return [b.op("Mul", grads[0], b.op("Sigmoid", node.inputs[0]))]
 
 
-@rule("LeakyRelu")
+@rule("LeakyRelu", same_shape=True)
 def leaky_relu(b, node, grads, needs):
     x = node.inputs[0]
     alpha = attr(node, "alpha", 0.01)

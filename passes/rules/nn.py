@@ -75,7 +75,7 @@ def gemm(b, node, grads, needs):
     return [da, dw] + ([dc] if c is not None else [])
 
 
-@rule("Softmax")
+@rule("Softmax", same_shape=True)
 def softmax(b, node, grads, needs):
     y = node.outputs[0]
     axis = attr(node, "axis", -1)
@@ -85,7 +85,7 @@ def softmax(b, node, grads, needs):
     return [b.op("Sub", gy, b.op("Mul", y, s))]
 
 
-@rule("LogSoftmax")
+@rule("LogSoftmax", same_shape=True)
 def log_softmax(b, node, grads, needs):
     y = node.outputs[0]
     axis = attr(node, "axis", -1)

@@ -1,0 +1,153 @@
+"""The recording core: a :class:`Val` is a value, a :class:`Record` one ONNX node that made it.
+
+A Val is either a leaf (data with no producer) or output ``index`` of a Record: one ONNX node with
+its op type, attributes and input Vals. ``emit`` runs one node eagerly through ONNX Runtime and
+records it when gradients or a trace need it. Nothing here knows :class:`~.tensor.Tensor`, the
+mutable handle users hold, so the op builders, the Tensor class and autograd all build on this
+module without importing each other in a cycle.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..runtime import run_node
+from . import state
+
+float16 = np.dtype("float16")
+float32 = np.dtype("float32")
+float64 = np.dtype("float64")
+int32 = np.dtype("int32")
+int64 = np.dtype("int64")
+uint8 = np.dtype("uint8")
+int8 = np.dtype("int8")
+int16 = np.dtype("int16")
+bool_ = np.dtype("bool")
+
+_default_float = float32
+
+
+def get_default_dtype() -> np.dtype:
+    return _default_float
+
+
+def set_default_dtype(dtype: Any) -> None:
+    global _default_float
+    dtype = np.dtype(dtype)
+    if dtype not in (float32, float64):
+        raise TypeError(f"default dtype must be float32 or float64, got {dtype}")
+    _default_float = dtype
+
+
+class TraceError(RuntimeError):
+    """Python needed a tensor's value while ``og.compile`` was tracing."""
+
+
+class Record:
+    """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
+
+    __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
+                 "extra", "grad")
+
+    def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
+                 outs: list[np.ndarray]):
+        self.op = op
+        self.attrs = attrs
+        self.key = key
+        self.inputs = tuple(inputs)
+        self.outs = outs
+        self.where = state.user_frame()
+        self.module = state.module_path()
+        self.origin = state.origin()
+        self.freed = False
+        self.extra: Any = None
+        self.grad = True  # whether a gradient may flow through it (False: no_grad, detach)
+
+    def source(self) -> str:
+        return state.format_frame(self.where)
+
+
+class Val:
+    """An immutable value: eager data plus how it was made."""
+
+    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner",
+                 "__weakref__")
+
+    def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
+                 requires_grad: bool = False, const: bool = False):
+        self.data = data
+        self.rec = rec
+        self.index = index
+        self.requires_grad = requires_grad
+        self.leaf: weakref.ref | None = None  # the leaf Tensor that accumulates .grad
+        self.const = const  # an attribute-like constant (axes, shapes): baked into graphs
+        # The tensor a user made this value as (og.tensor, factories): a compiled step that
+        # reads it while that tensor lives feeds it as an input rather than baking it in.
+        self.owner: weakref.ref | None = None
+
+
+def _contig(array: Any, dtype: Any = None) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    array = np.asarray(array, dtype=dtype)
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
+def attrs_key(attrs: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, _freeze(v)) for k, v in attrs.items())) if attrs else ()
+
+
+def const(value: Any, dtype: Any = None) -> Val:
+    """An attribute-like constant input (axes, shapes, slice bounds)."""
+    return Val(np.asarray(value, dtype=dtype), const=True)
+
+
+def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = None,
+         n_out: int = 1, differentiable: bool = True) -> list[Val]:
+    """Run one ONNX node eagerly and record it when gradients or a trace need it."""
+    attrs = attrs or {}
+    key = attrs_key(attrs)
+    datas = [None if v is None else v.data for v in inputs]
+    consts = [v is not None and v.const for v in inputs]
+    try:
+        outs = run_node(op, attrs, key, datas, n_out, consts)
+    except Exception as exc:  # ORT's message plus the op and the user's line
+        where = state.format_frame(state.user_frame())
+        shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
+        raise RuntimeError(f"{op}({shapes}) failed at {where}: {exc}") from None
+    requires_grad = (
+        differentiable and state.grad_enabled()
+        and any(v is not None and v.requires_grad for v in inputs)
+    )
+    if requires_grad or state.active_trace() is not None:
+        rec = Record(op, attrs, key, inputs, outs)
+        rec.grad = requires_grad
+        return [
+            Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
+        ]
+    return [Val(o) for o in outs]
+
+
+
+def emit_macro(op: str, inputs: Sequence[Val], outs: Sequence[np.ndarray], expand: Any, *,
+               key: Any, origin: str) -> list[Val]:
+    """Record a step that a pass expands into nodes when the graph is built.
+
+    ``expand(builder, input_values) -> output_values`` appends the nodes (gradients of a traced
+    ``backward``, an optimizer's updates); ``outs`` are the eagerly computed results and ``key``
+    the step's structure, so equal structures give equal graphs.
+    """
+    rec = Record(op, {}, ("macro", key), inputs, list(outs))
+    rec.extra = expand
+    rec.origin = origin
+    return [Val(o, rec, i) for i, o in enumerate(outs)]
