@@ -22,13 +22,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnxgrad.passes import NoGradientRule
-from onnxgrad.passes.trainable import TrainGraphError
 from onnxgrad.runtime import OPSET
 from onnxgrad.runtime.metadata import DATA_INPUTS, STATE
 
 import onnxgrad as og
 from onnxgrad import nn
 from onnxgrad.nn import functional as F
+from onnxgrad.training import TrainGraphError
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -475,7 +475,9 @@ def _state_names(trace: Trace) -> dict[int, str]:
     names: dict[int, str] = {}
     for j, module in enumerate(trace.modules):
         prefix = "" if j == 0 else f"module{j}."
-        for name, t in module._state_tensors().items():
+        # A module may name its state in graphs otherwise (og.nn.OnnxModule: as in its file).
+        named = getattr(module, "_graph_state_names", module._state_tensors)()
+        for name, t in named.items():
             names.setdefault(id(t), prefix + name)
     for j, opt in enumerate(trace.optimizers):
         for group in opt.param_groups:

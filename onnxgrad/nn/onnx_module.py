@@ -323,6 +323,7 @@ class OnnxModule(Module):
     The other initializers are constants.
     ``freeze_bn``: BatchNormalization always normalizes with its running statistics, which are
     then constants rather than buffers.
+    ``name``: how messages refer to the model (default: its path, or "the model").
 
     ``named_parameters()`` names follow the initializers' names (``layer1.0.conv1.weight`` is
     parameter ``weight`` of ``self.layer1[0].conv1``-like scopes; see :func:`_qualified_names`);
@@ -333,9 +334,10 @@ class OnnxModule(Module):
 
     def __init__(self, model: Any, *, outputs: str | Sequence[str] | None = None,
                  parameters: None | Sequence[str] | Callable[[str], bool] = None,
-                 freeze_bn: bool = False) -> None:
+                 freeze_bn: bool = False, name: str | None = None) -> None:
         super().__init__()
         proto, source = load_model(model)
+        source = name if name is not None else source
         graph, overridable = _prepare(proto, source)
         declared = declared_inputs(proto)
         object.__setattr__(self, "source", source)
@@ -362,7 +364,7 @@ class OnnxModule(Module):
         object.__setattr__(self, "input_names", inputs)
         object.__setattr__(self, "_declared", {n: declared[n] for n in inputs if n in declared})
         object.__setattr__(self, "_nodes", nodes)
-        object.__setattr__(self, "_out_values", out_values)
+        object.__setattr__(self, "output_values", out_values)
 
         chosen = self._choose(graph, overridable, parameters)
         # In order of first use, which is a torch export's parameter order (conv, then bn, ...).
@@ -374,7 +376,7 @@ class OnnxModule(Module):
             if node.op_type != "BatchNormalization":
                 continue
             extra = [v for v in node.outputs[1:] if v is not None and v.name
-                     and (v.uses() or v.is_graph_output() or id(v) in map(id, out_values))]
+                     and (v.uses() or v.is_graph_output() or any(v is o for o in out_values))]
             if extra:
                 raise TrainGraphError(f"{source}: BatchNormalization node {node.name}: its "
                                       f"running-statistics outputs are used; only inference-mode "
@@ -385,8 +387,8 @@ class OnnxModule(Module):
             if any(s is None for s in sources):
                 continue  # computed statistics: batch statistics in training, no update
             names = (statistic_name(node, 3), statistic_name(node, 4))
-            for name, src in zip(names, sources):
-                stats.setdefault(name, np.array(src.const_value.numpy()))
+            for stat, src in zip(names, sources):
+                stats.setdefault(stat, np.array(src.const_value.numpy()))
             bn_buffers[i] = names
         object.__setattr__(self, "_bn_buffers", bn_buffers)
 
@@ -445,6 +447,13 @@ class OnnxModule(Module):
             module.register_buffer(leaf, tensor)
         else:
             module.register_parameter(leaf, tensor)
+
+    def input_dims(self, name: str) -> list[int | str | None]:
+        """Input ``name``'s declared dims: ints, symbolic names, or None where unknown."""
+        return list(self._declared[name][0]) if name in self._declared else []
+
+    def input_dtype(self, name: str) -> np.dtype | None:
+        return self._declared[name][1] if name in self._declared else None
 
     def _graph_state_names(self) -> dict[str, Tensor]:
         """The state by its names in the ONNX file (``og.compile`` names graph inputs so)."""
