@@ -395,18 +395,18 @@ class OnnxModule(Module):
         params = [n for n in used if n in chosen]
         qualified = _qualified_names(params + [n for n in stats if n not in params])
         constants: dict[str, Val] = {}
-        for name in used:
-            if name in chosen:
+        for init in used:
+            if init in chosen:
                 continue
-            array = np.array(graph.initializers[name].const_value.numpy())
+            array = np.array(graph.initializers[init].const_value.numpy())
             small = array.size <= SMALL
-            constants[name] = Val(_contig(array), const=small or array.dtype.kind not in "fc")
+            constants[init] = Val(_contig(array), const=small or array.dtype.kind not in "fc")
         object.__setattr__(self, "_constants", constants)
-        for name in params:
-            array = graph.initializers[name].const_value.numpy()
-            self._place(qualified[name], Parameter(np.array(array)))
-        for name, array in stats.items():
-            self._place(qualified[name], Tensor(Val(_contig(array))), buffer=True)
+        for init in params:
+            array = graph.initializers[init].const_value.numpy()
+            self._place(qualified[init], Parameter(np.array(array)))
+        for stat, array in stats.items():
+            self._place(qualified[stat], Tensor(Val(_contig(array))), buffer=True)
         # state name in the module tree -> initializer (or statistic) name in the file
         object.__setattr__(self, "initializer_names",
                            {qualified[n]: n for n in params + list(stats)})
