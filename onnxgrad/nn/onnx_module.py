@@ -399,8 +399,9 @@ class OnnxModule(Module):
             if init in chosen:
                 continue
             array = np.array(graph.initializers[init].const_value.numpy())
-            small = array.size <= SMALL
-            constants[init] = Val(_contig(array), const=small or array.dtype.kind not in "fc")
+            # Small ones (shapes, axes, scales) are attribute-like; large ones (frozen weights,
+            # tables) stay plain values: constants of a compiled graph either way.
+            constants[init] = Val(_contig(array), const=array.size <= SMALL)
         object.__setattr__(self, "_constants", constants)
         for init in params:
             array = graph.initializers[init].const_value.numpy()
@@ -566,7 +567,7 @@ class OnnxModule(Module):
                 arrays = run_node(node.op_type, attrs, attrs_key(attrs), datas,
                                   len(node.outputs), [v is not None for v in ins])
             cached = self._folded[i] = (key, arrays)
-        return [Val(a, const=a.size <= SMALL or a.dtype.kind not in "fc") for a in cached[1]]
+        return [Val(a, const=a.size <= SMALL) for a in cached[1]]
 
     def _batch_norm(self, i: int, node: ir.Node, ins: list[Val | None],
                     tensors: Mapping[str, Tensor]) -> Val:
