@@ -412,6 +412,13 @@ def test_errors_name_the_node() -> None:
     with pytest.raises(TrainGraphError, match=r"input 'x' has shape \[2, 3\], the data has "
                                               r"shape \[2, 4\]"):
         module(np.ones((2, 4), np.float32))
+    # A node that ONNX Runtime rejects (no declared shape caught it first) is named too.
+    loose = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   {"w": np.ones((3, 3), np.float32)})
+    with pytest.raises(RuntimeError, match=r"node 'mm' \(MatMul\)"):
+        nn.OnnxModule(loose)(np.ones((2, 4), np.float32))
     with pytest.raises(TrainGraphError, match=r"has no value \['nope'\]"):
         nn.OnnxModule(proto, outputs=["nope"])
     with pytest.raises(TypeError, match="expected a path, an onnx.ModelProto or bytes"):
