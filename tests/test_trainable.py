@@ -22,13 +22,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnxgrad.passes import NoGradientRule
-from onnxgrad.passes.trainable import TrainGraphError
 from onnxgrad.runtime import OPSET
 from onnxgrad.runtime.metadata import DATA_INPUTS, STATE
 
 import onnxgrad as og
 from onnxgrad import nn
 from onnxgrad.nn import functional as F
+from onnxgrad.training import TrainGraphError
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -125,6 +125,38 @@ def test_dampening_weight_decay_and_a_learning_rate_schedule(tmp_path: Path) -> 
     train.optimizer.param_groups[0]["lr"] = 0.01
     _assert_same_training(step, train, batches[2:], lambda: dict(ref.named_parameters()))
     assert len(step._programs) == 2  # dampened first step, then every later one
+
+
+def test_any_optimizer_trains_an_imported_model_as_it_trains_og_nn(tmp_path: Path) -> None:
+    """The optimizer protocol: AdamW (a class, or a function for its own options) on an
+    imported model gives og.compile's own AdamW training, state file names and all."""
+    path = _export_forward(_mlp(), np.zeros((6, 8), np.float32), tmp_path / "mlp.onnx")
+    made = [og.training_step(path, loss="cross_entropy", optimizer=og.optim.AdamW, lr=0.01,
+                             weight_decay=0.1),
+            og.training_step(path, loss="cross_entropy",
+                             optimizer=lambda ps: og.optim.AdamW(ps, lr=0.01, weight_decay=0.1))]
+    for step in made:
+        ref = _mlp().train()
+        optimizer = og.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1)
+
+        @og.compile
+        def train(x, y, ref=ref, optimizer=optimizer):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        _assert_same_training(step, train, _batches((6, 8), 4),
+                              lambda ref=ref: dict(ref.named_parameters()))
+        assert isinstance(step.optimizer, og.optim.AdamW)
+    step.export(tmp_path / "adamw.onnx")
+    names = {i.name for i in onnx.load(tmp_path / "adamw.onnx").graph.input}
+    assert {"exp_avg.0.weight", "exp_avg_sq.0.weight", "step.0.weight", "beta1"} <= names
+    with pytest.raises(TypeError, match=r"\['momentum'\] are SGD's; .* optimizer=lambda params"):
+        og.training_step(path, optimizer=og.optim.AdamW, momentum=0.9)
+    with pytest.raises(TypeError, match="optimizer must be an og.optim optimizer class"):
+        og.training_step(path, optimizer="adam")
 
 
 def test_own_export_cnn_without_bn(tmp_path: Path) -> None:
@@ -400,6 +432,25 @@ def test_train_graph_command(tmp_path: Path) -> None:
                                        "momentum.2.bias.new": "momentum.2.bias"}
     defaults = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     assert float(defaults["lr"]) == pytest.approx(0.01)
+    assert "+ lr, momentum" in proc.stdout
+
+    # Any optimizer: AdamW with its default weight decay, its state and hyperparameters named.
+    adamw = tmp_path / "mlp_adamw.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxgrad", "train-graph", str(src), str(adamw), "--optimizer",
+         "adamw", "--lr", "0.002", "--betas", "0.8", "0.99"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "+ lr, beta1, beta2, eps, weight_decay" in proc.stdout
+    model = onnx.load(adamw)
+    defaults = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert float(defaults["beta1"]) == 0.8 and float(defaults["weight_decay"]) == 1e-2
+    assert json.loads({p.key: p.value for p in model.metadata_props}[STATE])[
+        "exp_avg.2.weight.new"] == "exp_avg.2.weight"
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxgrad", "train-graph", str(src), str(adamw), "--betas", "0.8",
+         "0.99"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "--betas and --eps are Adam's" in proc.stderr
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage" * 10)

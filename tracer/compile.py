@@ -140,10 +140,7 @@ def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
 
 # --------------------------------------------------------------------------- the compiled program
 class Program:
-    """One traced signature: its ONNX model and the runner that keeps its state.
-
-    Shared with ``onnxgrad.training``, whose steps of imported models run and export the same way.
-    """
+    """One traced signature: its ONNX model and the runner that keeps its state."""
 
     def __init__(self, model: onnx.ModelProto, runner: StepRunner, data_names: list[str],
                  output_names: list[str], output_tree: Any, updated: dict[str, Tensor],
@@ -259,6 +256,15 @@ class CompiledFunction:
         return self._identity
 
     def __call__(self, *args: Any) -> Any:
+        program, arrays = self._program(args)
+        return program.run(arrays)
+
+    def trace(self, *args: Any) -> Program:
+        """The program a call with ``args`` would run, traced if new, without running it
+        (nothing is updated: exporting a step before its first call must not train)."""
+        return self._program(args)[0]
+
+    def _program(self, args: Sequence[Any]) -> tuple[Program, list[np.ndarray]]:
         arrays, static = _split_args(args)
         key = self._key(arrays, static)
         program = self._programs.get(key)
@@ -267,7 +273,7 @@ class CompiledFunction:
             key = self._key(arrays, static)  # modules and optimizers are known now
             self._programs[key] = program
         self.last = program
-        return program.run(arrays)
+        return program, arrays
 
     # ----------------------------------------------------------------- tracing
     def _trace(self, args: Sequence[Any]) -> Program:
@@ -476,7 +482,9 @@ def _state_names(trace: Trace) -> dict[int, str]:
     names: dict[int, str] = {}
     for j, module in enumerate(trace.modules):
         prefix = "" if j == 0 else f"module{j}."
-        for name, t in module._state_tensors().items():
+        # A module may name its state in graphs otherwise (og.nn.OnnxModule: as in its file).
+        named = getattr(module, "_graph_state_names", module._state_tensors)()
+        for name, t in named.items():
             names.setdefault(id(t), prefix + name)
     for opt in trace.optimizers:
         for group in opt.param_groups:

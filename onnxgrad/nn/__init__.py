@@ -17,7 +17,8 @@ from .modules import (
                       ReLU,
                       Sequential,
 )
+from .onnx_module import OnnxModule
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
-           "Identity", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",
-           "functional"]
+           "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule", "Parameter", "ReLU",
+           "Sequential", "functional"]
