@@ -1,15 +1,30 @@
-"""``og.optim.SGD``: ``torch.optim.SGD``'s semantics; its nodes come from ``passes.sgd``."""
+"""``og.optim.SGD``: ``torch.optim.SGD``'s exact semantics as ONNX nodes.
+
+Hyperparameters are graph inputs (scalars), so a learning-rate schedule never changes the graph;
+only the *structure* (momentum on or off, weight decay on or off, nesterov, dampening) does.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 
 from ..passes.builder import Builder
-from ..passes.sgd import SGDFlags, SGDHyper, sgd_update
 from ..tracer.tensor import Tensor
-from .optimizer import Getter, Optimizer
+from .optimizer import Getter, Optimizer, as_dtype_of
+
+
+@dataclass(frozen=True)
+class SGDFlags:
+    """Which terms of the update exist; part of a graph's structure."""
+
+    momentum: bool = False
+    dampening: bool = False
+    weight_decay: bool = False
+    nesterov: bool = False
+    maximize: bool = False
 
 
 class SGD(Optimizer):
@@ -65,11 +80,43 @@ class SGD(Optimizer):
     def update(self, b: Builder, structure: SGDFlags, params: Sequence[ir.Value],
                grads: Sequence[ir.Value], states: Sequence[dict[str, ir.Value | None]],
                hyper: dict[str, ir.Value]) -> tuple[list[ir.Value], list[dict[str, ir.Value]]]:
-        h = SGDHyper(lr=hyper["lr"], momentum=hyper.get("momentum"),
-                     dampening=hyper.get("dampening"), weight_decay=hyper.get("weight_decay"))
         new_params, new_states = [], []
         for p, g, state in zip(params, grads, states):
-            new_p, new_buf = sgd_update(b, p, g, state.get("momentum_buffer"), h, structure)
+            new_p, new_buf = _update(b, p, g, state.get("momentum_buffer"), hyper, structure)
             new_params.append(new_p)
             new_states.append({} if new_buf is None else {"momentum_buffer": new_buf})
         return new_params, new_states
+
+
+def _update(b: Builder, param: ir.Value, grad: ir.Value, buf: ir.Value | None,
+            hyper: dict[str, ir.Value], flags: SGDFlags) -> tuple[ir.Value, ir.Value | None]:
+    """One parameter's step; returns (new parameter, new momentum buffer or None).
+
+    ``buf`` None with momentum on is PyTorch's first step: the buffer starts as the gradient.
+    """
+
+    def h(name: str) -> ir.Value:
+        return as_dtype_of(b, hyper[name], param)
+
+    d_p = b.op("Neg", grad) if flags.maximize else grad
+    if flags.weight_decay:
+        d_p = b.op("Add", d_p, b.op("Mul", param, h("weight_decay")))
+    new_buf = None
+    if flags.momentum:
+        if buf is None:
+            # NOTE: torch.clone(d_p): the buffer must be a value of its own, not the gradient.
+            new_buf = b.op("Identity", d_p)
+        else:
+            scaled = d_p
+            if flags.dampening:  # the input holds 1 - dampening
+                scaled = b.op("Mul", d_p, h("dampening"))
+            new_buf = b.op("Add", b.op("Mul", buf, h("momentum")), scaled)
+        if flags.nesterov:
+            d_p = b.op("Add", d_p, b.op("Mul", new_buf, h("momentum")))
+        else:
+            d_p = new_buf
+    new_param = b.op("Sub", param, b.op("Mul", d_p, h("lr")))
+    for value in (new_param, new_buf):
+        if value is not None:
+            value.shape, value.dtype = param.shape, param.dtype
+    return new_param, new_buf
