@@ -1,7 +1,7 @@
 """``onnxgrad.nn``: modules and layers with PyTorch's names, defaults and initialisation."""
 from __future__ import annotations
 
-from . import functional
+from . import functional, utils
 from .modules import (
                       AdaptiveAvgPool2d,
                       AvgPool2d,
@@ -20,4 +20,4 @@ from .modules import (
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
            "Identity", "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "Sequential",
-           "functional"]
+           "functional", "utils"]
