@@ -7,9 +7,17 @@ state keys; bad hyperparameters raise PyTorch's errors.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 from onnxgrad.models import mlp
+from onnxgrad.runtime.metadata import DATA_INPUTS, STATE
 
 import onnxgrad as og
 from onnxgrad import nn
@@ -293,3 +301,43 @@ def test_a_bad_value_set_in_a_group_is_refused_at_the_next_step() -> None:
     p.grad = og.tensor(np.ones(2, np.float32))
     with pytest.raises(ValueError, match="Invalid alpha value: -1.0"):
         optim.step()
+
+
+@pytest.mark.parametrize("case", ["rmsprop/centered+momentum+maximize", "adagrad/maximize+all"])
+def test_exported_step_loops_in_the_reference_evaluator_and_onnxruntime(case: str,
+                                                                       tmp_path: Path) -> None:
+    name, hyper = CASES[case]
+    x, y = _data()
+    model, _, step = _trainer(True, name, **hyper)
+    step(x, y)
+    path = tmp_path / "step.onnx"
+    step.export(path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    meta = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    feeds_of, data = meta[STATE], meta[DATA_INPUTS]
+    names = [v.name for v in proto.graph.input]
+    expected = ({"square_avg.0.weight", "momentum_buffer.0.weight", "grad_avg.0.weight",
+                 "step.0.weight", "alpha", "momentum"} if name == "RMSprop"
+                else {"sum.0.weight", "step.0.weight", "lr_decay", "lr.group1"})
+    assert expected <= set(names)
+    defaults = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+                if t.name in names}
+    results = []
+    for run in (ReferenceEvaluator(proto), ort.InferenceSession(str(path))):
+        state = dict(defaults)
+        for _ in range(2):
+            feeds = {**state, **dict(zip(data, (x.numpy(), y.numpy())))}
+            outs = dict(zip([o.name for o in proto.graph.output], run.run(None, feeds)))
+            state.update({feeds_of[o]: outs[o] for o in feeds_of})
+        results.append(state)
+    # The two runtimes' forward kernels round differently; RMSprop's normalized g / avg shows it
+    # on elements that cancel, so the tolerance is relative to each tensor's scale.
+    for key, value in results[1].items():
+        np.testing.assert_allclose(results[0][key], value, rtol=1e-5,
+                                   atol=1e-6 * max(1.0, float(np.abs(value).max())), err_msg=key)
+    step(x, y)
+    step(x, y)
+    for key, value in model.state_dict().items():
+        np.testing.assert_allclose(results[1][key], value.numpy(), rtol=1e-6, atol=1e-7)
