@@ -19,6 +19,8 @@ from onnxgrad.models import mlp
 import onnxgrad as og
 from onnxgrad import nn
 
+# Most tests step schedules without training: PyTorch's order warning is expected there.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 F = og.nn.functional
 STEPS = 50
 METRICS = [1.0, 0.9, 0.95, 0.95, 0.96, 0.97, 0.8, 0.81, 0.82, 0.83, 0.84] * 5  # for plateaus
@@ -276,3 +278,35 @@ def test_scheduled_compiled_steps_never_retrace_and_equal_eager(name: str, make:
     assert losses == eager_losses
     for key, value in eager_params.items():
         np.testing.assert_array_equal(params[key], value, err_msg=key)
+
+
+@pytest.mark.filterwarnings("error")
+def test_pytorch_s_warning_for_a_scheduler_stepped_before_the_optimizer() -> None:
+    opt, _ = _og("step")
+    sched = og.optim.lr_scheduler.StepLR(opt, step_size=3)
+    with pytest.warns(UserWarning, match=r"Detected call of `lr_scheduler.step\(\)` before"):
+        sched.step()
+    # The right order, eager or compiled (the traced call runs optimizer.step() once): silent.
+    for compiled in (False, True):
+        _sgd_on_a_cosine_schedule(compiled)
+
+
+def _sgd_on_a_cosine_schedule(compiled: bool) -> None:
+    x = og.tensor(np.ones(3, np.float32))
+    p = nn.Parameter(np.zeros(3, np.float32))
+    opt = og.optim.SGD([p], lr=0.1)
+    sched = og.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+
+    def step(x):
+        opt.zero_grad()
+        loss = (p * x).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = og.compile(step) if compiled else step
+    for _ in range(3):
+        run(x)
+        sched.step()
+    lrs = [0.1 * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(3)]
+    np.testing.assert_allclose(p.detach().numpy(), -sum(lrs), rtol=1e-6)
