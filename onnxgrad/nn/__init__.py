@@ -1,7 +1,7 @@
 """``onnxgrad.nn``: modules and layers with PyTorch's names, defaults and initialisation."""
 from __future__ import annotations
 
-from . import functional
+from . import functional, utils
 from .modules import (
                       AdaptiveAvgPool2d,
                       AvgPool2d,
@@ -21,4 +21,4 @@ from .onnx_module import OnnxModule
 
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
            "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule", "Parameter", "ReLU",
-           "Sequential", "functional"]
+           "Sequential", "functional", "utils"]
