@@ -639,3 +639,41 @@ def test_random_values_inside_a_compiled_function_are_fresh_each_call() -> None:
     assert not np.array_equal(first.numpy(), again.numpy())  # a new draw every call
     assert ints.dtype == np.int64 and set(np.unique(ints.numpy())) <= set(range(5))
     assert f.traces == 1
+
+
+def test_gradients_made_outside_the_step_are_read_at_every_call() -> None:
+    """A compiled update fed by an eager backward: each call reads the current .grad (never the
+    one seen at trace time), a missing one retraces and is skipped as in eager, and a step that
+    accumulates into .grad follows a .grad replaced between calls."""
+    x, y = _data((8, 12))
+
+    def run(compiled: bool) -> tuple[dict[str, np.ndarray], list[np.ndarray], int]:
+        model = _mlp()
+        optim = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        update = og.compile(optim.step) if compiled else optim.step
+        grads = []
+        for k in range(4):
+            optim.zero_grad()
+            F.cross_entropy(model(og.tensor(x * (k + 1))), og.tensor(y)).backward()
+            if k == 2:
+                model[0].bias.grad = None  # skipped by this step, as PyTorch skips it
+            update()
+
+        def accumulate(x, y):  # no zero_grad: adds to .grad made by an eager backward
+            F.cross_entropy(model(x), y).backward()
+
+        step = og.compile(accumulate) if compiled else accumulate
+        for _ in range(2):
+            optim.zero_grad()
+            F.cross_entropy(model(og.tensor(x)), og.tensor(y)).backward()  # a new .grad tensor
+            step(og.tensor(x[::-1].copy()), og.tensor(y))
+            grads.append(model[0].weight.grad.numpy().copy())
+        traces = update.traces + step.traces if compiled else 0
+        return _state(model), grads, traces
+
+    (eager, eager_grads, _), (compiled, compiled_grads, traces) = run(False), run(True)
+    for name, value in eager.items():
+        np.testing.assert_array_equal(compiled[name], value, err_msg=name)
+    for a, b in zip(compiled_grads, eager_grads):
+        np.testing.assert_array_equal(a, b)
+    assert traces == 3  # the update with all gradients and with one missing; the accumulation

@@ -147,7 +147,8 @@ class Program:
                  readonly: dict[str, Tensor], grads: dict[str, Tensor],
                  scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
                  created: dict[str, tuple[Any, Tensor, str]],
-                 owned: dict[str, tuple[Any, Tensor, str]] | None = None):
+                 owned: dict[str, tuple[Any, Tensor, str]] | None = None,
+                 followed: dict[str, Tensor] | None = None):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -159,6 +160,7 @@ class Program:
         self.scalars = scalars      # scalar input name -> (getter, dtype)
         self.created = created      # output name -> (optimizer, parameter, key): new state
         self.owned = owned or {}    # state input name -> (optimizer, parameter, key)
+        self.followed = followed or {}  # input name -> the tensor whose .grad it is
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.views = RunnerViews(shared=runner.device == "cpu")
 
@@ -171,6 +173,10 @@ class Program:
                 t = opt.initial_state(p, key)  # cleared state: as before a first step
             if t is not self.updated[name]:
                 self.updated[name] = t  # its value is written to the runner just below
+        for name, p in self.followed.items():
+            # A gradient made outside the step (a backward before the call): the current one.
+            # (Whether it is None is part of the compiled function's key.)
+            (self.updated if name in self.updated else self.readonly)[name] = p.grad
         views = self.views
         for name, t in self.updated.items():
             edited = views.edited(name, t)  # an eager edit since the last call
@@ -308,11 +314,15 @@ class CompiledFunction:
         for o in trace.optimizers:
             if all(o is not k for k in self._optimizers):
                 self._optimizers.append(o)
-        for t, _ in trace.grads_before.values():
-            if (t.requires_grad and id(t) not in trace.cleared
-                    and all(t is not k for k in self._grad_owners)):
+        program = self._build(trace, inputs, result, final, grads_after, created)
+        # Whether these .grad are set changes the step: a gradient left from before the call
+        # accumulates, one the step reads comes from outside.
+        for t in [t for t, _ in trace.grads_before.values()
+                  if t.requires_grad and id(t) not in trace.cleared] + list(
+                program.followed.values()):
+            if all(t is not k for k in self._grad_owners):
                 self._grad_owners.append(t)
-        return self._build(trace, inputs, result, final, grads_after, created)
+        return program
 
     def _build(self, trace: Trace, inputs: list[Any], result: Any, final: dict[int, Val],
                grads_after: dict[int, Tensor | None],
@@ -346,19 +356,27 @@ class CompiledFunction:
             root_names.append(name)
             created[name] = (opt, p, key)
         grads: dict[str, Tensor] = {}
+        grad_roots: dict[int, int] = {}  # tid -> index of its gradient among the roots
         for tid, (t, _) in trace.grads_before.items():
             g = grads_after.get(tid)
             if g is not None and g._v.rec is not None and id(g) not in trace.grad_state:
+                grad_roots[tid] = len(roots)
                 roots.append(g._v)
                 root_names.append(f"grad.{names[tid]}")
                 grads[f"grad.{names[tid]}"] = t
+        # Gradients made before the call (an eager backward) that the step reads (an optimizer
+        # step, clipping): inputs fed from the tensor's .grad at every call, not constants; one
+        # the step also writes is state, ``grad.<name>`` -> ``grad.<name>.new``, as PyTorch's
+        # in-place updates of .grad.
+        outside = {id(g._v): tid for tid, (t, g) in trace.grads_before.items()
+                   if g is not None and g._v.rec is None and id(g._v) not in state_ids}
 
         # Tensors captured from outside the function (og.tensor or a factory, still alive) are
         # read-only inputs fed their current value each call, not constants of the trace.
         captured: dict[int, Tensor] = {}
 
         def classify(v: Val) -> str:
-            if id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids:
+            if id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids or id(v) in outside:
                 return DATA
             owner = v.owner() if v.owner is not None and not v.const else None
             if owner is not None and owner._v is v:
@@ -368,6 +386,15 @@ class CompiledFunction:
 
         walk = Walk(roots, lambda v: v.rec is not None, classify)
         used_state: dict[str, Tensor] = {}
+        followed: dict[str, Tensor] = {}
+        for leaf in walk.leaves:
+            tid = outside.get(id(leaf))
+            if tid is not None and tid in grad_roots:
+                name = f"grad.{names[tid]}"
+                root_names[grad_roots[tid]] = state_pairs[name] = f"{name}.new"
+                del grads[name]
+        for gid, t in trace.grad_state.items():
+            followed[names[gid]] = t  # accumulated in the step: follow the tensor's .grad too
 
         def leaf_value(k: int, v: Val, kind: str) -> ir.Value:
             if id(v) in data_ids:
@@ -378,6 +405,11 @@ class CompiledFunction:
                 tid = state_ids[id(v)]
                 name = names[tid]
                 used_state[name] = trace.initial[tid][0]
+            elif id(v) in outside:
+                tid = outside[id(v)]
+                name = f"grad.{names[tid]}"
+                used_state[name] = trace.grads_before[tid][1]
+                followed[name] = trace.grads_before[tid][0]
             elif id(v) in captured:
                 owner = captured[id(v)]
                 name = owner._name or f"captured.{k}"
@@ -419,8 +451,9 @@ class CompiledFunction:
         owners = {id(t): (opt, p, key) for opt in trace.optimizers
                   for p, key, t in opt.state_tensors()}
         owned = {name: owners[id(t)] for name, t in updated.items() if id(t) in owners}
+        followed = {name: t for name, t in followed.items() if name in used_state}
         return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created, owned)
+                       updated, readonly, grads, scalars, created, owned, followed)
 
     def keep_last(self) -> None:
         """Drop every program but the last one run (and the runtime buffers it holds)."""
