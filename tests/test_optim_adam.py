@@ -219,16 +219,16 @@ def test_exported_adamw_step_loops_in_the_reference_evaluator(tmp_path: Path) ->
     results = []
     for run in (ReferenceEvaluator(proto), ort.InferenceSession(str(path))):
         state = dict(defaults)
-        for _ in range(2):
+        for _ in range(3):
             feeds = {**state, **dict(zip(data, (x.numpy(), y.numpy())))}
             outs = dict(zip([o.name for o in proto.graph.output], run.run(None, feeds)))
             state.update({feeds_of[o]: outs[o] for o in feeds_of})
         results.append(state)
     for key, value in results[1].items():
         np.testing.assert_allclose(results[0][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-    # And onnxgrad's own next two steps agree with the file's.
-    step(x, y)
-    step(x, y)
+    # And onnxgrad's own next three steps agree with the file's.
+    for _ in range(3):
+        step(x, y)
     for key, value in model.state_dict().items():
         np.testing.assert_allclose(results[1][key], value.numpy(), rtol=1e-6, atol=1e-7)
 
@@ -253,3 +253,29 @@ def test_load_state_dict_checks_each_state_s_shape() -> None:
                        "exp_avg_sq": np.zeros((3, 2))}}
     with pytest.raises(ValueError, match=r"exp_avg_sq of parameter 0: expected shape \[2, 3\]"):
         optim.load_state_dict(sd)
+
+
+def test_another_optimizer_s_state_dict_is_refused_naming_the_keys() -> None:
+    params = [nn.Parameter(np.ones(3, np.float32))]
+    sgd = og.optim.SGD(params, lr=0.1, momentum=0.9)
+    params[0].grad = og.ones(3)
+    sgd.step()
+    adam = og.optim.Adam([nn.Parameter(np.ones(3, np.float32))])
+    with pytest.raises(ValueError, match=r"not Adam's: its parameter group 0 has no \['amsgrad', "
+                                         r"'betas', .*\(found \['dampening', 'lr', "):
+        adam.load_state_dict(sgd.state_dict())
+    adam_state = adam.state_dict()
+    adam_state["state"] = sgd.state_dict()["state"]
+    with pytest.raises(ValueError, match=r"the state of parameter 0 has \['momentum_buffer'\], "
+                                         r"Adam with these options keeps \['exp_avg', "
+                                         r"'exp_avg_sq', 'step'\]"):
+        adam.load_state_dict(adam_state)
+    # Nothing was changed by the refused loads.
+    assert adam.state == {} and adam.param_groups[0]["betas"] == (0.9, 0.999)
+    # An older PyTorch's state dict (no maximize, no decoupled_weight_decay) loads: defaults.
+    old = adam.state_dict()
+    for key in ("maximize", "decoupled_weight_decay"):
+        del old["param_groups"][0][key]
+    adam.param_groups[0]["maximize"] = True
+    adam.load_state_dict(old)
+    assert adam.param_groups[0]["maximize"] is False

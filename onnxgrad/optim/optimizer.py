@@ -295,9 +295,29 @@ class Optimizer:
                 len(g["params"]) != len(own["params"]) for g, own in zip(groups, self.param_groups)):
             raise ValueError("loaded state dict has a different number of parameter groups or "
                              "parameters than this optimizer")
+        name = type(self).__name__
+        for i, group in enumerate(groups):
+            # Options PyTorch added in later releases are filled in from the defaults, as its
+            # __setstate__ does; any other missing one means another optimizer's state.
+            missing = sorted(set(self.defaults) - set(group) - _LATER_OPTIONS)
+            if missing:
+                raise ValueError(f"loaded state dict is not {name}'s: its parameter group {i} "
+                                 f"has no {missing} (found {sorted(set(group) - {'params'})})")
         params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {id(p): gi for gi, g in enumerate(groups) for p in self.param_groups[gi]["params"]}
+        for i, entry in state_dict["state"].items():
+            p = params[int(i)]
+            expected = self.state_keys({**self.param_groups[group_of[id(p)]],
+                                        **groups[group_of[id(p)]]})
+            found = sorted(k for k, v in entry.items() if v is not None)
+            if not set(found) <= set(expected):
+                raise ValueError(f"loaded state dict is not {name}'s: the state of parameter {i} "
+                                 f"has {found}, {name} with these options keeps "
+                                 f"{sorted(expected)}")
         for own, group in zip(self.param_groups, groups):
             own.update({k: v for k, v in group.items() if k != "params"})
+            for key in _LATER_OPTIONS & set(self.defaults) - set(group):
+                own[key] = self.defaults[key]
         self.state = {}
         for i, entry in state_dict["state"].items():
             p = params[int(i)]
@@ -318,6 +338,11 @@ class Optimizer:
             lines.append(f"Parameter Group {i}")
             lines += [f"    {k}: {g[k]}" for k in sorted(g) if k != "params"]  # as PyTorch
         return "\n".join(lines) + "\n)"
+
+
+# Options that state dicts of older PyTorch releases lack.
+_LATER_OPTIONS = frozenset({"maximize", "foreach", "capturable", "differentiable", "fused",
+                            "decoupled_weight_decay"})
 
 
 def as_dtype_of(b: Builder, scalar: ir.Value, like: ir.Value) -> ir.Value:
