@@ -677,3 +677,92 @@ def test_gradients_made_outside_the_step_are_read_at_every_call() -> None:
     for a, b in zip(compiled_grads, eager_grads):
         np.testing.assert_array_equal(a, b)
     assert traces == 3  # the update with all gradients and with one missing; the accumulation
+
+
+# --------------------------------------------------------------------------- Python values read
+STEP_NOW = False  # a module-level flag a compiled function tests
+CALLS = 0
+
+
+def test_micro_batches_accumulate_in_one_graph_like_eager() -> None:
+    x, y = _data((8, 12))
+
+    def run(compiled: bool) -> tuple[list[float], dict[str, np.ndarray], int]:
+        model = _mlp()
+        optim = og.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(x, y):
+            optim.zero_grad()
+            total = 0.0
+            for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):  # two micro-batches
+                loss = F.cross_entropy(model(xs), ys) / 2
+                loss.backward()
+                total = total + loss
+            optim.step()
+            return total
+
+        fn = og.compile(step) if compiled else step
+        losses = [float(fn(og.tensor(x), og.tensor(y))) for _ in range(3)]
+        return losses, _state(model), fn.traces if compiled else 1
+
+    (eager, eager_state, _), (compiled, state, traces) = run(False), run(True)
+    assert compiled == eager and traces == 1
+    for name, value in eager_state.items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+def test_python_values_the_function_reads_retrace_when_they_change() -> None:
+    """A flag deciding when to step (gradient accumulation), a closure float, a rebound closure
+    tensor: a trace bakes each in, so a change traces again and results stay eager's."""
+    global STEP_NOW
+    x, y = _data((4, 12))
+
+    def run(compiled: bool) -> tuple[dict[str, np.ndarray], int]:
+        global STEP_NOW
+        model = _mlp()
+        optim = og.optim.SGD(model.parameters(), lr=0.1)
+        scale = 1.0
+        shift = og.zeros(5)
+
+        def step(x, y):
+            loss = F.cross_entropy(model(x) * scale + shift, y) / 2
+            loss.backward()
+            if STEP_NOW:
+                optim.step()
+                optim.zero_grad()
+            return loss
+
+        fn = og.compile(step) if compiled else step
+        for k in range(6):
+            STEP_NOW = k % 2 == 1
+            if k == 3:
+                scale = 0.5
+            if k == 4:
+                shift = og.full((5,), 0.25)  # a new tensor under the same name
+            fn(og.tensor(x), og.tensor(y))
+        STEP_NOW = False
+        return _state(model), fn.traces if compiled else 0
+
+    (eager, _), (compiled, traces) = run(False), run(True)
+    for name, value in eager.items():
+        np.testing.assert_array_equal(compiled[name], value, err_msg=name)
+    assert traces == 6  # flag off/on; then scale 0.5 (on, off); then the new shift (off, on)
+
+
+def test_a_counter_read_by_the_function_is_a_clear_error_not_a_trace_per_call() -> None:
+    global CALLS
+    x, y = _data((4, 12))
+    model, optim, _ = _trainer(_mlp)
+
+    @og.compile
+    def step(x, y):
+        F.cross_entropy(model(x), y).backward()
+        if CALLS % 100 == 99:
+            optim.step()
+        return x
+
+    with pytest.raises(og.TraceError, match=r"traced 8 times for the same inputs because the "
+                                            r"Python value\(s\) \['CALLS'\] it reads changed"):
+        for CALLS in range(20):  # noqa: B007  (the global the function reads)
+            step(x, y)
+    assert step.traces == 9  # the first call, with no gradient yet, then 8 for the counter

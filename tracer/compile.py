@@ -12,10 +12,12 @@ like every later one, so resuming from a checkpoint is bit-identical to not stop
 """
 from __future__ import annotations
 
+import dis
 import functools
 import inspect as pyinspect
 import json
 import os
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,7 +150,7 @@ class Program:
                  scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
                  created: dict[str, tuple[Any, Tensor, str]],
                  owned: dict[str, tuple[Any, Tensor, str]] | None = None,
-                 followed: dict[str, Tensor] | None = None):
+                 followed: dict[str, Tensor] | None = None, cleared: Sequence[Tensor] = ()):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -161,6 +163,7 @@ class Program:
         self.created = created      # output name -> (optimizer, parameter, key): new state
         self.owned = owned or {}    # state input name -> (optimizer, parameter, key)
         self.followed = followed or {}  # input name -> the tensor whose .grad it is
+        self.cleared = list(cleared)  # tensors whose .grad the step sets to None (zero_grad)
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.views = RunnerViews(shared=runner.device == "cpu")
 
@@ -200,6 +203,8 @@ class Program:
             grad = Val(runner.carried_output(name))
             p.grad = Tensor(grad)
             views.hand_out(name, grad)
+        for p in self.cleared:
+            p.grad = None
         for name, (opt, p, key) in self.created.items():
             opt.state.setdefault(p, {})[key] = Tensor(Val(results[name]))
         outs = [Tensor(Val(results[n])) for n in self.output_names]
@@ -238,6 +243,11 @@ class CompiledFunction:
             params = []
         self._arg_names = (list(arg_names) if arg_names is not None
                            else [p for p in params if p not in ("self",)])
+        self._python_values = PythonValues(fn)
+        self._value_traces: dict[Any, int] = {}  # key without Python values -> traces
+
+    #: Traces for one signature that differ only in the Python values read; then it is an error.
+    MAX_VALUE_TRACES = 8
 
     def _key(self, arrays: Sequence[np.ndarray], static: tuple) -> tuple:
         # The optimizers' structure, parameters and which state exists (not their values, which
@@ -246,7 +256,23 @@ class CompiledFunction:
         # A gradient left from before the call accumulates (state of the step); none: it is new.
         fresh = tuple(t.grad is None for t in self._grad_owners)
         return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim,
-                self._modules_identity(), fresh)
+                self._modules_identity(), fresh, self._python_values.current())
+
+    def _count_value_trace(self, key: tuple) -> None:
+        """Refuse to trace once more for Python values alone (a counter read in the function)."""
+        rest = key[:-1]
+        if not any(k[:-1] == rest for k in self._programs):
+            return
+        n = self._value_traces[rest] = self._value_traces.get(rest, 1) + 1
+        if n > self.MAX_VALUE_TRACES:
+            changed = self._python_values.changed(k[-1] for k in self._programs
+                                                  if k[:-1] == rest)
+            raise TraceError(
+                f"og.compile: {self.__name__} has been traced {n - 1} times for the same inputs "
+                f"because the Python value(s) {changed} it reads changed; each value makes a new "
+                f"graph. Keep the Python logic outside the compiled function (call the compiled "
+                f"step, or a second compiled function, depending on the counter), or make the "
+                f"value a tensor argument and use og.where")
 
     def _modules_identity(self) -> tuple:
         """The modules' ``train()``/``eval()`` modes and which tensors their state is (a layer
@@ -275,6 +301,7 @@ class CompiledFunction:
         key = self._key(arrays, static)
         program = self._programs.get(key)
         if program is None:
+            self._count_value_trace(key)
             program = self._trace(args)
             key = self._key(arrays, static)  # modules and optimizers are known now
             self._programs[key] = program
@@ -452,8 +479,11 @@ class CompiledFunction:
                   for p, key, t in opt.state_tensors()}
         owned = {name: owners[id(t)] for name, t in updated.items() if id(t) in owners}
         followed = {name: t for name, t in followed.items() if name in used_state}
+        # A gradient set before the call and None after it: the step cleared it (zero_grad).
+        cleared = [t for tid, (t, g) in trace.grads_before.items()
+                   if g is not None and grads_after.get(tid) is None]
         return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created, owned, followed)
+                       updated, readonly, grads, scalars, created, owned, followed, cleared)
 
     def keep_last(self) -> None:
         """Drop every program but the last one run (and the runtime buffers it holds)."""
@@ -483,6 +513,57 @@ def compile(fn: Any) -> CompiledFunction:
     if not callable(fn):
         raise TypeError(f"og.compile expects a function or a Module, got {type(fn).__name__}")
     return CompiledFunction(fn)
+
+
+# --------------------------------------------------------------------------- guards
+_GUARDED = (bool, int, float, complex, str, type(None))
+
+
+class PythonValues:
+    """What a function reads from its globals and closure, which a trace bakes in: plain values
+    (numbers, strings, flags) by value, anything else (a model, a tensor) by identity. A call that
+    sees other values must trace again.
+
+    Found from the function's code (``LOAD_GLOBAL``, also in nested functions, and its closure
+    cells); values read through attributes (``self.scale``) or in functions it calls are not seen.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        fn = getattr(fn, "__func__", fn)  # a bound method
+        code = getattr(fn, "__code__", None)
+        self._names: list[str] = []
+        self._globals: list[str] = []
+        self._scope: dict[str, Any] = {}
+        self._cells: tuple = ()
+        if code is None:
+            return
+        names: set[str] = set()
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            names.update(i.argval for i in dis.get_instructions(c) if i.opname == "LOAD_GLOBAL")
+            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+        self._scope = getattr(fn, "__globals__", {})
+        self._globals = sorted(n for n in names if n in self._scope)  # not builtins
+        self._cells = tuple(fn.__closure__ or ())
+        self._names = self._globals + list(code.co_freevars)
+
+    def current(self) -> tuple:
+        values = [self._scope.get(n, _MISSING_VALUE) for n in self._globals]
+        for cell in self._cells:
+            try:
+                values.append(cell.cell_contents)
+            except ValueError:  # not assigned yet
+                values.append(_MISSING_VALUE)
+        return tuple(v if isinstance(v, _GUARDED) else ("object", id(v)) for v in values)
+
+    def changed(self, seen: Any) -> list[str]:
+        """The names whose value differs among the ``current()`` tuples ``seen``."""
+        columns = list(zip(*seen))
+        return [n for n, column in zip(self._names, columns) if len(set(map(repr, column))) > 1]
+
+
+_MISSING_VALUE = "<unset>"
 
 
 # --------------------------------------------------------------------------- helpers
