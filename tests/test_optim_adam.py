@@ -24,7 +24,7 @@ from onnxgrad import nn
 
 F = og.nn.functional
 SHAPES = [(3, 4), (4,), (2, 2, 3), (5,)]
-STEPS = 5
+STEPS = 10
 
 CASES = {
     "adam": ("Adam", {}),

@@ -476,9 +476,9 @@ def _torch_export(torch, model, x, path: Path, opset: int) -> Path:
     return path
 
 
-def _torch_parity(torch, model, step, batches) -> None:
+def _torch_parity(torch, model, step, batches, opt=None, skip: tuple[str, ...] = ()) -> None:
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in batches:
         ours = step(x, y)
         opt.zero_grad()
@@ -488,12 +488,13 @@ def _torch_parity(torch, model, step, batches) -> None:
         np.testing.assert_allclose(ours.numpy(), loss.item(), rtol=1e-5, atol=1e-6)
     state = step.state_dict()
     for name, value in model.state_dict().items():
-        if name in state:
+        if name in state and name not in skip:
             np.testing.assert_allclose(state[name], value.numpy(), rtol=1e-4, atol=1e-5,
                                        err_msg=name)
 
 
-def test_torch_cnn_trains_like_pytorch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_torch_cnn_trains_like_pytorch(tmp_path: Path, optimizer: str) -> None:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
 
@@ -516,12 +517,32 @@ def test_torch_cnn_trains_like_pytorch(tmp_path: Path) -> None:
 
     model = CNN().eval()
     path = _torch_export(torch, model, torch.zeros(2, 3, 8, 8), tmp_path / "cnn.onnx", 17)
-    step = _quiet(og.training_step, path, loss="cross_entropy", lr=0.1, momentum=0.9)
+    if optimizer == "SGD":
+        step = _quiet(og.training_step, path, loss="cross_entropy", lr=0.1, momentum=0.9)
+        opt = None
+    else:  # an imported model trained with AdamW, as PyTorch trains the module
+        step = _quiet(og.training_step, path, loss="cross_entropy",
+                      optimizer=lambda ps: og.optim.AdamW(ps, lr=1e-2, weight_decay=0.1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     assert sorted(n for n, _ in step.named_buffers()) == [
         "bn.running_mean", "bn.running_var", "bn2.running_mean", "bn2.running_var"]
     assert {n for n, _ in step.named_parameters()} == {
         n for n, _ in model.named_parameters()}
-    _torch_parity(torch, model, step, _batches((4, 3, 8, 8), 5))
+    # NOTE: conv.bias feeds a training-mode BatchNorm, so its gradient is 0 in exact arithmetic
+    # and float32 noise in both frameworks; AdamW turns any noise into steps of +-lr, so neither
+    # framework's float32 run agrees with its float64 run on it, nor on bn.running_mean, which
+    # averages the conv's output, bias included. Every other tensor is compared.
+    skip = ("conv.bias", "bn.running_mean") if optimizer == "AdamW" else ()
+    _torch_parity(torch, model, step, _batches((4, 3, 8, 8), 5), opt, skip)
+    if optimizer == "AdamW":  # and its state, by PyTorch's keys
+        theirs = opt.state_dict()["state"]
+        ours = {name: step.optimizer.state[p] for name, p in step.named_parameters()}
+        for i, (name, _) in enumerate(model.named_parameters()):
+            if name in skip:
+                continue
+            for key, value in theirs[i].items():
+                np.testing.assert_allclose(ours[name][key].numpy(), value.numpy(), rtol=1e-4,
+                                           atol=1e-6, err_msg=f"{key} of {name}")
 
 
 def test_torch_mlp_trains_like_pytorch_across_batch_sizes(tmp_path: Path) -> None:
