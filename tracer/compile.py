@@ -34,6 +34,7 @@ from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.step import StepRunner
 from . import state
+from .autograd import _classify, _follow
 from .graph import CONST, DATA, Walk, ir_type
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
 from .views import RunnerViews
@@ -93,8 +94,6 @@ class Trace:
         NOTE: gradient values are not computed while tracing (zeros stand in): the traced values
         are discarded and the first call runs the compiled graph.
         """
-        from .autograd import _classify, _follow
-
         roots = [t._v for t in tensors]
         walk = Walk(roots, _follow, _classify)
         wrt = [v for v, kind in zip(walk.leaves, walk.kinds) if kind == "w"]
