@@ -766,3 +766,44 @@ def test_a_counter_read_by_the_function_is_a_clear_error_not_a_trace_per_call() 
         for CALLS in range(20):  # noqa: B007  (the global the function reads)
             step(x, y)
     assert step.traces == 9  # the first call, with no gradient yet, then 8 for the counter
+
+
+def test_freezing_and_module_attributes_retrace_like_eager() -> None:
+    """requires_grad_(False) after a call, and plain attributes a forward reads (a scale, a
+    BatchNorm's momentum), change what the step does: the next call retraces and matches eager."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _convnet()
+            self.scale = 1.0
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    x, y = _data((4, 3, 6, 6))
+
+    def run(compiled: bool) -> tuple[dict[str, np.ndarray], int]:
+        model = Scaled()
+        optim = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def step(x, y):
+            optim.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optim.step()
+            return loss
+
+        fn = og.compile(step) if compiled else step
+        fn(og.tensor(x), og.tensor(y))
+        model.body[0].weight.requires_grad_(False)  # freeze the first conv
+        fn(og.tensor(x), og.tensor(y))
+        model.scale = 0.5
+        model.body[1].momentum = 0.5
+        fn(og.tensor(x), og.tensor(y))
+        return _state(model), fn.traces if compiled else 0
+
+    (eager, _), (compiled, traces) = run(False), run(True)
+    for name, value in eager.items():
+        np.testing.assert_allclose(compiled[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert traces == 3

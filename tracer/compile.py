@@ -235,6 +235,8 @@ class CompiledFunction:
         self.traces = 0
         self._identity: tuple = ()
         self._identity_version = -1
+        self._identity_tensors: list[Tensor] = []
+        self._identity_modules: list[Any] = []
         self._grad_owners: list[Tensor] = []  # tensors whose .grad a traced step wrote
         try:
             params = list(pyinspect.signature(fn).parameters)
@@ -276,15 +278,22 @@ class CompiledFunction:
     def _modules_identity(self) -> tuple:
         """The modules' ``train()``/``eval()`` modes and which tensors their state is (a layer
         replaced by assignment, ``model.fc = nn.Linear(...)``, must retrace, not train the tensors
-        traced before). Recomputed only when some module changed (``tracer.state``'s version)."""
+        traced before), recomputed only when some module changed (``tracer.state``'s version);
+        and, at every call, which tensors require grad (``requires_grad_(False)`` freezes) and
+        the modules' plain Python attributes (``self.scale``, ``Dropout.p``, a BatchNorm's
+        ``momentum``), which a trace bakes in."""
         version = state.structure_version()
         if version != self._identity_version:
             modes = tuple(m.training for root in self._modules for m in root.modules())
-            tensors = tuple(id(t) for root in self._modules
-                            for t in root._state_tensors().values())
-            self._identity = (modes, tensors)
+            tensors = [t for root in self._modules for t in root._state_tensors().values()]
+            self._identity = (modes, tuple(id(t) for t in tensors))
+            self._identity_tensors = tensors
+            self._identity_modules = [m for root in self._modules for m in root.modules()]
             self._identity_version = version
-        return self._identity
+        grads_on = tuple(t._v.requires_grad for t in self._identity_tensors)
+        settings = tuple(tuple(v for v in vars(m).values() if type(v) in _GUARDED)
+                         for m in self._identity_modules)
+        return self._identity + (grads_on, settings)
 
     def __call__(self, *args: Any) -> Any:
         program, arrays = self._program(args)
