@@ -1,5 +1,6 @@
 """Architectures built with ``onnxgrad.nn``: torchvision's ResNets, MobileNetV2/V3 and
-EfficientNet-B0 (same parameter names), an MLP, and local weight files (``.npz`` / ``.safetensors``; nothing is ever downloaded)."""
+EfficientNet-B0 (same parameter names), an MLP, and local weight files (``.npz`` /
+``.safetensors``; nothing is ever downloaded)."""
 from __future__ import annotations
 
 from .efficientnet import EfficientNet, efficientnet_b0
