@@ -1,8 +1,17 @@
-"""Architectures built with ``onnxgrad.nn``: torchvision's ResNets (same parameter names), an MLP,
-and local weight files (``.npz`` / ``.safetensors``; nothing is ever downloaded)."""
+"""Architectures built with ``onnxgrad.nn``: torchvision's ResNets, MobileNetV2/V3 and
+EfficientNet-B0 (same parameter names), an MLP, and local weight files (``.npz`` /
+``.safetensors``; nothing is ever downloaded)."""
 from __future__ import annotations
 
+from .efficientnet import EfficientNet, efficientnet_b0
 from .mlp import mlp
+from .mobilenet import (
+                        MobileNetV2,
+                        MobileNetV3,
+                        mobilenet_v2,
+                        mobilenet_v3_large,
+                        mobilenet_v3_small,
+)
 from .resnet import (
                      BasicBlock,
                      Bottleneck,
@@ -17,3 +26,5 @@ from .weights import load_weights, read_state, save_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "load_weights", "mlp", "read_state",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "save_weights"]
+__all__ += ["EfficientNet", "MobileNetV2", "MobileNetV3", "efficientnet_b0", "mobilenet_v2",
+            "mobilenet_v3_large", "mobilenet_v3_small"]

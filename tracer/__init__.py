@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # The op modules register their ops (tracer/registry.py) as they are imported.
-from . import factories, nnops, ops, registry
+from . import activations, factories, nnops, ops, registry  # noqa: F401
 from .autograd import backward, grad
 from .state import enable_grad, no_grad, set_grad_enabled
 from .tensor import Tensor, TraceError, Val, as_tensor, tensor

@@ -2,6 +2,16 @@
 from __future__ import annotations
 
 from . import functional, utils
+from .activation_layers import (
+                                Conv1d,
+                                GroupNorm,
+                                Hardsigmoid,
+                                Hardswish,
+                                Mish,
+                                ReLU6,
+                                Sigmoid,
+                                SiLU,
+)
 from .modules import (
                       AdaptiveAvgPool2d,
                       AvgPool2d,
@@ -22,3 +32,4 @@ from .onnx_module import OnnxModule
 __all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
            "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule", "Parameter", "ReLU",
            "Sequential", "functional", "utils"]
+__all__ += ["Conv1d", "GroupNorm", "Hardsigmoid", "Hardswish", "Mish", "ReLU6", "SiLU", "Sigmoid"]
