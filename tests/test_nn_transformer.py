@@ -178,7 +178,7 @@ def test_multihead_cross_attention_weights():
 def test_transformer_encoder(norm_first, activation):
     torch.manual_seed(0)
     kw = {"dim_feedforward": 16, "dropout": 0.0, "activation": activation, "batch_first": True,
-              "norm_first": norm_first}
+          "norm_first": norm_first}
     tm = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, **kw), 2,
                                      norm=torch.nn.LayerNorm(8), enable_nested_tensor=False)
     om = og.nn.TransformerEncoder(og.nn.TransformerEncoderLayer(8, 2, **kw), 2,

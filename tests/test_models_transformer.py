@@ -1,0 +1,110 @@
+"""The GPT decoder and the ViT of ``onnxgrad.models``: PyTorch parity of compiled training
+(AdamW, 3 steps), the exported step looped in plain onnxruntime, and Hugging Face GPT-2 / BERT
+exported to ONNX and trained through ``OnnxModule``."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxgrad as og
+import onnxgrad.nn.functional as F
+from onnxgrad.models import gpt, vit
+
+torch = pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"vocab_size": 40, "n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 12}
+
+
+def _batches(n: int, b: int = 3, t: int = 10, vocab: int = 40) -> list[tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(7)
+    return [(rng.integers(0, vocab, (b, t)), rng.integers(0, vocab, (b, t))) for _ in range(n)]
+
+
+def _gpt_pair(tie_weights: bool = True):
+    from torch_reference_transformer import GPT
+    og.manual_seed(0)
+    ours = gpt(**CONFIG, tie_weights=tie_weights)
+    theirs = GPT(**CONFIG, tie_weights=tie_weights)
+    state = ours.state_dict()
+    assert list(state) == list(theirs.state_dict())
+    theirs.load_state_dict({k: torch.tensor(v.numpy()) for k, v in state.items()})
+    return ours, theirs
+
+
+def _og_step(model, opt):
+    def step(x, y):
+        opt.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        return loss
+
+    return og.compile(step)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_gpt_trains_compiled_with_adamw_like_pytorch(tie_weights):
+    ours, theirs = _gpt_pair(tie_weights)
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.95)}
+    step = _og_step(ours, og.optim.AdamW(ours.parameters(), **kw))
+    t_opt = torch.optim.AdamW(theirs.parameters(), **kw)
+    for x, y in _batches(3):
+        loss = float(step(og.tensor(x), og.tensor(y)))
+        t_opt.zero_grad()
+        logits = theirs(torch.tensor(x))
+        t_loss = F_torch().cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         torch.tensor(y).reshape(-1))
+        t_loss.backward()
+        t_opt.step()
+        np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-4)
+    theirs_state = theirs.state_dict()
+    for name, value in ours.state_dict().items():
+        actual, expected = value.numpy(), theirs_state[name].detach().numpy()
+        if name.endswith("c_attn.bias"):
+            # NOTE: the key third of c_attn.bias has a zero gradient in exact arithmetic (it adds
+            # a per-query constant to the scores, which softmax cancels), so both frameworks move
+            # it from 0 by rounding noise only, which Adam normalizes: it must stay near 0.
+            e = CONFIG["n_embd"]
+            assert np.abs(actual[e:2 * e]).max() < 1e-4 > np.abs(expected[e:2 * e]).max()
+            actual, expected = np.delete(actual, np.s_[e:2 * e]), np.delete(expected,
+                                                                            np.s_[e:2 * e])
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert len(list(ours.parameters())) == len(list(theirs.parameters()))
+
+
+def F_torch():  # noqa: N802  (torch.nn.functional, imported lazily with torch)
+    return torch.nn.functional
+
+
+def test_gpt_exported_step_loops_in_plain_onnxruntime(tmp_path):
+    from test_compile import _documented_loop
+    og.manual_seed(0)
+    model = gpt(**CONFIG)
+    step = _og_step(model, og.optim.AdamW(model.parameters(), lr=1e-2))
+    batches = _batches(4)
+    step(*(og.tensor(a) for a in batches[0]))
+    step.export(tmp_path / "train_step.onnx")
+    np.savez(tmp_path / "batches.npz", *[a for batch in batches[1:] for a in batch])
+    losses = [float(step(*(og.tensor(a) for a in batch))) for batch in batches[1:]]
+    prelude = ("import numpy as np\n"
+               "with np.load('batches.npz') as f:\n"
+               "    arrays = [f[f'arr_{i}'] for i in range(len(f.files))]\n"
+               "batches = list(zip(arrays[0::2], arrays[1::2]))\n")
+    epilogue = "np.savez('trained.npz', **state)\n"
+    done = subprocess.run([sys.executable, "-c", prelude + _documented_loop() + epilogue],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [float(line) for line in done.stdout.split()]
+    np.testing.assert_allclose(printed, losses, rtol=1e-5, atol=1e-6)
+    with np.load(tmp_path / "trained.npz") as trained:
+        # The tied lm_head.weight is one parameter, exported once, under wte's name.
+        assert "lm_head.weight" not in trained.files
+        for name, value in model.named_parameters():
+            np.testing.assert_allclose(trained[name], value.detach().numpy(), rtol=1e-5,
+                                       atol=1e-6, err_msg=name)
