@@ -147,3 +147,119 @@ def test_vit_trains_like_torchvision_layout():
     for name, value in ours.state_dict().items():
         np.testing.assert_allclose(value.numpy(), theirs_state[name].numpy(), rtol=1e-4,
                                    atol=1e-6, err_msg=name)
+
+
+# --------------------------------------------------------------------------- Hugging Face files
+def _hf_model(kind: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=64, n_layer=2,
+                                      n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+        cfg._attn_implementation = "eager"
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=128,
+                                      max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+        cfg._attn_implementation = "eager"
+        model = transformers.BertModel(cfg, add_pooling_layer=False)
+    with torch.no_grad():
+        # Distinct values everywhere: the TorchScript exporter merges initializers of equal
+        # values (every zero bias, every LayerNorm weight), which would make the mapping from
+        # file initializers back to PyTorch parameters ambiguous.
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _export(model, b: int, t: int) -> bytes:
+    import io
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            # NOTE: an explicit attention mask: without one, transformers 5 looks for packed
+            # sequences with torch.diff, which the TorchScript exporter cannot export.
+            return self.m(input_ids=ids, attention_mask=mask, return_dict=False)[0]
+
+    buf = io.BytesIO()
+    ids = torch.zeros(b, t, dtype=torch.int64)
+    torch.onnx.export(Wrap(model), (ids, torch.ones(b, t, dtype=torch.int64)), buf,
+                      dynamo=False, opset_version=17, input_names=["ids", "mask"],
+                      output_names=["out"])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_hugging_face_export_trains_through_onnx_module_like_pytorch(kind):
+    import warnings
+    model = _hf_model(kind)
+    b, t = 2, 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = _export(model, b, t)
+    model.train()
+    proto = __import__("onnx").load_from_string(data)
+    # Every initializer that is one of the model's parameters (maybe transposed: the exporter
+    # folds the Transpose of a Linear weight into a new initializer), by exact initial value.
+    theirs = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    mapping: dict[str, tuple[str, bool]] = {}
+    from onnx import numpy_helper
+    for init in proto.graph.initializer:
+        value = numpy_helper.to_array(init)
+        for name, p in theirs.items():
+            if value.shape == p.shape and np.array_equal(value, p):
+                mapping[init.name] = (name, False)
+            elif value.T.shape == p.shape and np.array_equal(value.T, p):
+                mapping[init.name] = (name, True)
+    assert sorted(n for n, _ in mapping.values()) == sorted(theirs), "unmapped parameters"
+    # NOTE: parameters named explicitly: by default every float initializer would train,
+    # scalar constants included (see the report).
+    ours = og.nn.OnnxModule(data, parameters=list(mapping))
+    opt = og.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+    t_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    mask = np.ones((b, t), dtype=np.int64)
+
+    def og_loss(out, y):
+        if kind == "gpt2":
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return F.mse_loss(out, y)
+
+    @og.compile
+    def step(ids, m, y):
+        opt.zero_grad()
+        loss = og_loss(ours(ids, m), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        # NOTE: no padding token (id 0) for BERT: its word embedding has padding_idx=0, which
+        # PyTorch's backward honours but an ONNX file cannot record (a plain Gather), so the
+        # imported model would train that row where PyTorch does not.
+        ids = rng.integers(1 if kind == "bert" else 0, 50, (b, t))
+        y = (rng.integers(0, 50, (b, t)) if kind == "gpt2"
+             else rng.standard_normal((b, t, 64)).astype(np.float32))
+        loss = float(step(og.tensor(ids), og.tensor(mask), og.tensor(y)))
+        t_opt.zero_grad()
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    return_dict=False)[0]
+        t_loss = (F_torch().cross_entropy(out.reshape(-1, out.shape[-1]),
+                                          torch.tensor(y).reshape(-1)) if kind == "gpt2"
+                  else F_torch().mse_loss(out, torch.tensor(y)))
+        t_loss.backward()
+        t_opt.step()
+        np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-4)
+    trained = {ours.initializer_names.get(n, n): p.detach().numpy()
+               for n, p in ours.named_parameters()}
+    for init_name, (name, transposed) in mapping.items():
+        expected = model.get_parameter(name).detach().numpy()
+        actual = trained[init_name].T if transposed else trained[init_name]
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=name)
