@@ -125,3 +125,52 @@ CASES: list[OpCase] = [
 ]
 
 test_forward, test_vjp, test_runtimes, test_ids_are_unique = table_tests(CASES)
+
+
+def test_rules_on_an_imported_graph_match_pytorch():
+    """The rules as imported files use them: ``CastLike``, ``LayerNormalization`` keeping only
+    ``Y`` (statistics recomputed by the rule), ``Gelu`` (tanh), ``Trilu`` and ``Einsum``."""
+    import pytest
+    torch = pytest.importorskip("torch")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    scale = rng.standard_normal(4).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 4))
+    nodes = [
+        helper.make_node("CastLike", ["x", "like"], ["x32"]),
+        helper.make_node("LayerNormalization", ["x32", "scale", "bias"], ["ln"], axis=-1,
+                         epsilon=1e-5),
+        helper.make_node("Gelu", ["ln"], ["act"], approximate="tanh"),
+        helper.make_node("Trilu", ["act"], ["low"], upper=0),
+        helper.make_node("Einsum", ["low", "w"], ["y"], equation="bij,jk->bik"),
+    ]
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "like"),
+             numpy_helper.from_array(scale, "scale"), numpy_helper.from_array(bias, "bias"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    module = og.nn.OnnxModule(model, parameters=["scale", "bias", "w"])
+    seed = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    xo = og.tensor(x, requires_grad=True)
+    out = module(xo)
+    (out * og.tensor(seed)).sum().backward()
+
+    xt = torch.tensor(x, requires_grad=True)
+    pt = {k: torch.tensor(v, requires_grad=True) for k, v in
+          {"scale": scale, "bias": bias, "w": w}.items()}
+    ln = torch.nn.functional.layer_norm(xt.float(), (4,), pt["scale"], pt["bias"], 1e-5)
+    yt = torch.einsum("bij,jk->bik", torch.tril(torch.nn.functional.gelu(ln, approximate="tanh")),
+                      pt["w"])
+    (yt * torch.tensor(seed)).sum().backward()
+    np.testing.assert_allclose(out.detach().numpy(), yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert xo.grad.dtype == np.float64
+    np.testing.assert_allclose(xo.grad.numpy(), xt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    params = dict(module.named_parameters())
+    for name, p in pt.items():
+        np.testing.assert_allclose(params[name].grad.numpy(), p.grad.numpy(), rtol=1e-4,
+                                   atol=1e-5, err_msg=name)
