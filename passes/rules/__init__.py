@@ -54,4 +54,4 @@ def const_ints(value: ir.Value | None, what: str, node: ir.Node) -> list[int] | 
     return [int(x) for x in tensor.numpy().reshape(-1)]
 
 
-from . import activations, elementwise, nn, reduce, shape  # noqa: F401  (registers the rules)
+from . import activations, elementwise, nn, reduce, shape, transformer  # noqa: E402,F401  (registers the rules)
