@@ -18,7 +18,8 @@ from .modules import (
                       Sequential,
 )
 from .onnx_module import OnnxModule
+from .recurrent import GRU, LSTM, RNN
 
-__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
-           "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule", "Parameter", "ReLU",
-           "Sequential", "functional", "utils"]
+__all__ = ["GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d",
+           "Dropout", "Flatten", "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule",
+           "Parameter", "ReLU", "Sequential", "functional", "utils"]
