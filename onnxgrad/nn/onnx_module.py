@@ -34,10 +34,11 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from ..passes.autodiff import NoGradientRule, describe, topological_nodes
 from ..passes.rules import RULES
 from ..runtime import OPSET, run_node
-from ..tracer import state
+from ..tracer import ops, state
 from ..tracer.tensor import Tensor, Val, _contig, attrs_key, emit
 from . import functional as F
 from .modules import Module, Parameter
+from .recurrent import replay_onnx_recurrent
 
 __all__ = ["OnnxModule", "TrainGraphError", "load_model"]
 
@@ -46,6 +47,12 @@ FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOA
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Op types replayed as og.nn.functional calls that follow train()/eval(), not as they are.
 FUNCTIONAL = frozenset({"BatchNormalization", "Dropout"})
+# Op types replayed as compositions of ops that have rules (recurrent cells unrolled, sequences as
+# Python lists of values, CastLike as Cast): they need no rule of their own.
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+SEQUENCE = frozenset({"SplitToSequence", "SequenceAt", "SequenceConstruct",
+                      "ConcatFromSequence", "SequenceLength"})
+EXPANDED = RECURRENT | SEQUENCE | {"CastLike"}
 # Never folded even when every input is constant: each run draws new values.
 RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                     "Multinomial", "Bernoulli", "Dropout"})
@@ -239,7 +246,7 @@ def check_differentiable(graph: ir.Graph, parameters: Sequence[str],
     for node in nodes:
         if not any(id(v) in active and id(v) in carries for v in node.outputs):
             continue
-        if node.op_type not in RULES and node.op_type not in FUNCTIONAL:
+        if node.op_type not in RULES and node.op_type not in FUNCTIONAL | EXPANDED:
             raise NoGradientRule(f"no gradient rule for ONNX op '{node.op_type}' (node "
                                  f"{node.name}): {describe(node)}")
     return [name for name, v in zip(parameters, wrt) if id(v) not in carries]
@@ -532,11 +539,22 @@ class OnnxModule(Module):
                                        for v in node.outputs[1:]):
             ratio = float(ins[1].data) if len(ins) > 1 and ins[1] is not None else 0.5
             return [F.dropout(Tensor(ins[0]), ratio, training=self.training)._v]
+        if op in SEQUENCE:
+            return [_sequence_op(node, ins)]
+        if any(isinstance(v, list) for v in ins):
+            raise TrainGraphError(f"{self.source}: node {node.name!r} ({op}) takes a sequence, "
+                                  f"which onnxgrad replays only through {sorted(SEQUENCE)}: "
+                                  f"{describe(node)}")
         present = [v for v in ins if v is not None]
         if present and all(v.const for v in present) and op not in RANDOM:
             return self._fold(i, node, ins)
         attrs = _attributes(node, self.source)
         n_out = len(node.outputs)
+        if op in RECURRENT:
+            return replay_onnx_recurrent(op, attrs, ins, n_out, lambda: f"{op} node {node.name!r}")
+        if op == "CastLike":  # the dynamo exporter's; a Cast to the second input's dtype
+            to = onnx.helper.np_dtype_to_tensor_dtype(ins[1].data.dtype)
+            return emit("Cast", [ins[0]], {"to": int(to)})
         if op == "MaxPool" and n_out == 1 and _attr(node, "storage_order", 0) == 0 \
                 and ins[0].requires_grad and state.grad_enabled():
             # Indices feed the MaxPool rule; only asked for when a gradient can flow (ONNX
@@ -633,6 +651,44 @@ def _reference_node(node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.n
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
     results = ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, inputs) if n})
     return [_contig(np.asarray(r)) for r in results]
+
+
+def _sequence_op(node: ir.Node, ins: list[Any]) -> Any:
+    """ONNX sequence ops on Python lists of values (the dynamo exporter's unoptimized files):
+    every element stays a tensor with its own gradient path (Split, Squeeze, Concat...)."""
+    op = node.op_type
+    if op == "SequenceConstruct":
+        return list(ins)
+    seq = ins[0]
+    if not isinstance(seq, list) and op != "SplitToSequence":
+        raise TrainGraphError(f"node {node.name!r} ({op}): its first input is not a sequence")
+    if op == "SequenceLength":
+        return Val(np.asarray(len(seq), np.int64), const=True)
+    if op == "SequenceAt":
+        if not ins[1].const:
+            raise TrainGraphError(f"node {node.name!r} (SequenceAt): the position is computed "
+                                  f"from data; onnxgrad needs it constant")
+        return seq[int(ins[1].data)]
+    axis = int(_attr(node, "axis", 0))
+    if op == "ConcatFromSequence":
+        tensors = [Tensor(v) for v in seq]
+        if _attr(node, "new_axis", 0):
+            return ops.stack(tensors, axis)._v
+        return ops.cat(tensors, axis)._v
+    # SplitToSequence
+    x = Tensor(seq)
+    axis = axis % x.ndim
+    split = ins[1] if len(ins) > 1 else None
+    if split is None:
+        parts = ops.split(x, 1, axis)
+        if not _attr(node, "keepdims", 1):
+            parts = [p.squeeze(axis) for p in parts]
+        return [p._v for p in parts]
+    if not split.const:
+        raise TrainGraphError(f"node {node.name!r} (SplitToSequence): split sizes computed from "
+                              f"data; onnxgrad needs them constant")
+    sizes = np.asarray(split.data)
+    return [p._v for p in ops.split(x, int(sizes) if sizes.ndim == 0 else sizes.tolist(), axis)]
 
 
 def _reraisable(exc: Exception) -> bool:

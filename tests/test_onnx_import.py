@@ -1,0 +1,198 @@
+"""Importing ONNX files: recurrent nodes, sequence ops, CastLike, what trains by default, the
+folded-BatchNorm warning and errors on missing shapes."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from onnxgrad.runtime import OPSET
+
+import onnxgrad as og
+from onnxgrad import nn
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _model(nodes: list, inputs: list, outputs: list, inits: list | None = None,
+           producer: str = "") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits or [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.producer_name = producer
+    return model
+
+
+def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _f(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+# --------------------------------------------------------------------------- recurrent nodes
+RECURRENT_CASES = [
+    pytest.param("LSTM", "forward", 0, {}, id="lstm-forward"),
+    pytest.param("LSTM", "reverse", 0, {}, id="lstm-reverse"),
+    pytest.param("LSTM", "bidirectional", 1, {}, id="lstm-bidirectional-layout1"),
+    pytest.param("GRU", "forward", 0, {"linear_before_reset": 1}, id="gru-reset-after"),
+    pytest.param("GRU", "bidirectional", 0, {}, id="gru-reset-before-bidirectional"),
+    pytest.param("RNN", "forward", 0, {}, id="rnn-tanh"),
+    pytest.param("RNN", "bidirectional", 0, {"activations": ["Relu", "Relu"]}, id="rnn-relu"),
+]
+
+
+def _recurrent_model(op: str, direction: str, layout: int, attrs: dict, with_state: bool
+                     ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    dirs, hidden, length, batch, width = 2 if direction == "bidirectional" else 1, 4, 5, 3, 2
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-0.7, 0.7, (dirs, gates * hidden, width)).astype(np.float32)
+    r = rng.uniform(-0.7, 0.7, (dirs, gates * hidden, hidden)).astype(np.float32)
+    b = rng.uniform(-0.7, 0.7, (dirs, 2 * gates * hidden)).astype(np.float32)
+    x_shape = [batch, length, width] if layout else [length, batch, width]
+    s_shape = [batch, dirs, hidden] if layout else [dirs, batch, hidden]
+    names = ["X", "W", "R", "B", "", "initial_h" if with_state else ""]
+    feeds = {"X": rng.standard_normal(x_shape).astype(np.float32)}
+    inputs = [_f("X", x_shape)]
+    if with_state:
+        feeds["initial_h"] = rng.standard_normal(s_shape).astype(np.float32)
+        inputs.append(_f("initial_h", s_shape))
+        if op == "LSTM":
+            names.append("initial_c")
+            feeds["initial_c"] = rng.standard_normal(s_shape).astype(np.float32)
+            inputs.append(_f("initial_c", s_shape))
+    outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    node = helper.make_node(op, names, outs, direction=direction, hidden_size=hidden,
+                            layout=layout, **attrs)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"))]
+    return _model([node], inputs, [_f(o, None) for o in outs], inits), feeds
+
+
+@pytest.mark.parametrize("op, direction, layout, attrs", RECURRENT_CASES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+def test_recurrent_nodes_replay_as_onnx_runtime_runs_them(op: str, direction: str, layout: int,
+                                                           attrs: dict, with_state: bool) -> None:
+    model, feeds = _recurrent_model(op, direction, layout, attrs, with_state)
+    if layout:  # NOTE: ONNX Runtime's CPU kernels refuse layout=1; ONNX's reference runs it
+        from onnx.reference import ReferenceEvaluator
+
+        expected = ReferenceEvaluator(model).run(None, feeds)
+    else:
+        expected = _ort(model, feeds)
+    module = nn.OnnxModule(model)
+    got = module(*[og.tensor(a) for a in feeds.values()])
+    for ours, theirs, name in zip(got, expected, ["Y", "Y_h", "Y_c"]):
+        assert tuple(ours.shape) == theirs.shape, name
+        np.testing.assert_allclose(ours.detach().numpy(), theirs, **TOL, err_msg=name)
+    # Gradients flow to W, R and B through the unrolled cells.
+    sum(o.sum() for o in got).backward()
+    assert all(p.grad is not None and np.abs(p.grad.numpy()).sum() > 0
+               for p in module.parameters())
+
+
+def test_sequence_lens_shorter_than_the_sequence_is_a_clear_error() -> None:
+    model, feeds = _recurrent_model("LSTM", "forward", 0, {}, False)
+    node = model.graph.node[0]
+    node.input[4] = "lens"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([5, 3, 5], np.int32),
+                                                                "lens"))
+    with pytest.raises(ValueError, match=r"sequence_lens \[5, 3, 5\].*length 5"):
+        nn.OnnxModule(model)(og.tensor(feeds["X"]))
+    model.graph.initializer[-1].CopyFrom(onnx.numpy_helper.from_array(np.full(3, 5, np.int32),
+                                                                      "lens"))
+    np.testing.assert_allclose(nn.OnnxModule(model)(og.tensor(feeds["X"]))[0].detach().numpy(),
+                               _ort(model, feeds)[0], **TOL)
+
+
+# --------------------------------------------------------------------------- PyTorch's exports
+def _torch_classifier(torch: Any, kind: str) -> Any:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = getattr(torch.nn, kind)(5, 7, num_layers=2, bidirectional=True,
+                                               batch_first=True)
+            self.fc = torch.nn.Linear(14, 3)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def _onnx_layout(torch_params: dict[str, np.ndarray], kind: str, layer: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's layer ``layer`` as ONNX's W, R, B (gates reordered: LSTM ifgo -> iofc, GRU
+    rzn -> zrh; directions stacked; input and hidden biases concatenated)."""
+    order = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2]}[kind]
+
+    def reorder(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.split(a, len(order))[k] for k in order])
+
+    ws, rs, bs = [], [], []
+    for sfx in (f"_l{layer}", f"_l{layer}_reverse"):
+        ws.append(reorder(torch_params[f"rnn.weight_ih{sfx}"]))
+        rs.append(reorder(torch_params[f"rnn.weight_hh{sfx}"]))
+        bs.append(np.concatenate([reorder(torch_params[f"rnn.bias_ih{sfx}"]),
+                                  reorder(torch_params[f"rnn.bias_hh{sfx}"])]))
+    return np.stack(ws), np.stack(rs), np.stack(bs)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("how", ["training_step", "OnnxModule-compiled"])
+def test_torch_recurrent_classifier_trains_like_pytorch(tmp_path: Path, kind: str,
+                                                        how: str) -> None:
+    torch = pytest.importorskip("torch")
+    model = _torch_classifier(torch, kind)
+    path = tmp_path / f"{kind}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(6, 4, 5),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"])
+    assert kind in {n.op_type for n in onnx.load(path).graph.node}
+    t_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # opset conversion
+        if how == "training_step":
+            step = og.training_step(path, lr=0.1, momentum=0.9)
+            module = step.module
+        else:
+            module = nn.OnnxModule(path)
+            opt = og.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+
+            @og.compile
+            def step(x, y):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(module(x), y)
+                loss.backward()
+                opt.step()
+                return loss
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((6, 4, 5)).astype(np.float32)
+        y = rng.integers(0, 3, 6)
+        ours = step(x, y) if how == "training_step" else step(og.tensor(x), og.tensor(y))
+        t_opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        loss.backward()
+        t_opt.step()
+        np.testing.assert_allclose(float(np.asarray(ours.item() if hasattr(ours, "item")
+                                                    else ours)), loss.item(), **TOL)
+    # Every parameter after 3 steps: SGD is elementwise, so PyTorch's tensors reordered into
+    # ONNX's layout must equal the file's concatenated initializers.
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    ours_state = {module.initializer_names.get(k, k): v.numpy()
+                  for k, v in module.state_dict().items()}
+    np.testing.assert_allclose(ours_state["fc.weight"], theirs["fc.weight"], **TOL)
+    graph = onnx.load(path).graph
+    for layer, node in enumerate(n for n in graph.node if n.op_type == kind):
+        for name, value in zip(node.input[1:4], _onnx_layout(theirs, kind, layer)):
+            np.testing.assert_allclose(ours_state[name], value, **TOL, err_msg=name)
