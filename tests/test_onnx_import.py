@@ -196,3 +196,179 @@ def test_torch_recurrent_classifier_trains_like_pytorch(tmp_path: Path, kind: st
     for layer, node in enumerate(n for n in graph.node if n.op_type == kind):
         for name, value in zip(node.input[1:4], _onnx_layout(theirs, kind, layer)):
             np.testing.assert_allclose(ours_state[name], value, **TOL, err_msg=name)
+
+
+# --------------------------------------------------------------------------- what trains
+def _trained(module: nn.OnnxModule) -> list[str]:
+    """The file's names of the module's parameters."""
+    return [module.initializer_names[q] for q, _ in module.named_parameters()]
+
+
+def test_only_weights_train_by_default_scalars_and_settings_never() -> None:
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in [
+        ("w", rng.standard_normal((4, 3)).astype(np.float32)),       # MatMul weight
+        ("b1", np.zeros(1, np.float32)),                              # Gemm bias of one element
+        ("w2", rng.standard_normal((3, 1)).astype(np.float32)),
+        ("scale", np.array(0.125, np.float32)),                       # attention-like scale
+        ("half", np.array(0.5, np.float32)),                          # GELU's 0.5
+        ("one", np.ones(1, np.float32)),                              # [1.0]: a constant
+        ("lo", np.array(0.0, np.float32)), ("hi", np.array(6.0, np.float32)),
+        ("shift", rng.standard_normal(3).astype(np.float32)),         # a learned offset
+    ]]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["a"]),
+        helper.make_node("Mul", ["a", "scale"], ["b"]),
+        helper.make_node("Mul", ["b", "half"], ["c"]),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["d"]),
+        helper.make_node("Add", ["d", "shift"], ["e"]),
+        helper.make_node("Gemm", ["e", "w2", "b1"], ["f"]),
+        helper.make_node("Add", ["f", "one"], ["y"]),
+    ]
+    model = _model(nodes, [_f("x", [2, 4])], [_f("y", [2, 1])], inits)
+    module = nn.OnnxModule(model)
+    assert sorted(_trained(module)) == ["b1", "shift", "w", "w2"]
+    text = repr(module)
+    assert "4 parameters" in text and "not trained" in text and "scale" in text
+    # Overridable: by names (a scalar included, as asked) or by a predicate on the default.
+    assert set(_trained(nn.OnnxModule(model, parameters=["w", "scale"]))) == \
+        {"w", "scale"}
+    assert set(_trained(nn.OnnxModule(model, parameters=lambda n: n != "w"))) \
+        == {"b1", "shift", "w2"}
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_allclose(module(og.tensor(x)).detach().numpy(),
+                               _ort(model, {"x": x})[0], **TOL)
+
+
+def _conv_model(bias: bool, bn: bool, producer: str) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                                          "conv.weight")]
+    conv_in = ["x", "conv.weight"]
+    if bias:
+        inits.append(onnx.numpy_helper.from_array(np.zeros(4, np.float32), "conv.bias"))
+        conv_in.append("conv.bias")
+    nodes = [helper.make_node("Conv", conv_in, ["c"], pads=[1, 1, 1, 1])]
+    if bn:
+        for name, value in [("s", 1.0), ("b", 0.0), ("m", 0.0), ("v", 1.0)]:
+            inits.append(onnx.numpy_helper.from_array(np.full(4, value, np.float32), name))
+        nodes.append(helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    return _model(nodes, [_f("x", [2, 3, 4, 4])], [_f("y", [2, 4, 4, 4])], inits, producer)
+
+
+def test_folded_batchnorm_warns_once_with_what_to_do() -> None:
+    from onnxgrad.nn.onnx_module import FoldedBatchNormWarning
+
+    with pytest.warns(FoldedBatchNormWarning, match="folded eval-mode BatchNorm.*optimize=False"):
+        nn.OnnxModule(_conv_model(bias=True, bn=False, producer="pytorch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these look folded
+        nn.OnnxModule(_conv_model(bias=True, bn=True, producer="pytorch"))
+        nn.OnnxModule(_conv_model(bias=False, bn=False, producer="pytorch"))
+        nn.OnnxModule(_conv_model(bias=True, bn=False, producer="tf2onnx"))
+        # The documented way to silence it.
+        warnings.filterwarnings("ignore", category=FoldedBatchNormWarning)
+        nn.OnnxModule(_conv_model(bias=True, bn=False, producer="pytorch"))
+
+
+# --------------------------------------------------------------------------- dynamo exports
+def _dynamo_net(torch: Any) -> Any:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(x)))
+            a, b = x.chunk(2, dim=1)  # SplitToSequence + SequenceAt when not optimized
+            x = torch.cat([a * b * 0.5, a], 1).mean(dim=(2, 3))
+            return self.fc(x)
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def _dynamo_export(torch: Any, model: Any, path: Path, optimize: bool) -> onnx.ModelProto:
+    pytest.importorskip("onnxscript")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(4, 3, 8, 8),), str(path), dynamo=True,
+                          optimize=optimize, input_names=["x"], output_names=["logits"],
+                          verbose=False)
+    return onnx.load(path)
+
+
+def test_dynamo_export_without_optimization_trains_like_pytorch(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    model = _dynamo_net(torch)
+    proto = _dynamo_export(torch, model, tmp_path / "net.onnx", optimize=False)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"SplitToSequence", "SequenceAt", "BatchNormalization"} <= ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # opset conversion, nothing else
+        module = nn.OnnxModule(tmp_path / "net.onnx")
+    assert sorted(_trained(module)) == sorted(n for n, _ in model.named_parameters())
+    opt = og.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
+    t_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    module.train()
+
+    @og.compile
+    def step(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(module(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+        y = rng.integers(0, 3, 4)
+        ours = step(og.tensor(x), og.tensor(y)).item()
+        t_opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        loss.backward()
+        t_opt.step()
+        np.testing.assert_allclose(ours, loss.item(), **TOL)
+    theirs = model.state_dict()
+    for name, value in module.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), theirs[name].numpy(), **TOL, err_msg=name)
+
+
+def test_dynamo_export_with_folded_batchnorm_warns_and_keeps_scalars_fixed(
+        tmp_path: Path) -> None:
+    from onnxgrad.nn.onnx_module import FoldedBatchNormWarning
+
+    torch = pytest.importorskip("torch")
+    proto = _dynamo_export(torch, _dynamo_net(torch), tmp_path / "net.onnx", optimize=True)
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = nn.OnnxModule(tmp_path / "net.onnx")
+    assert [w.category for w in caught].count(FoldedBatchNormWarning) == 1
+    scalars = [t.name for t in proto.graph.initializer if not t.dims]
+    assert scalars  # the exporter's 0.5
+    assert not set(scalars) & set(_trained(module))
+    assert set(_trained(module)) == {"conv.weight", "conv.bias", "fc.weight",
+                                                      "fc.bias"}
+
+
+def test_cast_like_replays_as_cast() -> None:
+    nodes = [helper.make_node("CastLike", ["x", "like"], ["c"]),
+             helper.make_node("Mul", ["c", "w"], ["y"])]
+    inits = [onnx.numpy_helper.from_array(np.array([1.0, 2.0, 3.0]), "like"),
+             onnx.numpy_helper.from_array(np.array([0.5, -1.0, 2.0]), "w")]
+    model = _model(nodes, [_f("x", [3])], [helper.make_tensor_value_info(
+        "y", TensorProto.DOUBLE, [3])], inits)
+    module = nn.OnnxModule(model, parameters=["w"])
+    x = og.tensor(np.array([1.0, 2.0, 4.0], np.float32))
+    y = module(x)
+    assert y.dtype == np.float64
+    y.sum().backward()
+    np.testing.assert_allclose(module.w.grad.numpy(), [1.0, 2.0, 4.0])
