@@ -372,3 +372,18 @@ def test_cast_like_replays_as_cast() -> None:
     assert y.dtype == np.float64
     y.sum().backward()
     np.testing.assert_allclose(module.w.grad.numpy(), [1.0, 2.0, 4.0])
+
+
+# --------------------------------------------------------------------------- missing shapes
+def test_a_rule_missing_a_shape_names_the_node_and_the_value() -> None:
+    import onnx_ir as ir
+    from onnxgrad.passes.autodiff import ShapeUnknownError, gradients
+    from onnxgrad.passes.builder import Builder
+
+    x = ir.Value(name="table", type=ir.TensorType(ir.DataType.FLOAT))  # no shape at all
+    idx = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2]))
+    node = ir.Node("", "Gather", [x, idx], name="embedding", num_outputs=1)
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.FLOAT
+    seed = ir.Value(name="dy", type=ir.TensorType(ir.DataType.FLOAT))
+    with pytest.raises(ShapeUnknownError, match=r"Gather node 'embedding'.*%table \(rank unknown"):
+        gradients(Builder([]), [node.outputs[0]], [seed], [x])
