@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 # The op modules register their ops (tracer/registry.py) as they are imported.
-from . import factories, nnops, ops, registry
+from . import factories, nnops, ops, registry, spatial_ops
 from .autograd import backward, grad
 from .state import enable_grad, no_grad, set_grad_enabled
 from .tensor import Tensor, TraceError, Val, as_tensor, tensor
 
 __all__ = ["Tensor", "TraceError", "Val", "as_tensor", "backward", "enable_grad", "factories",
-           "grad", "nnops", "no_grad", "ops", "registry", "set_grad_enabled", "tensor"]
+           "grad", "nnops", "no_grad", "ops", "registry", "set_grad_enabled",
+           "spatial_ops", "tensor"]

@@ -19,7 +19,8 @@ from .modules import (
 )
 from .onnx_module import OnnxModule
 from .recurrent import GRU, LSTM, RNN
+from .spatial import ConvTranspose2d, Upsample
 
 __all__ = ["GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d",
-           "Dropout", "Flatten", "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule",
-           "Parameter", "ReLU", "Sequential", "functional", "utils"]
+           "ConvTranspose2d", "Dropout", "Flatten", "Identity", "Linear", "MaxPool2d", "Module",
+           "OnnxModule", "Parameter", "ReLU", "Sequential", "Upsample", "functional", "utils"]

@@ -54,4 +54,4 @@ def const_ints(value: ir.Value | None, what: str, node: ir.Node) -> list[int] | 
     return [int(x) for x in tensor.numpy().reshape(-1)]
 
 
-from . import elementwise, nn, reduce, shape  # noqa: E402,F401  (registers the rules)
+from . import elementwise, nn, reduce, shape, spatial  # noqa: F401  (registers the rules)
