@@ -387,3 +387,55 @@ def test_a_rule_missing_a_shape_names_the_node_and_the_value() -> None:
     seed = ir.Value(name="dy", type=ir.TensorType(ir.DataType.FLOAT))
     with pytest.raises(ShapeUnknownError, match=r"Gather node 'embedding'.*%table \(rank unknown"):
         gradients(Builder([]), [node.outputs[0]], [seed], [x])
+
+
+# --------------------------------------------------------------------------- spatial ops
+def test_torch_decoder_with_pads_resizes_and_transposed_convs_trains_like_pytorch(
+        tmp_path: Path) -> None:
+    """Pad (reflect, replicate), Resize (nearest, bilinear) and ConvTranspose from a file."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.up = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+            self.conv2 = torch.nn.Conv2d(6, 4, 3)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            f = torch.nn.functional
+            x = torch.relu(self.conv(f.pad(x, (1, 1, 1, 1), mode="reflect")))
+            x = torch.tanh(self.up(x))
+            x = f.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = self.conv2(f.pad(x, (1, 1, 1, 1), mode="replicate"))
+            x = f.interpolate(x, size=(5, 7), mode="nearest")
+            return self.fc(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = Net()
+    path = tmp_path / "decoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 6, 6),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"])
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"Pad", "Resize", "ConvTranspose"} <= ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # opset conversion; biased convs, no BN
+        step = og.training_step(path, lr=0.1, momentum=0.9)
+    t_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+        y = rng.integers(0, 3, 2)
+        ours = float(np.asarray(step(x, y)))
+        t_opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        loss.backward()
+        t_opt.step()
+        np.testing.assert_allclose(ours, loss.item(), **TOL)
+    state = {step.module.initializer_names.get(k, k): v.numpy()
+             for k, v in step.module.state_dict().items()}
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(state[name], value.numpy(), **TOL, err_msg=name)
