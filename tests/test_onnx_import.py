@@ -230,6 +230,9 @@ def test_only_weights_train_by_default_scalars_and_settings_never() -> None:
     assert sorted(_trained(module)) == ["b1", "shift", "w", "w2"]
     text = repr(module)
     assert "4 parameters" in text and "not trained" in text and "scale" in text
+    # onnxgrad inspect / og.summary show the same choice for the file.
+    assert "not trained when imported (5 float constants): scale, half, one, lo, hi" in \
+        str(og.summary(model))
     # Overridable: by names (a scalar included, as asked) or by a predicate on the default.
     assert set(_trained(nn.OnnxModule(model, parameters=["w", "scale"]))) == \
         {"w", "scale"}
