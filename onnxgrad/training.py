@@ -403,8 +403,9 @@ def training_step(model: Any, loss: str | Callable[..., Tensor] = "cross_entropy
     ``weight_decay``, ``nesterov`` as in ``torch.optim.SGD``; another ``og.optim`` class
     (``og.optim.AdamW``), made with ``lr`` and ``weight_decay``; or a function
     ``params -> optimizer`` for any options (``lambda ps: og.optim.Adam(ps, betas=(0.8, 0.99))``).
-    ``trainable``: None for every float initializer except BatchNorm statistics (only those
-    marked as overridable inputs, when the model marks some); or names; or a predicate on names.
+    ``trainable``: None for the float initializers the graph uses as weights (never scalars or
+    BatchNorm statistics; only those marked as overridable inputs, when the model marks some);
+    or names; or a predicate on names.
     ``freeze_bn``: keep BatchNorm in inference mode (statistics constant) instead of training it.
     ``output``: the model output the loss reads (default: the first).
 

@@ -23,6 +23,26 @@ class NoGradientRule(NotImplementedError):
     """Autodiff reached an ONNX op type that has no gradient rule."""
 
 
+class ShapeUnknownError(ValueError):
+    """A gradient rule needs a static shape that the graph does not give."""
+
+
+def _unknown_shapes(node: ir.Node) -> list[str]:
+    """The node's inputs and outputs whose rank or some dimension is not statically known."""
+    out = []
+    for kind, values in (("input", node.inputs), ("output", node.outputs)):
+        for value in values:
+            if value is None:
+                continue
+            d = dims(value)
+            if d is None:
+                out.append(f"{kind} %{value.name} (rank unknown)")
+            elif any(not isinstance(x, int) for x in d):
+                shown = ["?" if x is None else x for x in d]
+                out.append(f"{kind} %{value.name} (dims {shown})")
+    return out
+
+
 def describe(node: ir.Node) -> str:
     """The node's one-line typed form plus the user's source line when it was traced."""
     outs = ", ".join(f"%{v.name}" for v in node.outputs)
@@ -100,7 +120,18 @@ def gradients(
         needs = [v is not None and id(v) in active for v in node.inputs]
         b.source = node.metadata_props.get(SOURCE)
         b.module = node.metadata_props.get(MODULE)  # gradient nodes cluster with their layer
-        grad_in = rule(b, node, grad_out, needs)
+        try:
+            grad_in = rule(b, node, grad_out, needs)
+        except (TypeError, AttributeError, IndexError) as exc:
+            unknown = _unknown_shapes(node)
+            if not unknown:
+                raise
+            # NOTE: rules read static shapes (ranks, axis sizes); a value whose shape inference
+            # could not give one would otherwise crash inside the rule with a bare TypeError.
+            raise ShapeUnknownError(
+                f"cannot differentiate {node.op_type} node {node.name!r}: the shape of "
+                f"{', '.join(unknown)} is unknown, and its gradient rule needs it ({exc}): "
+                f"{describe(node)}") from exc
         if len(grad_in) != len(node.inputs):
             raise RuntimeError(
                 f"gradient rule for '{node.op_type}' returned {len(grad_in)} gradients for "

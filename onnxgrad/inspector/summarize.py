@@ -85,6 +85,9 @@ class Summary:
     flops_unknown: list[str]  # nodes of counted op types whose shapes are unknown
     largest_intermediates: list[TensorInfo]  # nbytes with symbols_as_1 set to 1
     symbols_as_1: list[str] = field(default_factory=list)  # symbolic dims (batch) costed as 1
+    # Foreign models: the float initializers OnnxModule / training_step keep constant by default
+    # (scalars, BatchNorm statistics, settings), see onnxgrad.nn.onnx_module.default_parameters.
+    not_trained: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -132,6 +135,13 @@ def summary(model: GraphLike) -> Summary:
         carried = {v.name: v for v in g.inputs if v.name in declared}
     else:
         carried = dict(g.initializers)
+    not_trained: list[str] = []
+    if not declared:
+        from ..nn.onnx_module import default_parameters, float_initializers
+
+        overridable = {v.name for v in g.inputs if v.name in g.initializers}
+        trained = set(default_parameters(g, overridable))
+        not_trained = [n for n in float_initializers(g) if n not in trained]
     params = [0, 0]
     opt_state = [0, 0]
     for v in carried.values():
@@ -194,6 +204,7 @@ def summary(model: GraphLike) -> Summary:
         largest_intermediates=largest,
         symbols_as_1=sorted(symbols),
         warnings=warnings,
+        not_trained=not_trained,
     )
 
 
@@ -294,6 +305,10 @@ def _render_summary(s: Summary) -> str:
     lines.append("  by op:     " + ", ".join(f"{k} {v}" for k, v in s.op_counts.items()))
     lines.append(f"initializers: {s.num_initializers}")
     lines.append(f"parameters: {s.param_count:,} ({_human(s.param_bytes, 'B', 1024)})")
+    if s.not_trained:
+        shown = ", ".join(s.not_trained[:10]) + (", ..." if len(s.not_trained) > 10 else "")
+        lines.append(f"  not trained when imported ({len(s.not_trained)} float constants): "
+                     f"{shown}")
     if s.opt_state_count:
         lines.append(
             f"optimizer state: {s.opt_state_count:,} ({_human(s.opt_state_bytes, 'B', 1024)})"

@@ -28,6 +28,8 @@ from .modules import (
                       Sequential,
 )
 from .onnx_module import OnnxModule
+from .recurrent import GRU, LSTM, RNN
+from .spatial import ConvTranspose2d, Upsample
 from .transformer import (
                           GELU,
                           Embedding,
@@ -39,9 +41,11 @@ from .transformer import (
                           TransformerEncoderLayer,
 )
 
-__all__ = ["AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten",
-           "Identity", "Linear", "MaxPool2d", "Module", "OnnxModule", "Parameter", "ReLU",
-           "Sequential", "functional", "utils"]
-__all__ += ["Conv1d", "GroupNorm", "Hardsigmoid", "Hardswish", "Mish", "ReLU6", "SiLU", "Sigmoid"]
-__all__ += ["GELU", "Embedding", "LayerNorm", "ModuleList", "MultiheadAttention",
-            "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer"]
+__all__ = [
+    "GELU", "GRU", "LSTM", "RNN", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d",
+    "Conv2d", "ConvTranspose2d", "Dropout", "Embedding", "Flatten", "GroupNorm", "Hardsigmoid",
+    "Hardswish", "Identity", "LayerNorm", "Linear", "MaxPool2d", "Mish", "Module", "ModuleList",
+    "MultiheadAttention", "OnnxModule", "Parameter", "ReLU", "ReLU6", "Sequential", "SiLU",
+    "Sigmoid", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
+    "Upsample", "functional", "utils",
+]

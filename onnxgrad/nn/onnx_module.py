@@ -34,18 +34,25 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from ..passes.autodiff import NoGradientRule, describe, topological_nodes
 from ..passes.rules import RULES
 from ..runtime import OPSET, run_node
-from ..tracer import state
+from ..tracer import ops, state
 from ..tracer.tensor import Tensor, Val, _contig, attrs_key, emit
 from . import functional as F
 from .modules import Module, Parameter
+from .recurrent import replay_onnx_recurrent
 
-__all__ = ["OnnxModule", "TrainGraphError", "load_model"]
+__all__ = ["FoldedBatchNormWarning", "OnnxModule", "TrainGraphError", "load_model"]
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16,
                          ir.DataType.BFLOAT16})
 STANDARD_DOMAINS = ("", "ai.onnx")
 # Op types replayed as og.nn.functional calls that follow train()/eval(), not as they are.
 FUNCTIONAL = frozenset({"BatchNormalization", "Dropout"})
+# Op types replayed as compositions of ops that have rules (recurrent cells unrolled, sequences as
+# Python lists of values, CastLike as Cast): they need no rule of their own.
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+SEQUENCE = frozenset({"SplitToSequence", "SequenceAt", "SequenceConstruct",
+                      "ConcatFromSequence", "SequenceLength"})
+EXPANDED = RECURRENT | SEQUENCE | {"CastLike"}
 # Never folded even when every input is constant: each run draws new values.
 RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                     "Multinomial", "Bernoulli", "Dropout"})
@@ -56,6 +63,42 @@ SMALL = 4096
 
 class TrainGraphError(ValueError):
     """The ONNX model cannot be used as asked: bad input, not a bug."""
+
+
+class FoldedBatchNormWarning(UserWarning):
+    """A file's convolutions look like BatchNorm folded in by the exporter (silence it with
+    ``warnings.filterwarnings("ignore", category=FoldedBatchNormWarning)``)."""
+
+
+NORMALIZATIONS = frozenset({"BatchNormalization", "InstanceNormalization",
+                            "LayerNormalization", "GroupNormalization"})
+
+
+def warn_folded_batchnorm(proto: onnx.ModelProto, graph: ir.Graph, where: str) -> None:
+    """Warn when a PyTorch export's convolutions look like folded eval-mode BatchNorm.
+
+    NOTE: a heuristic. ``torch.onnx.export`` in eval mode (the dynamo exporter's optimizer, the
+    TorchScript exporter's ``training=EVAL``) folds each BatchNorm into the Conv before it: the
+    file then has no normalization node and every Conv has a bias. Trained, it is another model
+    (no batch statistics, no running statistics), and nothing else would say so. A model that
+    really has no BatchNorm and biased convolutions warns too; hence the category to silence.
+    """
+    if not proto.producer_name.lower().startswith("pytorch"):
+        return
+    convs = [n for n in graph if n.op_type == "Conv"]
+    if not convs or any(n.op_type in NORMALIZATIONS for n in graph):
+        return
+    if all(len(n.inputs) > 2 and n.inputs[2] is not None for n in convs):
+        warnings.warn(
+            f"{where}: all {len(convs)} convolutions have biases and there is no "
+            f"BatchNormalization: this looks like a PyTorch export that folded eval-mode "
+            f"BatchNorm into the convolutions, which trains without batch statistics, unlike "
+            f"the PyTorch model. To train with BatchNorm, export keeping it: "
+            f"torch.onnx.export(..., dynamo=True, optimize=False) or torch.onnx.export(..., "
+            f"dynamo=False, training=torch.onnx.TrainingMode.PRESERVE). If the model has no "
+            f"BatchNorm, silence this with warnings.filterwarnings('ignore', "
+            f"category=onnxgrad.nn.onnx_module.FoldedBatchNormWarning)",
+            FoldedBatchNormWarning, stacklevel=_user_stacklevel())
 
 
 # --------------------------------------------------------------------------- loading
@@ -200,17 +243,54 @@ def batchnorm_statistics(graph: ir.Graph) -> set[str]:
             for v in node.inputs[3:5] if v is not None}
 
 
-def default_parameters(graph: ir.Graph, overridable: set[str]) -> list[str]:
-    """The float initializers that are parameters unless told otherwise: all but BatchNorm
-    statistics and Dropout ratios.
+# Inputs that are weights of their op (by position): a float initializer there is a parameter
+# whatever its size (a Linear(k, 1)'s bias has one element).
+WEIGHT_INPUTS: dict[str, frozenset[int]] = {
+    "Conv": frozenset({1, 2}), "ConvTranspose": frozenset({1, 2}), "Gemm": frozenset({0, 1, 2}),
+    "MatMul": frozenset({0, 1}), "BatchNormalization": frozenset({1, 2}),
+    "LayerNormalization": frozenset({1, 2}), "InstanceNormalization": frozenset({1, 2}),
+    "GroupNormalization": frozenset({1, 2}), "PRelu": frozenset({1}),
+    "LSTM": frozenset({1, 2, 3, 5, 6, 7}), "GRU": frozenset({1, 2, 3, 5}),
+    "RNN": frozenset({1, 2, 3, 5}), "Gather": frozenset({0}),
+}
+# Inputs that are settings (ratios, bounds, scales, pad values): never parameters.
+SETTING_INPUTS: dict[str, frozenset[int]] = {
+    "Dropout": frozenset({1, 2}), "BatchNormalization": frozenset({3, 4}),
+    "Clip": frozenset({1, 2}), "Pad": frozenset({1, 2, 3}), "Resize": frozenset({1, 2, 3}),
+    "Upsample": frozenset({1}), "Range": frozenset({0, 1, 2}),
+    "ConstantOfShape": frozenset({0}), "LSTM": frozenset({4}), "GRU": frozenset({4}),
+    "RNN": frozenset({4}),
+}
 
+
+def default_parameters(graph: ir.Graph, overridable: set[str]) -> list[str]:
+    """The float initializers that are parameters unless told otherwise: those the graph uses
+    as weights.
+
+    A weight has rank >= 1 and feeds some input other than a setting (BatchNorm statistics,
+    Dropout ratios, Clip bounds, Resize scales...); one of a single element only when it feeds
+    a weight input (Conv, Gemm, MatMul, normalization, recurrent and embedding weights).
+    NOTE: scalars never: exporters bake attention scales, GELU's 0.5 and sqrt(2) in as float
+    initializers, and training them changes the model (GPT-2 diverges).
     When the model marks some initializers as overridable inputs, only those: the other float
     initializers of such models are constants the exporter baked in (epsilons, scales).
     """
-    fixed = batchnorm_statistics(graph) | {
-        v.name for node in graph if node.op_type == "Dropout" for v in node.inputs[1:]
-        if v is not None}
-    names = [n for n in float_initializers(graph) if n not in fixed]
+    names = []
+    for name in float_initializers(graph):
+        value = graph.initializers[name]
+        shape = value.const_value.shape if value.const_value is not None else value.shape
+        dims = list(shape) if shape is not None else []
+        if not dims:
+            continue
+        weight = other = False
+        for node, index in value.uses():
+            if index in WEIGHT_INPUTS.get(node.op_type, ()):
+                weight = True
+            elif index not in SETTING_INPUTS.get(node.op_type, ()):
+                other = True
+        if weight or (other and int(np.prod(dims)) > 1) or (value.is_graph_output() and
+                                                             not value.uses()):
+            names.append(name)
     marked = [n for n in names if n in overridable]
     return marked or names
 
@@ -239,7 +319,7 @@ def check_differentiable(graph: ir.Graph, parameters: Sequence[str],
     for node in nodes:
         if not any(id(v) in active and id(v) in carries for v in node.outputs):
             continue
-        if node.op_type not in RULES and node.op_type not in FUNCTIONAL:
+        if node.op_type not in RULES and node.op_type not in FUNCTIONAL | EXPANDED:
             raise NoGradientRule(f"no gradient rule for ONNX op '{node.op_type}' (node "
                                  f"{node.name}): {describe(node)}")
     return [name for name, v in zip(parameters, wrt) if id(v) not in carries]
@@ -317,10 +397,11 @@ class OnnxModule(Module):
     ``outputs``: the values ``forward`` returns, graph outputs or any intermediate value by name
     (cutting the model there: ``outputs=["pooled"]`` drops a classifier head; only the nodes and
     initializers they need are kept). Default: the model's outputs.
-    ``parameters``: which float initializers are parameters: None (every one but BatchNorm
-    statistics and Dropout ratios; only the overridable ones, when the model lists some
-    initializers among its inputs), names, or a predicate on names filtering that default.
-    The other initializers are constants.
+    ``parameters``: which float initializers are parameters: None (those the graph uses as
+    weights, see :func:`default_parameters`: never scalars, BatchNorm statistics, Dropout ratios
+    or other settings; only the overridable ones, when the model lists some initializers among
+    its inputs), names, or a predicate on names filtering that default. The other initializers
+    are constants; ``repr(module)`` lists the float ones.
     ``freeze_bn``: BatchNormalization always normalizes with its running statistics, which are
     then constants rather than buffers.
     ``name``: how messages refer to the model (default: its path, or "the model").
@@ -339,6 +420,7 @@ class OnnxModule(Module):
         proto, source = load_model(model)
         source = name if name is not None else source
         graph, overridable = _prepare(proto, source)
+        warn_folded_batchnorm(proto, graph, source)
         declared = declared_inputs(proto)
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "graph", graph)
@@ -532,11 +614,22 @@ class OnnxModule(Module):
                                        for v in node.outputs[1:]):
             ratio = float(ins[1].data) if len(ins) > 1 and ins[1] is not None else 0.5
             return [F.dropout(Tensor(ins[0]), ratio, training=self.training)._v]
+        if op in SEQUENCE:
+            return [_sequence_op(node, ins)]
+        if any(isinstance(v, list) for v in ins):
+            raise TrainGraphError(f"{self.source}: node {node.name!r} ({op}) takes a sequence, "
+                                  f"which onnxgrad replays only through {sorted(SEQUENCE)}: "
+                                  f"{describe(node)}")
         present = [v for v in ins if v is not None]
         if present and all(v.const for v in present) and op not in RANDOM:
             return self._fold(i, node, ins)
         attrs = _attributes(node, self.source)
         n_out = len(node.outputs)
+        if op in RECURRENT:
+            return replay_onnx_recurrent(op, attrs, ins, n_out, lambda: f"{op} node {node.name!r}")
+        if op == "CastLike":  # the dynamo exporter's; a Cast to the second input's dtype
+            to = onnx.helper.np_dtype_to_tensor_dtype(ins[1].data.dtype)
+            return emit("Cast", [ins[0]], {"to": int(to)})
         if op == "MaxPool" and n_out == 1 and _attr(node, "storage_order", 0) == 0 \
                 and ins[0].requires_grad and state.grad_enabled():
             # Indices feed the MaxPool rule; only asked for when a gradient can flow (ONNX
@@ -589,8 +682,16 @@ class OnnxModule(Module):
         return y._v
 
     def extra_repr(self) -> str:
+        frozen = sorted(n for n, v in self._constants.items()
+                        if v.data.dtype.kind == "f" and n in self.graph.initializers)
+        shown = ", ".join(frozen[:8]) + (", ..." if len(frozen) > 8 else "")
         return (f"{self.source}, inputs={self.input_names}, outputs={self.output_names}, "
-                f"{len(self._nodes)} nodes")
+                f"{len(self._nodes)} nodes, {len(self._parameters_in_file())} parameters"
+                + (f", float constants (not trained): [{shown}]" if frozen else ""))
+
+    def _parameters_in_file(self) -> list[str]:
+        return [self.initializer_names[q] for q, _ in self.named_parameters()
+                if q in self.initializer_names]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -633,6 +734,44 @@ def _reference_node(node: ir.Node, inputs: list[np.ndarray | None]) -> list[np.n
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
     results = ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, inputs) if n})
     return [_contig(np.asarray(r)) for r in results]
+
+
+def _sequence_op(node: ir.Node, ins: list[Any]) -> Any:
+    """ONNX sequence ops on Python lists of values (the dynamo exporter's unoptimized files):
+    every element stays a tensor with its own gradient path (Split, Squeeze, Concat...)."""
+    op = node.op_type
+    if op == "SequenceConstruct":
+        return list(ins)
+    seq = ins[0]
+    if not isinstance(seq, list) and op != "SplitToSequence":
+        raise TrainGraphError(f"node {node.name!r} ({op}): its first input is not a sequence")
+    if op == "SequenceLength":
+        return Val(np.asarray(len(seq), np.int64), const=True)
+    if op == "SequenceAt":
+        if not ins[1].const:
+            raise TrainGraphError(f"node {node.name!r} (SequenceAt): the position is computed "
+                                  f"from data; onnxgrad needs it constant")
+        return seq[int(ins[1].data)]
+    axis = int(_attr(node, "axis", 0))
+    if op == "ConcatFromSequence":
+        tensors = [Tensor(v) for v in seq]
+        if _attr(node, "new_axis", 0):
+            return ops.stack(tensors, axis)._v
+        return ops.cat(tensors, axis)._v
+    # SplitToSequence
+    x = Tensor(seq)
+    axis = axis % x.ndim
+    split = ins[1] if len(ins) > 1 else None
+    if split is None:
+        parts = ops.split(x, 1, axis)
+        if not _attr(node, "keepdims", 1):
+            parts = [p.squeeze(axis) for p in parts]
+        return [p._v for p in parts]
+    if not split.const:
+        raise TrainGraphError(f"node {node.name!r} (SplitToSequence): split sizes computed from "
+                              f"data; onnxgrad needs them constant")
+    sizes = np.asarray(split.data)
+    return [p._v for p in ops.split(x, int(sizes) if sizes.ndim == 0 else sizes.tolist(), axis)]
 
 
 def _reraisable(exc: Exception) -> bool:

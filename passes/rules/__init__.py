@@ -54,4 +54,12 @@ def const_ints(value: ir.Value | None, what: str, node: ir.Node) -> list[int] | 
     return [int(x) for x in tensor.numpy().reshape(-1)]
 
 
-from . import activations, elementwise, nn, reduce, shape, transformer  # noqa: E402,F401  (registers the rules)
+from . import (  # noqa: F401  (registers the rules)
+    activations,
+    elementwise,
+    nn,
+    reduce,
+    shape,
+    spatial,
+    transformer,
+)

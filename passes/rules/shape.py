@@ -101,7 +101,9 @@ def slice_(b, node, grads, needs):
 def pad(b, node, grads, needs):
     mode = attr(node, "mode", "constant")
     if mode != "constant":
-        raise ValueError(f"Pad node {node.name}: gradient of mode {mode!r} is not supported")
+        from .spatial import pad_other_modes  # reflect, edge, wrap
+
+        return pad_other_modes(b, node, grads, needs)
     x = node.inputs[0]
     shape = static_shape(x)
     pads = const_ints(node.inputs[1], "pads", node)
