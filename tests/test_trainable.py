@@ -462,12 +462,10 @@ def test_train_graph_command(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- PyTorch's exports
 def _torch_export(torch, model, x, path: Path, opset: int) -> Path:
+    # The TorchScript exporter: these tests pin its files (tests/test_onnx_import.py covers the
+    # dynamo exporter's, which fold eval-mode BatchNorm unless told otherwise).
     kwargs = {"opset_version": opset, "input_names": ["x"], "output_names": ["logits"],
-              "dynamic_axes": {"x": {0: "N"}, "logits": {0: "N"}}}
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
-    except ImportError:
-        kwargs["dynamo"] = False
+              "dynamic_axes": {"x": {0: "N"}, "logits": {0: "N"}}, "dynamo": False}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # NOTE: PRESERVE keeps eval-mode BatchNorm a node; EVAL would fold it into the Conv.
