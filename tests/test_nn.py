@@ -605,3 +605,17 @@ def test_torch_parity_losses(loss: str, reduction: str) -> None:
 def test_batchnorm_cumulative_average_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="momentum=None"):
         og.nn.BatchNorm2d(3, momentum=None)
+
+
+def test_deepcopy_of_a_module_trains_its_own_parameters() -> None:
+    import copy
+
+    og.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    twin = copy.deepcopy(layer)
+    assert type(twin.weight) is nn.Parameter and twin.weight.requires_grad
+    np.testing.assert_array_equal(twin.weight.detach().numpy(), layer.weight.detach().numpy())
+    twin(og.ones(4, 3)).sum().backward()
+    assert layer.weight.grad is None and twin.weight.grad is not None
+    twin.weight.data.mul_(0)
+    assert float(layer.weight.detach().abs().sum()) > 0

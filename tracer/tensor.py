@@ -245,6 +245,27 @@ class Tensor:
         self._v = Val(self._v.data)
         return self
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
+        """A new leaf with a copy of the data, as PyTorch's: its gradients are its own.
+
+        NOTE: the default deepcopy would share the Val's weak reference to this tensor, so the
+        copy's gradients would accumulate into this tensor's ``.grad``.
+        """
+        if not self.is_leaf:
+            raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) "
+                               "support the deepcopy protocol at the moment")
+        new = type(self).__new__(type(self))
+        Tensor.__init__(new, Val(np.array(self._v.data, copy=True)))
+        memo[id(self)] = new
+        new._name = self._name
+        if self._v.owner is not None:  # made by the user: captured by compiled functions as input
+            new._v.owner = weakref.ref(new)
+        if self.requires_grad:
+            new.requires_grad_(True)
+        if self.grad is not None:
+            new.grad = Tensor(Val(np.array(self.grad._v.data, copy=True)))
+        return new
+
     def retain_grad(self) -> None:
         raise NotImplementedError("retain_grad is not supported; use og.autograd.grad instead")
 

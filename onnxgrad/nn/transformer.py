@@ -31,24 +31,6 @@ def _xavier_uniform(shape: tuple[int, int]) -> np.ndarray:
     return generator().uniform(-bound, bound, size=shape).astype(get_default_dtype())
 
 
-def _clone(module: Module) -> Module:
-    """A deep copy with fresh parameter and buffer leaves.
-
-    NOTE: ``copy.deepcopy`` alone is not enough: a copied tensor's value keeps the weak
-    reference to the *original* leaf (``Val.leaf`` / ``Val.owner``), so the copy's gradients
-    would accumulate into the original's ``.grad``. Fresh leaves are made here.
-    """
-    clone = copy.deepcopy(module)
-    for m in clone.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                setattr(m, name, Parameter(p.detach().numpy(), requires_grad=p.requires_grad))
-        for name, b in list(m._buffers.items()):
-            if b is not None:
-                m._buffers[name] = Tensor(Val(np.array(b.detach().numpy(), copy=True)))
-    return clone
-
-
 class ModuleList(Module):
     """``torch.nn.ModuleList``: children named ``0``, ``1``..."""
 
@@ -339,7 +321,7 @@ class TransformerEncoder(Module):
                  norm: Module | None = None, enable_nested_tensor: bool = True,
                  mask_check: bool = True) -> None:
         super().__init__()
-        self.layers = ModuleList(_clone(encoder_layer) for _ in range(num_layers))
+        self.layers = ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
         self.num_layers = num_layers
         self.norm = norm
 
