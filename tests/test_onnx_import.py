@@ -405,8 +405,9 @@ def test_a_rule_missing_a_shape_names_the_node_and_the_value() -> None:
 
 
 # --------------------------------------------------------------------------- spatial ops
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo", "dynamo-unoptimized"])
 def test_torch_decoder_with_pads_resizes_and_transposed_convs_trains_like_pytorch(
-        tmp_path: Path) -> None:
+        tmp_path: Path, exporter: str) -> None:
     """Pad (reflect, replicate), Resize (nearest, bilinear) and ConvTranspose from a file."""
     torch = pytest.importorskip("torch")
 
@@ -430,10 +431,15 @@ def test_torch_decoder_with_pads_resizes_and_transposed_convs_trains_like_pytorc
     torch.manual_seed(0)
     model = Net()
     path = tmp_path / "decoder.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, 6, 6),), str(path), dynamo=False,
-                          opset_version=17, input_names=["x"], output_names=["logits"])
+    if exporter.startswith("dynamo"):
+        _dynamo_export(torch, model, path, optimize=exporter == "dynamo",
+                       example=torch.zeros(2, 3, 6, 6))
+        model.train()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 3, 6, 6),), str(path), dynamo=False,
+                              opset_version=17, input_names=["x"], output_names=["logits"])
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert {"Pad", "Resize", "ConvTranspose"} <= ops
     with warnings.catch_warnings():
