@@ -250,16 +250,18 @@ WEIGHT_INPUTS: dict[str, frozenset[int]] = {
     "MatMul": frozenset({0, 1}), "BatchNormalization": frozenset({1, 2}),
     "LayerNormalization": frozenset({1, 2}), "InstanceNormalization": frozenset({1, 2}),
     "GroupNormalization": frozenset({1, 2}), "PRelu": frozenset({1}),
-    "LSTM": frozenset({1, 2, 3, 5, 6, 7}), "GRU": frozenset({1, 2, 3, 5}),
-    "RNN": frozenset({1, 2, 3, 5}), "Gather": frozenset({0}),
+    "LSTM": frozenset({1, 2, 3}), "GRU": frozenset({1, 2, 3}), "RNN": frozenset({1, 2, 3}),
+    "Gather": frozenset({0}),
 }
 # Inputs that are settings (ratios, bounds, scales, pad values): never parameters.
 SETTING_INPUTS: dict[str, frozenset[int]] = {
     "Dropout": frozenset({1, 2}), "BatchNormalization": frozenset({3, 4}),
     "Clip": frozenset({1, 2}), "Pad": frozenset({1, 2, 3}), "Resize": frozenset({1, 2, 3}),
     "Upsample": frozenset({1}), "Range": frozenset({0, 1, 2}),
-    "ConstantOfShape": frozenset({0}), "LSTM": frozenset({4}), "GRU": frozenset({4}),
-    "RNN": frozenset({4}),
+    "ConstantOfShape": frozenset({0}),
+    # NOTE: recurrent initial states too: PyTorch's h_0 / c_0 are inputs, never parameters, but
+    # the dynamo exporter folds the default zeros into an initializer.
+    "LSTM": frozenset({4, 5, 6}), "GRU": frozenset({4, 5}), "RNN": frozenset({4, 5}),
 }
 
 
