@@ -33,7 +33,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
+from workers import Worker
 
 # name: (kind, input shape, classes, rounds, steps per block)
 CONFIGS: dict[str, tuple[str, tuple[int, ...], int, int, int]] = {
@@ -263,34 +265,6 @@ def serve(spec: str, config: str, weights: str) -> None:
     print(json.dumps({"peak_mb": _maxrss_mb()}), flush=True)
 
 
-class Worker:
-    def __init__(self, spec: str, config: str, weights: str):
-        self.spec = spec
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", spec, "--config", config,
-             "--weights", weights], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.report = self._read()
-        self.times: list[float] = []
-
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.spec} died (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def block(self, steps: int) -> None:
-        self.proc.stdin.write(f"run {steps}\n")
-        self.proc.stdin.flush()
-        self.times += self._read()["times"]
-
-    def close(self) -> float:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        peak = self._read()["peak_mb"]
-        self.proc.wait()
-        return peak
-
-
 def compare(config: str, specs: list[str], rounds: int, block: int) -> dict[str, dict[str, Any]]:
     """Run each contender in its own worker, blocks in turn; returns each one's figures."""
     with tempfile.TemporaryDirectory() as folder:
@@ -298,7 +272,8 @@ def compare(config: str, specs: list[str], rounds: int, block: int) -> dict[str,
         workers = []
         try:
             for spec in specs:  # the first (onnxgrad) writes the weights the others load
-                workers.append(Worker(spec, config, weights))
+                workers.append(Worker(__file__, [spec, "--config", config, "--weights",
+                                                 weights], spec))
             for r in range(rounds):
                 k = r % len(workers)  # who goes first rotates
                 for w in workers[k:] + workers[:k]:
@@ -308,12 +283,12 @@ def compare(config: str, specs: list[str], rounds: int, block: int) -> dict[str,
             results = {}
             for w in workers:
                 try:
-                    peak = w.close()
+                    peak = w.close(answers=True)["peak_mb"]
                 except Exception:
                     w.proc.kill()
                     raise
                 median = statistics.median(w.times) if w.times else float("nan")
-                results[w.spec] = {**w.report, "median_s": median, "peak_mb": peak,
+                results[w.name] = {**w.report, "median_s": median, "peak_mb": peak,
                                    "steps": len(w.times)}
     return results
 

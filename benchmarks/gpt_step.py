@@ -17,13 +17,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
+from workers import Worker
 
 CONFIG = {"vocab_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128}
 BATCH, TOKENS = 8, 128
@@ -119,33 +121,6 @@ def serve(framework: str, weights: str, threads: int) -> None:
         print(json.dumps({"times": times}), flush=True)
 
 
-class Worker:
-    def __init__(self, framework: str, weights: str, threads: int) -> None:
-        self.framework = framework
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", framework, "--weights",
-             weights, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.report = self._read()
-        self.times: list[float] = []
-
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.framework} died (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def block(self, steps: int) -> None:
-        self.proc.stdin.write(f"run {steps}\n")
-        self.proc.stdin.flush()
-        self.times += self._read()["times"]
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -159,8 +134,12 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as folder:
         weights = os.path.join(folder, "initial.npz")
-        workers = [Worker("onnxgrad", weights, args.threads)]  # writes the initial weights
-        workers.append(Worker("torch", weights, args.threads))
+        def start(framework: str) -> Worker:
+            return Worker(__file__, [framework, "--weights", weights, "--threads",
+                                     str(args.threads)], framework)
+
+        workers = [start("onnxgrad")]  # writes the initial weights
+        workers.append(start("torch"))
         try:
             for r in range(args.rounds):
                 k = r % 2

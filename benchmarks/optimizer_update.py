@@ -21,13 +21,15 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
+from workers import Worker
 
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 SGD = {"lr": 1e-2, "momentum": 0.9}
@@ -136,34 +138,9 @@ def serve(framework: str, threads: int | None) -> None:
         print(json.dumps({"times": times}), flush=True)
 
 
-class Worker:
-    def __init__(self, framework: str, threads: int | None) -> None:
-        args = [sys.executable, os.path.abspath(__file__), "--serve", framework]
-        if threads is not None:
-            args += ["--threads", str(threads)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
-        self.version = self._read()["version"]
-
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (exit {self.proc.wait()})")
-        return json.loads(line)
-
-    def block(self, name: str, steps: int) -> list[float]:
-        self.proc.stdin.write(f"run {name} {steps}\n")
-        self.proc.stdin.flush()
-        return self._read()["times"]
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait()
-
-
 def run(threads: int | None, rounds: int, block: int) -> None:
-    workers = {"og": Worker("og", threads), "torch": Worker("torch", threads)}
+    extra = [] if threads is None else ["--threads", str(threads)]
+    workers = {name: Worker(__file__, [name, *extra], name) for name in ("og", "torch")}
     times: dict[str, list[float]] = {name: [] for name in OG + TORCH}
     order = OG + TORCH
     try:
@@ -171,14 +148,14 @@ def run(threads: int | None, rounds: int, block: int) -> None:
             k = (r * 3) % len(order)  # who goes first rotates
             for name in order[k:] + order[:k]:
                 time.sleep(0.1)  # the other worker's threads stop spinning
-                times[name] += workers[name.partition(":")[0]].block(name, block)
+                times[name] += workers[name.partition(":")[0]].block(block, name)
     finally:
         for w in workers.values():
             w.close()
     n = sum(int(np.prod(s)) for s in _shapes())
     print(f"optimizer update alone, resnet18 ({len(_shapes())} tensors, {n / 1e6:.1f}M "
           f"parameters), threads: {threads or 'default'}")
-    print(f"  {workers['og'].version}; {workers['torch'].version}")
+    print(f"  {workers['og'].report['version']}; {workers['torch'].report['version']}")
     median = {name: statistics.median(ts) for name, ts in times.items()}
     for name in order:
         print(f"  {name:22s} median {median[name] * 1e3:8.2f} ms  ({len(times[name])} steps)")
