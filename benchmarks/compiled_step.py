@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
-from workers import Worker
+from workers import Worker, answer
 
 # name: (kind, input shape, classes, rounds, steps per block)
 CONFIGS: dict[str, tuple[str, tuple[int, ...], int, int, int]] = {
@@ -251,17 +251,7 @@ def serve(spec: str, config: str, weights: str) -> None:
             float(t_step(tx, ty))
     for _ in range(WARMUP):
         one()
-    print(json.dumps(report), flush=True)
-    for line in sys.stdin:
-        command = line.split()
-        if command[0] == "quit":
-            break
-        times = []
-        for _ in range(int(command[1])):
-            start = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - start)
-        print(json.dumps({"times": times}), flush=True)
+    answer({"step": one}, report)
     print(json.dumps({"peak_mb": _maxrss_mb()}), flush=True)
 
 

@@ -14,7 +14,6 @@ the ratio onnxgrad / PyTorch (below 1.0: onnxgrad is faster).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
-from workers import Worker
+from workers import Worker, answer
 
 CONFIG = {"vocab_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128}
 BATCH, TOKENS = 8, 128
@@ -108,17 +107,7 @@ def serve(framework: str, weights: str, threads: int) -> None:
     report["loss"] = one()
     for _ in range(WARMUP):
         one()
-    print(json.dumps(report), flush=True)
-    for line in sys.stdin:
-        command = line.split()
-        if command[0] == "quit":
-            break
-        times = []
-        for _ in range(int(command[1])):
-            start = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - start)
-        print(json.dumps({"times": times}), flush=True)
+    answer({"step": one}, report)
 
 
 def main() -> int:

@@ -18,7 +18,6 @@ first, and reports medians and the ratios onnxgrad / PyTorch (below 1.0: onnxgra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # workers.py, beside this script
-from workers import Worker
+from workers import Worker, answer
 
 ADAMW = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 SGD = {"lr": 1e-2, "momentum": 0.9}
@@ -124,18 +123,7 @@ def serve(framework: str, threads: int | None) -> None:
     else:
         import torch
         version = f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
-    print(json.dumps({"version": version}), flush=True)
-    for line in sys.stdin:
-        command = line.split()
-        if command[0] == "quit":
-            break
-        one = steps[command[1]]
-        times = []
-        for _ in range(int(command[2])):
-            start = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - start)
-        print(json.dumps({"times": times}), flush=True)
+    answer(steps, {"version": version})
 
 
 def run(threads: int | None, rounds: int, block: int) -> None:

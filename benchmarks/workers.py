@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -50,3 +51,21 @@ class Worker:
         last = self._read() if answers else None
         self.proc.wait()
         return last
+
+
+def answer(steps: Mapping[str, Callable[[], Any]], report: dict[str, Any]) -> None:
+    """The worker's side: send ``report``, then time blocks of steps (``run [name] N``, the named
+    step or the only one) until told to ``quit``."""
+    print(json.dumps(report), flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "quit":
+            return
+        *name, count = command[1:]
+        one = steps[name[0]] if name else next(iter(steps.values()))
+        times = []
+        for _ in range(int(count)):
+            start = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - start)
+        print(json.dumps({"times": times}), flush=True)
