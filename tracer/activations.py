@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import ops, state
+from .nnops import check_conv_operands
 from .ops import ShapeError, _float_input, _fmt, _where
 from .registry import op
 from .tensor import Tensor
@@ -189,31 +190,7 @@ def conv1d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride: An
     if input.ndim not in (2, 3):
         raise ShapeError(f"{what}: expected 2-D (unbatched) or 3-D (batched) input [N, C, L], "
                          f"got {input.ndim}-D input of shape {_fmt(input.shape)}{_where()}")
-    if weight.ndim != 3:
-        raise ShapeError(f"{what}: weight must be 3-D [out_channels, in_channels/groups, k], "
-                         f"got shape {_fmt(weight.shape)}{_where()}")
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{what}: groups must be a positive int, got {groups!r}{_where()}")
-    out_ch, in_per_group, k = weight.shape
-    channels = input.shape[-2]
-    if out_ch % groups:
-        raise ShapeError(f"{what}: given groups={groups}, expected weight to be divisible by "
-                         f"{groups} at dimension 0, but got weight of shape "
-                         f"{_fmt(weight.shape)}{_where()}")
-    if channels != in_per_group * groups:
-        raise ShapeError(f"{what}: given groups={groups}, weight of shape {_fmt(weight.shape)}, "
-                         f"expected input {_fmt(input.shape)} to have {in_per_group * groups} "
-                         f"channels, but got {channels} channels instead{_where()}")
-    if weight.dtype != input.dtype:
-        raise TypeError(f"{what}: input dtype {input.dtype} and weight dtype {weight.dtype} "
-                        f"differ{_where()}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or bias.shape != (out_ch,):
-            shape = _fmt(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-            raise ShapeError(f"{what}: bias must have shape [{out_ch}], got {shape}{_where()}")
-        if bias.dtype != input.dtype:
-            raise TypeError(f"{what}: input dtype {input.dtype} and bias dtype {bias.dtype} "
-                            f"differ{_where()}")
+    (k,) = check_conv_operands(what, input, input.shape[-2], weight, bias, groups, spatial=1)
     s = _single(stride, "stride", 1)
     d = _single(dilation, "dilation", 1)
     if isinstance(padding, str):

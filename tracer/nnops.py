@@ -56,6 +56,43 @@ def _unbatched(v: Val, squeeze: bool) -> Tensor:
 
 
 # --------------------------------------------------------------------------- convolution
+_KERNEL_DIMS = {1: "k", 2: "kH, kW"}
+
+
+def check_conv_operands(op: str, x: Tensor, channels: int, weight: Tensor, bias: Any,
+                        groups: Any, spatial: int) -> tuple[int, ...]:
+    """The weight, groups and bias of a convolution over ``spatial`` dims of ``x`` (with
+    ``channels`` input channels), checked with PyTorch's errors; returns the kernel size."""
+    if weight.ndim != spatial + 2:
+        raise ShapeError(f"{op}: weight must be {spatial + 2}-D [out_channels, "
+                         f"in_channels/groups, {_KERNEL_DIMS[spatial]}], got shape "
+                         f"{_fmt(weight.shape)}{_where()}")
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}{_where()}")
+    out_ch, in_per_group = weight.shape[:2]
+    if out_ch % groups:
+        raise ShapeError(f"{op}: given groups={groups}, expected weight to be divisible by "
+                         f"{groups} at dimension 0, but got weight of shape "
+                         f"{_fmt(weight.shape)}{_where()}")
+    if channels != in_per_group * groups:
+        raise ShapeError(f"{op}: given groups={groups}, weight of shape {_fmt(weight.shape)}, "
+                         f"expected input {_fmt(x.shape)} to have {in_per_group * groups} "
+                         f"channels, but got {channels} channels instead{_where()}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
+                        f"(input {_fmt(x.shape)}, weight {_fmt(weight.shape)}){_where()}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"{op}: bias must be a Tensor or None{_where()}")
+        if bias.shape != (out_ch,):
+            raise ShapeError(f"{op}: bias must have shape [{out_ch}], got {_fmt(bias.shape)} "
+                             f"(weight of shape {_fmt(weight.shape)}){_where()}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} "
+                            f"differ{_where()}")
+    return tuple(weight.shape[2:])
+
+
 @op(functional=True)
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPair = 1,
            padding: IntPair | str = 0, dilation: IntPair = 1, groups: int = 1) -> Tensor:
@@ -69,32 +106,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntPai
         raise TypeError(f"{op}: weight must be a Tensor, got {type(weight).__name__}{_where()}")
     xv, squeeze = _batched(x, op)
     xs = tuple(xv.data.shape)
-    if weight.ndim != 4:
-        raise ShapeError(f"{op}: weight must be 4-D [out_channels, in_channels/groups, kH, kW], "
-                         f"got shape {_fmt(weight.shape)}{_where()}")
-    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}{_where()}")
-    out_ch, in_per_group, kh, kw = weight.shape
-    if out_ch % groups:
-        raise ShapeError(f"{op}: given groups={groups}, expected weight to be divisible by "
-                         f"{groups} at dimension 0, but got weight of shape "
-                         f"{_fmt(weight.shape)}{_where()}")
-    if xs[1] != in_per_group * groups:
-        raise ShapeError(f"{op}: given groups={groups}, weight of shape {_fmt(weight.shape)}, "
-                         f"expected input {_fmt(x.shape)} to have {in_per_group * groups} "
-                         f"channels, but got {xs[1]} channels instead{_where()}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
-                        f"(input {_fmt(x.shape)}, weight {_fmt(weight.shape)}){_where()}")
-    if bias is not None:
-        if not isinstance(bias, Tensor):
-            raise TypeError(f"{op}: bias must be a Tensor or None{_where()}")
-        if bias.shape != (out_ch,):
-            raise ShapeError(f"{op}: bias must have shape [{out_ch}] for weight of shape "
-                             f"{_fmt(weight.shape)}, got {_fmt(bias.shape)}{_where()}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} "
-                            f"differ{_where()}")
+    kh, kw = check_conv_operands(op, x, xs[1], weight, bias, groups, spatial=2)
     strides = _pair(stride, "stride", op, 1)
     dilations = _pair(dilation, "dilation", op, 1)
     kernel = (kh, kw)
