@@ -58,7 +58,9 @@ def session_options(*, level: str = "extended") -> ort.SessionOptions:
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # NOTE: no "session.set_denormal_as_zero": ONNX Runtime sets flush-to-zero on the calling
+    # thread too, which changed the user's own NumPy and PyTorch arithmetic after the first op,
+    # and PyTorch keeps subnormals by default (torch.set_flush_denormal(False)).
     opts.log_severity_level = 3
     return opts
 

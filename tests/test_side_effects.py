@@ -1,0 +1,28 @@
+"""onnxgrad leaves the user's process as it found it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+import onnxgrad as og
+
+
+def test_subnormals_survive_in_numpy_and_in_onnxgrad() -> None:
+    x = og.tensor([1e-310, 2.5e-310], dtype=og.float64)
+    y = (x * 1.0 + 0.0).numpy()
+    assert np.array_equal(y, [1e-310, 2.5e-310])
+    small = og.tensor([1e-40], dtype=og.float32) * 1.0  # a float32 subnormal
+    assert small.item() != 0.0
+    assert (np.array([1e-310]) * 1.0)[0] != 0.0  # the user's NumPy is untouched
+
+
+def test_first_op_does_not_change_the_threads_float_mode() -> None:
+    # A fresh interpreter: the first session ever made is the one that would flip the mode.
+    code = ("import numpy as np, onnxgrad as og\n"
+            "og.tensor([1.0]).exp().sum().item()\n"
+            "print(np.array([1e-310]) * 1.0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip() == "[1.e-310]"
