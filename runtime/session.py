@@ -61,7 +61,9 @@ def session_options(*, level: str = "extended") -> ort.SessionOptions:
     # NOTE: no "session.set_denormal_as_zero": ONNX Runtime sets flush-to-zero on the calling
     # thread too, which changed the user's own NumPy and PyTorch arithmetic after the first op,
     # and PyTorch keeps subnormals by default (torch.set_flush_denormal(False)).
-    opts.log_severity_level = 3
+    # NOTE: FATAL only: a failing kernel would print ONNX Runtime's own red error line, and
+    # onnxgrad raises its own error naming the op and the user's line instead.
+    opts.log_severity_level = 4
     return opts
 
 

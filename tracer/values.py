@@ -8,6 +8,7 @@ module without importing each other in a cycle.
 """
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +113,25 @@ def const(value: Any, dtype: Any = None) -> Val:
     return Val(np.asarray(value, dtype=dtype), const=True)
 
 
+_ORT_TYPE_ERROR = re.compile(r"Type '(?:tensor\()?(\w+)\)?' of input parameter")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def _runtime_reason(exc: Exception) -> str:
+    """ONNX Runtime's failure of one eager node, said in onnxgrad's words.
+
+    Ops check their operands before emitting, so this is the fallback for what only the runtime
+    knows (a dtype it has no kernel for, a value-dependent failure)."""
+    text = str(exc)
+    if m := _ORT_TYPE_ERROR.search(text):
+        return f"ONNX Runtime has no kernel for {m.group(1)} inputs of this op"
+    if "Could not find an implementation" in text:
+        return "ONNX Runtime has no kernel for these input dtypes"
+    detail = text.split("Status Message:")[-1] if "Status Message:" in text else text
+    detail = _ORT_PREFIX.sub("", detail).strip()
+    return f"the runtime failed ({detail})" if detail else "the runtime failed on these inputs"
+
+
 def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = None,
          n_out: int = 1, differentiable: bool = True) -> list[Val]:
     """Run one ONNX node eagerly and record it when gradients or a trace need it."""
@@ -121,10 +141,10 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
     consts = [v is not None and v.const for v in inputs]
     try:
         outs = run_node(op, attrs, key, datas, n_out, consts)
-    except Exception as exc:  # ORT's message plus the op and the user's line
+    except Exception as exc:
         where = state.format_frame(state.user_frame())
         shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
-        raise RuntimeError(f"{op}({shapes}) failed at {where}: {exc}") from None
+        raise RuntimeError(f"{op}({shapes}) at {where}: {_runtime_reason(exc)}") from None
     requires_grad = (
         differentiable and state.grad_enabled()
         and any(v is not None and v.requires_grad for v in inputs)
