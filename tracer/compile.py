@@ -12,12 +12,10 @@ like every later one, so resuming from a checkpoint is bit-identical to not stop
 """
 from __future__ import annotations
 
-import dis
 import functools
 import inspect as pyinspect
 import json
 import os
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +34,7 @@ from ..runtime.step import StepRunner
 from . import state
 from .autograd import _classify, _follow
 from .graph import CONST, DATA, Walk, ir_type
+from .guards import SCALARS, CallRecorder, PythonValues, log_retrace
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
 from .views import RunnerViews
 
@@ -153,6 +152,9 @@ class Program:
         self.model = model
         self.runner = runner
         self.data_names = data_names
+        # An argument the result does not depend on is no input of the model: not fed.
+        graph_inputs = {i.name for i in model.graph.input}
+        self.feeds = [(i, n) for i, n in enumerate(data_names) if n in graph_inputs]
         self.output_names = output_names
         self.output_tree = output_tree
         self.updated = updated      # state input name -> tensor, new value written each step
@@ -191,7 +193,7 @@ class Program:
             if synced.get(name) is not t._v:
                 runner.bind_input(name, t._v.data)
                 synced[name] = t._v
-        feeds = dict(zip(self.data_names, args))
+        feeds = {name: args[i] for i, name in self.feeds}
         for name, (getter, dtype) in self.scalars.items():
             feeds[name] = np.asarray(getter(), dtype=dtype)
         results = runner.run(feeds)
@@ -228,7 +230,8 @@ class CompiledFunction:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self._module = module
-        self._programs: dict[Any, Program] = {}
+        self._programs: dict[Any, Program] = {}  # in order of use, the latest last
+        self._last_key: Any = None
         self._modules: list[Any] = [module] if module is not None else []
         self._optimizers: list[Any] = []
         self.last: Program | None = None
@@ -249,6 +252,8 @@ class CompiledFunction:
 
     #: Traces for one signature that differ only in the Python values read; then it is an error.
     MAX_VALUE_TRACES = 8
+    #: Programs kept (input shapes, modes, ...); beyond, the least recently used is dropped.
+    MAX_PROGRAMS = 16
 
     def _key(self, arrays: Sequence[np.ndarray], static: tuple) -> tuple:
         # The optimizers' structure, parameters and which state exists (not their values, which
@@ -291,11 +296,14 @@ class CompiledFunction:
             self._identity_modules = [m for root in self._modules for m in root.modules()]
             self._identity_version = version
         grads_on = tuple(t._v.requires_grad for t in self._identity_tensors)
-        settings = tuple(tuple(v for v in vars(m).values() if type(v) in _GUARDED)
+        settings = tuple(tuple(v for v in vars(m).values() if type(v) in SCALARS)
                          for m in self._identity_modules)
         return self._identity + (grads_on, settings)
 
     def __call__(self, *args: Any) -> Any:
+        if state.active_trace() is not None:
+            # Called while another compiled function traces: its ops join that one graph.
+            return self.fn(*args)
         program, arrays = self._program(args)
         return program.run(arrays)
 
@@ -307,12 +315,19 @@ class CompiledFunction:
     def _program(self, args: Sequence[Any]) -> tuple[Program, list[np.ndarray]]:
         arrays, static = _split_args(args)
         key = self._key(arrays, static)
-        program = self._programs.get(key)
+        program = self._programs.pop(key, None)
         if program is None:
             self._count_value_trace(key)
+            if self._last_key is not None:
+                log_retrace(self.__name__, self.traces + 1, self._last_key, key,
+                            self._python_values)
             program = self._trace(args)
             key = self._key(arrays, static)  # modules and optimizers are known now
-            self._programs[key] = program
+            while len(self._programs) >= self.MAX_PROGRAMS:
+                # The least recently used: tensors keep their values, a later call retraces.
+                del self._programs[next(iter(self._programs))]
+        self._programs[key] = program  # last: the most recently used
+        self._last_key = key
         self.last = program
         return program, arrays
 
@@ -325,11 +340,19 @@ class CompiledFunction:
             trace.add_module(m)
         for o in self._optimizers:
             trace.add_optimizer(o)
-        inputs = [Tensor(Val(_contig(a._v.data if isinstance(a, Tensor) else a)))
-                  if _is_tensor_arg(a) else a for a in args]
+        inputs = [_fresh_inputs(a) for a in args]
         state.set_trace(trace)
+        values = self._python_values
+        values.begin_trace()
         try:
-            result = self.fn(*inputs)
+            with CallRecorder(values):
+                result = self.fn(*inputs)
+            if mutated := values.mutated():
+                raise TraceError(
+                    f"og.compile: {self.__name__} changed the Python value(s) {mutated} while "
+                    f"tracing; a compiled call runs only the graph, so later calls would not "
+                    f"change them. Keep that Python logic outside the compiled function (or "
+                    f"make the value a tensor updated in place)")
         finally:
             state.set_trace(None)
             final = {tid: t._v for tid, (t, _) in trace.initial.items()}
@@ -364,7 +387,7 @@ class CompiledFunction:
                created_state: list[tuple[Any, Tensor, str, Tensor]]) -> Program:
         names = _state_names(trace)
         out_tree, out_tensors = _flatten(result)
-        data_inputs = [t for t in inputs if isinstance(t, Tensor)]
+        data_inputs = list(_tensor_leaves(inputs))
         data_names = _data_names(self._arg_names, inputs)
         # An argument named like an output, a hyperparameter or a state input gets a prefix.
         reserved = {*names.values(), *trace.scalars, "output",
@@ -523,79 +546,63 @@ def compile(fn: Any) -> CompiledFunction:
     return CompiledFunction(fn)
 
 
-# --------------------------------------------------------------------------- guards
-_GUARDED = (bool, int, float, complex, str, type(None))
-
-
-class PythonValues:
-    """What a function reads from its globals and closure, which a trace bakes in: plain values
-    (numbers, strings, flags) by value, anything else (a model, a tensor) by identity. A call that
-    sees other values must trace again.
-
-    Found from the function's code (``LOAD_GLOBAL``, also in nested functions, and its closure
-    cells); values read through attributes (``self.scale``) or in functions it calls are not seen.
-    """
-
-    def __init__(self, fn: Callable[..., Any]):
-        fn = getattr(fn, "__func__", fn)  # a bound method
-        code = getattr(fn, "__code__", None)
-        self._names: list[str] = []
-        self._globals: list[str] = []
-        self._scope: dict[str, Any] = {}
-        self._cells: tuple = ()
-        if code is None:
-            return
-        names: set[str] = set()
-        stack = [code]
-        while stack:
-            c = stack.pop()
-            names.update(i.argval for i in dis.get_instructions(c) if i.opname == "LOAD_GLOBAL")
-            stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-        self._scope = getattr(fn, "__globals__", {})
-        self._globals = sorted(n for n in names if n in self._scope)  # not builtins
-        self._cells = tuple(fn.__closure__ or ())
-        self._names = self._globals + list(code.co_freevars)
-
-    def current(self) -> tuple:
-        values = [self._scope.get(n, _MISSING_VALUE) for n in self._globals]
-        for cell in self._cells:
-            try:
-                values.append(cell.cell_contents)
-            except ValueError:  # not assigned yet
-                values.append(_MISSING_VALUE)
-        return tuple(v if isinstance(v, _GUARDED) else ("object", id(v)) for v in values)
-
-    def changed(self, seen: Any) -> list[str]:
-        """The names whose value differs among the ``current()`` tuples ``seen``."""
-        columns = list(zip(*seen))
-        return [n for n, column in zip(self._names, columns) if len(set(map(repr, column))) > 1]
-
-
-_MISSING_VALUE = "<unset>"
-
-
 # --------------------------------------------------------------------------- helpers
 def _is_tensor_arg(a: Any) -> bool:
     return isinstance(a, (Tensor, np.ndarray))
 
 
 def _split_args(args: Sequence[Any]) -> tuple[list[np.ndarray], tuple]:
-    arrays, static = [], []
-    for a in args:
+    """The tensors among the arguments (also inside lists, tuples and dicts), which the program
+    takes as inputs, and the rest with the containers' structure, which the trace bakes in."""
+    arrays: list[np.ndarray] = []
+
+    def walk(a: Any) -> Any:
         if isinstance(a, Tensor):
             arrays.append(a._v.data)
-        elif isinstance(a, np.ndarray):
+            return "<tensor>"
+        if isinstance(a, np.ndarray):
             arrays.append(_contig(a))
-        else:
-            static.append(repr(a))  # Python values are baked into the trace
-    return arrays, tuple(static)
+            return "<array>"
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(walk(x) for x in a))
+        if type(a) is dict:
+            return ("dict", tuple((repr(k), walk(v)) for k, v in a.items()))
+        return repr(a)  # Python values are baked into the trace
+
+    static = tuple(walk(a) for a in args)
+    return arrays, static
+
+
+def _fresh_inputs(a: Any) -> Any:
+    """``a`` with each tensor replaced by a new leaf holding its value (the trace's input)."""
+    if _is_tensor_arg(a):
+        return Tensor(Val(_contig(a._v.data if isinstance(a, Tensor) else a)))
+    if isinstance(a, (list, tuple)):
+        items = [_fresh_inputs(x) for x in a]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)  # a namedtuple
+    if type(a) is dict:
+        return {k: _fresh_inputs(v) for k, v in a.items()}
+    return a
+
+
+def _tensor_leaves(a: Any, name: str = "") -> Any:
+    """The tensors in ``a`` in ``_split_args``'s order, as (tensor) or with ``name`` given,
+    (tensor, its input name: ``xs.0``, ``batch.image``)."""
+    if isinstance(a, Tensor):
+        yield (a, name) if name else a
+    elif isinstance(a, (list, tuple)):
+        for i, x in enumerate(a):
+            yield from _tensor_leaves(x, f"{name}.{i}" if name else "")
+    elif type(a) is dict:
+        for k, v in a.items():
+            yield from _tensor_leaves(v, f"{name}.{k}" if name else "")
 
 
 def _data_names(arg_names: list[str], inputs: list[Any]) -> list[str]:
     names = []
     for i, a in enumerate(inputs):
-        if isinstance(a, Tensor):
-            names.append(arg_names[i] if i < len(arg_names) else f"input.{i}")
+        base = arg_names[i] if i < len(arg_names) else f"input.{i}"
+        names += [n for _, n in _tensor_leaves(a, base)]
     return names
 
 
