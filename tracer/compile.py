@@ -238,6 +238,8 @@ class CompiledFunction:
         self.traces = 0
         self._identity: tuple = ()
         self._identity_version = -1
+        self._settings: tuple = ()
+        self._settings_version = -1
         self._identity_tensors: list[Tensor] = []
         self._identity_modules: list[Any] = []
         self._grad_owners: list[Tensor] = []  # tensors whose .grad a traced step wrote
@@ -295,10 +297,14 @@ class CompiledFunction:
             self._identity_tensors = tensors
             self._identity_modules = [m for root in self._modules for m in root.modules()]
             self._identity_version = version
+            self._settings_version = -1
         grads_on = tuple(t._v.requires_grad for t in self._identity_tensors)
-        settings = tuple(tuple(v for v in vars(m).values() if type(v) in SCALARS)
-                         for m in self._identity_modules)
-        return self._identity + (grads_on, settings)
+        settings_version = state.settings_version()
+        if settings_version != self._settings_version:
+            self._settings = tuple(tuple(v for v in vars(m).values() if type(v) in SCALARS)
+                                   for m in self._identity_modules)
+            self._settings_version = settings_version
+        return self._identity + (grads_on, self._settings)
 
     def __call__(self, *args: Any) -> Any:
         if state.active_trace() is not None:

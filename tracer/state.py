@@ -61,6 +61,19 @@ def structure_changed() -> None:
     _structure[0] += 1
 
 
+_settings = [0]
+
+
+def settings_version() -> int:
+    """Bumped whenever any attribute of a module is assigned (``self.scale = 2.0``, ``bn.momentum``,
+    ``dropout.p``): compiled steps then read the modules' plain attributes again."""
+    return _settings[0]
+
+
+def settings_changed() -> None:
+    _settings[0] += 1
+
+
 def module_path() -> str | None:
     stack = _get("modules", None)
     return stack[-1] if stack else None

@@ -53,6 +53,7 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
             raise AttributeError("cannot assign before Module.__init__() call")
+        state.settings_changed()
         if isinstance(value, (Parameter, Module)) or name == "training" or any(
                 name in table for table in (self._parameters, self._modules, self._buffers)):
             state.structure_changed()
