@@ -360,6 +360,14 @@ def _int_float(x: float) -> str:
     return f"{int(x)}."
 
 
+def _numpy_typed(data: Any) -> bool:
+    """Whether ``data`` carries its dtype (NumPy arrays and scalars, tensors, lists of them),
+    as opposed to Python numbers, which take the default dtype."""
+    while isinstance(data, (list, tuple)) and data:
+        data = data[0]
+    return isinstance(data, (np.ndarray, np.generic, Tensor))
+
+
 def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     """A new leaf tensor from Python data, NumPy arrays or tensors (data is copied)."""
     if isinstance(data, Tensor):
@@ -369,9 +377,10 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     if dtype is not None:
         array = array.astype(np.dtype(dtype), copy=False)
     elif array.dtype.kind == "f":
-        array = array.astype(get_default_dtype() if not isinstance(data, (np.ndarray, Tensor))
-                             else array.dtype, copy=False)
-    elif array.dtype.kind in "iu" and not isinstance(data, np.ndarray):
+        # NumPy data keeps its dtype, scalars included (torch.tensor(np.float64(0.5)) is float64)
+        array = array.astype(array.dtype if _numpy_typed(data) else get_default_dtype(),
+                             copy=False)
+    elif array.dtype.kind in "iu" and not _numpy_typed(data):
         array = array.astype(int64, copy=False)
     if array.dtype.kind not in "fiub":
         raise TypeError(f"unsupported tensor data of dtype {array.dtype}")
