@@ -21,6 +21,7 @@ from .tracer import (
 from .tracer import registry as _registry
 from .tracer.compile import compile
 from .tracer.factories import manual_seed
+from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
 from .tracer.ops import ShapeError
 from .tracer.values import (
     bool_,
@@ -49,6 +50,7 @@ globals().update(_registry.namespace("og"))
 __all__ = [
     "ShapeError", "Tensor", "TraceError", "as_tensor", "bool", "compile", "double",
     "enable_grad", "float", "float16", "float32", "float64", "get_default_dtype", "get_providers",
+    "get_rng_state", "initial_seed", "set_rng_state",
     "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
     "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
     "summary", "tensor", "training_step", "uint8",

@@ -50,6 +50,7 @@ class Trace:
         self.grads_before: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.grad_state: dict[int, Tensor] = {}  # id(accumulated .grad tensor) -> its parameter
         self.cleared: set[int] = set()  # tensors whose .grad the step cleared (zero_grad)
+        self.names: dict[int, str] = {}  # id(state tensor) -> its input name (rng.offset)
 
     def _remember(self, t: Tensor) -> None:
         if id(t) not in self.initial:
@@ -629,6 +630,8 @@ def _state_names(trace: Trace) -> dict[int, str]:
             names.setdefault(id(t), _optimizer_state_name(trace, opt, p, key, names))
     for gid, t in trace.grad_state.items():
         names[gid] = f"grad.{names.setdefault(id(t), f'param{len(names)}')}"
+    for tid, name in trace.names.items():
+        names.setdefault(tid, name)
     for tid in trace.initial:
         names.setdefault(tid, f"state{len(names)}")
     return names

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import ops, state
+from . import ops, random_stream, state
 from .ops import _shape_args
 from .registry import op
 from .tensor import Tensor
@@ -20,6 +20,7 @@ _rng = np.random.default_rng()
 def manual_seed(seed: int) -> None:
     global _rng
     _rng = np.random.default_rng(seed)
+    random_stream.manual_seed(seed)  # the in-graph stream (dropout) too
 
 
 def generator() -> np.random.Generator:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from . import autograd, state
+from . import autograd, random_stream, state
 from .registry import inplace_variant, op
 from .tensor import Tensor
 from .values import Val, const, emit, get_default_dtype, int64
@@ -824,18 +824,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 @op(functional=True)
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """ONNX ``Dropout`` in training mode: a fresh mask per run, scaled by 1/(1-p)."""
+    """Dropout in training mode: ``x`` times a mask of ``1/(1-p)`` (kept) and 0, drawn from
+    onnxgrad's counter-based stream (``tracer/random_stream.py``): ``og.manual_seed`` fixes the
+    masks, and a compiled or exported step draws the same masks in every runtime."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}{_where()}")
     if not training or p == 0:
         return x
     if p == 1:
-        # NOTE: ONNX Dropout's ratio must be below 1 (ORT refuses 1); PyTorch's p=1 is input * 0,
-        # which also keeps its NaNs and gives a zero gradient.
+        # PyTorch's p=1 is input * 0, which also keeps its NaNs and gives a zero gradient.
         return mul(x, 0.0)
-    ratio = const(np.asarray(p, dtype=x.dtype))
-    mode = const(np.asarray(True))
-    return _wrap(emit("Dropout", [x._v, ratio, mode], n_out=2)[0])
+    if x.dtype.kind != "f":
+        raise TypeError(f"dropout expects a floating-point input, got {x.dtype}{_where()}")
+    mask = random_stream.keep_mask(tuple(x.shape), float(p), x.dtype)
+    return _wrap(emit("Mul", [x._v, mask])[0])
 
 
 @op(method=True)
