@@ -116,6 +116,10 @@ def read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], st
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {key: archive[key] for key in archive.files}
             meta = arrays.pop(NPZ_METADATA_KEY, None)
+            if any(not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf"
+                   for a in arrays.values()):
+                # A zip with members that are not .npy arrays (NumPy hands those out as bytes).
+                raise ValueError("not an array archive")
             return arrays, None if meta is None else str(meta[()])
         from safetensors import safe_open
 
