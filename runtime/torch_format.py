@@ -26,6 +26,7 @@ This module knows arrays, not tensors: the caller converts in both directions (`
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import struct
@@ -156,6 +157,12 @@ class _Unpickler(pickle.Unpickler):
         return self._load_storage(kind, str(key), int(numel))
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 pickles name Python 2's modules (``__builtin__.set``): map them as
+        # pickle.Unpickler.find_class itself would.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         found = self._allowed(module, name)
         if found is None:
