@@ -12,7 +12,7 @@ import collections.abc
 import copy
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,7 @@ def _from_numbers(batch: list[Any], dtype: Any) -> Tensor:
     return tensor(array)
 
 
-def collate(batch: list[Any], *,
+def collate(batch: Sequence[Any], *,
             collate_fn_map: dict[type | tuple[type, ...], Callable] | None = None) -> Any:
     """The general collate, with optional per-type functions ``collate_fn_map`` (as PyTorch's
     ``torch.utils.data._utils.collate.collate``): ``fn(batch, collate_fn_map=...)``."""
@@ -81,7 +81,7 @@ def collate(batch: list[Any], *,
     if isinstance(elem, (str, bytes)):
         return batch
 
-    def recurse(samples: list[Any]) -> Any:
+    def recurse(samples: Sequence[Any]) -> Any:
         return collate(samples, collate_fn_map=collate_fn_map)
 
     if isinstance(elem, collections.abc.Mapping):
@@ -95,7 +95,7 @@ def collate(batch: list[Any], *,
         except TypeError:
             return {key: recurse([d[key] for d in batch]) for key in elem}
     if isinstance(elem, tuple) and hasattr(elem, "_fields"):  # a namedtuple
-        return elem_type(*(recurse(list(samples)) for samples in zip(*batch)))
+        return elem_type(*(recurse(samples) for samples in zip(*batch)))
     if isinstance(elem, collections.abc.Sequence):
         it = iter(batch)
         elem_size = len(next(it))
@@ -103,16 +103,16 @@ def collate(batch: list[Any], *,
             raise RuntimeError("each element in list of batch should be of equal size")
         transposed = list(zip(*batch))
         if isinstance(elem, tuple):
-            return [recurse(list(samples)) for samples in transposed]  # as PyTorch: a list
+            return [recurse(samples) for samples in transposed]  # as PyTorch: a list
         try:
             if isinstance(elem, collections.abc.MutableSequence):
                 clone = copy.copy(elem)
                 for i, samples in enumerate(transposed):
-                    clone[i] = recurse(list(samples))
+                    clone[i] = recurse(samples)
                 return clone
-            return elem_type([recurse(list(samples)) for samples in transposed])
+            return elem_type([recurse(samples) for samples in transposed])
         except TypeError:
-            return [recurse(list(samples)) for samples in transposed]
+            return [recurse(samples) for samples in transposed]
     raise TypeError(_ERR.format(elem_type))
 
 
