@@ -15,7 +15,8 @@ The format follows the path:
   admitted; any other global in the pickle is refused with an error naming it
   (``weights_only=False`` does not lift that). NumPy arrays and scalars are saved as tensors and
   Python numbers (they load as ``og.Tensor`` and ``int``/``float``); bfloat16 tensors load as
-  float32 with a warning; views of one storage load as separate tensors.
+  float32 with a warning; views of one storage load as separate tensors. PyTorch's legacy
+  format (torch < 1.6, ``_use_new_zipfile_serialization=False``) is read too, never written.
 - ``.npz`` (NumPy's archive) and ``.safetensors`` (with the optional package): onnxgrad's
   earlier format, arrays plus one JSON metadata entry (nothing pickled). A flat
   ``{name: tensor}`` dict saved as ``.npz`` is a plain ``np.savez`` archive, and any ``.npz`` /
@@ -108,8 +109,9 @@ def load(f: str | os.PathLike[str] | BinaryIO, map_location: Any = None,
             if torch_format.is_torch_zip(stream):
                 return _load_torch(stream, where, weights_only)
             head = stream.read(len(_LEGACY_MAGIC))
-        if head == _LEGACY_MAGIC:
-            raise _legacy(where)
+            if head == _LEGACY_MAGIC:
+                stream.seek(0)
+                return _load_torch(stream, where, weights_only, legacy=True)
         if not where.lower().endswith(SUFFIXES):
             raise corrupt(where)
         return _load_arrays(path)
@@ -120,8 +122,10 @@ def load(f: str | os.PathLike[str] | BinaryIO, map_location: Any = None,
     stream = f if _seekable(f) else io.BytesIO(f.read())
     if torch_format.is_torch_zip(stream):
         return _load_torch(stream, where, weights_only)
+    start = stream.tell()
     if stream.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC:
-        raise _legacy(where)
+        stream.seek(start)
+        return _load_torch(stream, where, weights_only, legacy=True)
     raise corrupt(where)
 
 
@@ -132,14 +136,11 @@ def _seekable(f: Any) -> bool:
         return False
 
 
-def _legacy(where: str) -> CheckpointError:
-    return CheckpointError(f"og.load({where!r}): PyTorch's legacy format (torch < 1.6, or "
-                           f"_use_new_zipfile_serialization=False) is not supported; re-save "
-                           f"it with torch.save in the default zip format")
-
-
-def _load_torch(stream: BinaryIO, where: str, weights_only: bool | None) -> Any:
+def _load_torch(stream: BinaryIO, where: str, weights_only: bool | None,
+                legacy: bool = False) -> Any:
     try:
+        if legacy:
+            return torch_format.read_legacy(stream, _make_tensor)
         return torch_format.read(stream, _make_tensor)
     except UnsafeCheckpointError as exc:
         note = (" (weights_only=False does not change this: onnxgrad never runs code from a "

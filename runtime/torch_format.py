@@ -21,6 +21,10 @@ Writing produces the same layout: ``torch.load(path, weights_only=True)`` reads 
 :func:`write` wrote. Each tensor gets its own contiguous storage, except that one array object
 saved several times (tied weights) is written once and shared, as PyTorch shares it.
 
+:func:`read_legacy` reads PyTorch's legacy format (torch < 1.6, or
+``_use_new_zipfile_serialization=False``) through the same restricted unpickler; it is never
+written.
+
 This module knows arrays, not tensors: the caller converts in both directions (``to_array``,
 ``make_tensor``).
 """
@@ -38,7 +42,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-__all__ = ["UnsafeCheckpointError", "is_torch_zip", "read", "write"]
+__all__ = ["LEGACY_MAGIC", "UnsafeCheckpointError", "is_torch_zip", "read", "read_legacy",
+           "write"]
 
 # Storage type name (pickled as the global ``torch.<name>``) <-> NumPy dtype. bfloat16 is read
 # into float32 (NumPy has no bfloat16); the marker dtype below stands for its raw bits.
@@ -79,10 +84,24 @@ class _StorageType:
 
 
 class _Storage:
-    """A storage's elements as a 1-d array (raw uint16 bits for bfloat16)."""
+    """A storage's elements as a 1-d array (raw uint16 bits for bfloat16). In the legacy
+    format the data follows the pickle: ``array`` is None until it has been read."""
 
-    def __init__(self, array: np.ndarray, bfloat16: bool) -> None:
-        self.array, self.bfloat16 = array, bfloat16
+    def __init__(self, array: np.ndarray | None, bfloat16: bool, dtype: np.dtype | None = None,
+                 numel: int = 0) -> None:
+        self.array, self.bfloat16, self.dtype, self.numel = array, bfloat16, dtype, numel
+
+
+class _Deferred:
+    """A tensor of the legacy format whose storage has not been read yet."""
+
+    def __init__(self, storage: _Storage, offset: int, size: Any, stride: Any,
+                 requires_grad: bool) -> None:
+        self.args = (storage, offset, size, stride)
+        self.requires_grad = requires_grad
+
+    def requires_grad_(self, flag: bool) -> None:
+        self.requires_grad = flag
 
 
 def is_torch_zip(f: BinaryIO) -> bool:
@@ -105,6 +124,56 @@ def _pickle_member(z: zipfile.ZipFile) -> str | None:
         if name == "data.pkl" or (name.endswith("/data.pkl") and name.count("/") == 1):
             return name
     return None
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def read_legacy(f: BinaryIO, make_tensor: Callable[[np.ndarray, bool], Any]) -> Any:
+    """The object in a checkpoint of PyTorch's legacy format (torch < 1.6, or
+    ``_use_new_zipfile_serialization=False``): three header pickles, the object's pickle, the
+    pickled list of storage keys, then each storage as an int64 element count and its bytes."""
+    storages: dict[str, _Storage] = {}
+
+    def load_storage(kind: Any, key: str, numel: int) -> _Storage:
+        if key not in storages:
+            if not isinstance(kind, _StorageType) or kind.name == "UntypedStorage":
+                raise _CorruptError(f"storage type {kind!r}")
+            bfloat16 = kind.dtype is _BFLOAT16
+            storages[key] = _Storage(None, bfloat16, np.dtype("<u2") if bfloat16 else kind.dtype,
+                                     numel)
+        return storages[key]
+
+    def no_storage(kind: Any, key: str, numel: int) -> _Storage:
+        raise _CorruptError("a storage in a header")
+
+    def plain() -> Any:
+        return _Unpickler(f, no_storage, make_tensor).load()
+
+    magic, protocol, info = plain(), plain(), plain()
+    if magic != LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL or not isinstance(info, dict):
+        raise _CorruptError("not a legacy checkpoint")
+    if not info.get("little_endian", False):
+        raise _CorruptError("big-endian checkpoints are not supported")
+    unpickler = _Unpickler(f, load_storage, make_tensor)
+    obj = unpickler.load()
+    keys = plain()
+    if not isinstance(keys, list) or set(storages) - {str(k) for k in keys}:
+        raise _CorruptError("storage keys")
+    for key in keys:
+        head = f.read(8)
+        if len(head) != 8:
+            raise _CorruptError("truncated")
+        numel = struct.unpack("<q", head)[0]
+        storage = storages.get(str(key))
+        dtype = storage.dtype if storage is not None else np.dtype("u1")
+        raw = f.read(numel * dtype.itemsize) if numel >= 0 else b""
+        if numel < 0 or len(raw) != numel * dtype.itemsize:
+            raise _CorruptError("truncated")
+        if storage is not None:
+            storage.array = np.frombuffer(raw, dtype)
+    return unpickler.resolve(obj)
 
 
 def read(f: BinaryIO, make_tensor: Callable[[np.ndarray, bool], Any]) -> Any:
@@ -209,8 +278,23 @@ class _Unpickler(pickle.Unpickler):
     def _rebuild_tensor_v2(self, storage: Any, storage_offset: int, size: Any, stride: Any,
                            requires_grad: bool = False, backward_hooks: Any = None,
                            metadata: Any = None) -> Any:
+        if isinstance(storage, _Storage) and storage.array is None:
+            return _Deferred(storage, storage_offset, size, stride, bool(requires_grad))
         return self._make_tensor(self._view(storage, storage_offset, size, stride),
                                  bool(requires_grad))
+
+    def resolve(self, obj: Any) -> Any:
+        """``obj`` with every deferred tensor made (legacy format, once storages are read)."""
+        if isinstance(obj, _Deferred):
+            return self._make_tensor(self._view(*obj.args), obj.requires_grad)
+        if isinstance(obj, dict):
+            for key, value in obj.items():  # in place: keeps an OrderedDict's _metadata
+                obj[key] = self.resolve(value)
+        elif isinstance(obj, list):
+            obj[:] = [self.resolve(v) for v in obj]
+        elif isinstance(obj, (tuple, set, frozenset)) and not hasattr(obj, "_fields"):
+            return type(obj)(self.resolve(v) for v in obj)
+        return obj
 
     def _rebuild_tensor(self, storage: Any, storage_offset: int, size: Any,
                         stride: Any) -> Any:

@@ -293,10 +293,36 @@ def test_a_whole_torch_module_is_refused_naming_its_class(tmp_path: Path) -> Non
         og.load(tmp_path / "model.pth")
 
 
-def test_legacy_format_and_bad_arguments(tmp_path: Path) -> None:
-    torch.save({"a": torch.ones(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
-    with pytest.raises(CheckpointError, match=r"legacy format .*re-save"):
-        og.load(tmp_path / "old.pth")
+def test_legacy_format_loads(tmp_path: Path) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    state = OrderedDict(w=base, t=base.t(), tail=base[1:, 2:], half=torch.ones(2).half(),
+                        n=torch.tensor(5), b=torch.rand(3) > 2, bf=torch.ones(2).bfloat16())
+    model = torch.nn.Linear(3, 2)
+    torch.save({"state": state, "lin": model.state_dict(), "meta": [1, "x", (2.5,)]},
+               tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    with pytest.warns(UserWarning, match="bfloat16"):
+        loaded = og.load(tmp_path / "old.pth")
+    for key, value in state.items():
+        np.testing.assert_array_equal(loaded["state"][key].numpy(),
+                                      value.float().numpy() if key == "bf" else value.numpy())
+    assert type(loaded["state"]) is OrderedDict and loaded["meta"] == [1, "x", (2.5,)]
+    lin = og.nn.Linear(3, 2)
+    lin.load_state_dict(loaded["lin"])
+    np.testing.assert_array_equal(lin.weight.detach().numpy(), model.weight.detach().numpy())
+    buf = io.BytesIO((tmp_path / "old.pth").read_bytes())
+    assert og.load(buf)["meta"] == [1, "x", (2.5,)]
+    data = (tmp_path / "old.pth").read_bytes()
+    for cut in (20, len(data) // 2, len(data) - 3):
+        (tmp_path / "cut.pth").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            og.load(tmp_path / "cut.pth")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="torch.nn.modules.linear.Linear"):
+        og.load(tmp_path / "module.pth")
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="zip format only"):
         og.save({}, tmp_path / "x.pth", _use_new_zipfile_serialization=False)
     with pytest.raises(TypeError, match=r"cannot save values of type object \(at a\.0\)"):
