@@ -144,8 +144,10 @@ def _tensors(lib: Any, n: int = 10) -> tuple[Any, Any]:
 def test_tensor_dataset_matches_torch() -> None:
     ours, theirs = _both(lambda lib: lib.TensorDataset(*_tensors(lib)))
     assert len(ours) == len(theirs) == 10
-    for i in (0, 3, -1):
+    for i in (0, 3, -1, np.int64(2), slice(2, 5), [1, 4]):
         _assert_same(ours[i], theirs[i])
+    _same_error(lambda lib: lib.TensorDataset(*_tensors(lib))[10])
+    _same_error(lambda lib: lib.TensorDataset(*_tensors(lib))[-11])
     _same_error(lambda lib: lib.TensorDataset(*_tensors(lib), *_tensors(lib, 4)))
 
 

@@ -46,8 +46,12 @@ class IterableDataset(Dataset[T_co]):
 def _row(t: Tensor, index: Any) -> Tensor:
     """``t[index]``. NOTE: a tensor that needs no gradient, outside a compiled trace, is sliced
     in NumPy: one ONNX node per sample would make loading the slowest part of an epoch."""
-    if t.requires_grad or state.active_trace() is not None:
+    if (t.requires_grad or state.active_trace() is not None or not t.shape
+            or not isinstance(index, (int, np.integer)) or isinstance(index, bool)):
         return t[index]
+    n = t.shape[0]
+    if not -n <= index < n:
+        raise IndexError(f"index {index} is out of bounds for dimension 0 with size {n}")
     row = Tensor(Val(np.array(t._v.data[index], copy=True)))
     row._v.owner = weakref.ref(row)
     return row
