@@ -77,14 +77,14 @@ def save(obj: Any, f: str | os.PathLike[str] | BinaryIO, pickle_module: Any = No
     if isinstance(f, (str, os.PathLike)):
         # Serialized before the temporary file exists, so a bad value leaves no file behind.
         blob = io.BytesIO()
-        torch_format.write(blob, obj, _as_array, _unsupported)
+        torch_format.write(blob, obj, _as_array, _unsupported, _what)
         with atomic_file(f, make_folder=True) as out:
             out.write(blob.getbuffer())
         return
     if not callable(getattr(f, "write", None)):
         raise TypeError(f"og.save: f must be a path or a binary file object with write(), got "
                         f"{type(f).__name__}")
-    torch_format.write(f, obj, _as_array, _unsupported)
+    torch_format.write(f, obj, _as_array, _unsupported, _what)
 
 
 def load(f: str | os.PathLike[str] | BinaryIO, map_location: Any = None,
@@ -231,7 +231,7 @@ def _encode(obj: Any, where: list[str], arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(obj, (list, tuple)):
         items = [_encode(v, where + [str(i)], arrays) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else {_TUPLE: items}
-    raise _unsupported(where, f"values of type {type(obj).__name__}")
+    raise _unsupported(where, _what(obj))
 
 
 def _put(array: np.ndarray, where: list[str], arrays: dict[str, np.ndarray]) -> str:
@@ -244,11 +244,19 @@ def _put(array: np.ndarray, where: list[str], arrays: dict[str, np.ndarray]) -> 
     return name
 
 
+def _what(obj: Any) -> str:
+    has_state = callable(getattr(obj, "state_dict", None))
+    return f"values of type {type(obj).__name__}" + (" (it has a state_dict)" if has_state else "")
+
+
 def _unsupported(where: list[str], what: str) -> TypeError:
     at = ".".join(where) or "the top level"
+    # torch.save(model) pickles the module's code by reference; onnxgrad saves data only.
+    hint = ("; save its state_dict() and load that into a new instance"
+            if what.startswith("values of type") and "state_dict" in what else "")
     return TypeError(f"og.save: cannot save {what} (at {at}); checkpoints "
                      "hold tensors, arrays, numbers, bools, strings, None, and dicts, lists and "
-                     "tuples of them")
+                     f"tuples of them{hint}")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -353,13 +353,15 @@ class _Writer:
     so its globals cannot go through pickle.Pickler, which imports what it names)."""
 
     def __init__(self, to_array: Callable[[Any], tuple[np.ndarray, bool] | None],
-                 unsupported: Callable[[list[str], str], Exception]) -> None:
+                 unsupported: Callable[[list[str], str], Exception],
+                 what: Callable[[Any], str]) -> None:
         self.out = io.BytesIO()
         self.storages: list[np.ndarray] = []
         self._storage_of: dict[int, int] = {}
         self._keep: list[Any] = []  # the objects whose id() keys _storage_of stay alive
         self._to_array = to_array
         self._unsupported = unsupported
+        self._what = what
 
     def dump(self, obj: Any) -> bytes:
         self.out.write(b"\x80\x02")
@@ -438,7 +440,7 @@ class _Writer:
                 self._save(value, where + [str(i)])
             w(b"t")
         else:
-            raise self._unsupported(where, f"values of type {type(obj).__name__}")
+            raise self._unsupported(where, self._what(obj))
 
     def _tensor(self, obj: Any, array: np.ndarray, requires_grad: bool,
                 where: list[str]) -> None:
@@ -482,11 +484,13 @@ class _Writer:
 
 
 def write(f: BinaryIO, obj: Any, to_array: Callable[[Any], tuple[np.ndarray, bool] | None],
-          unsupported: Callable[[list[str], str], Exception]) -> None:
+          unsupported: Callable[[list[str], str], Exception],
+          what: Callable[[Any], str] = lambda obj: f"values of type {type(obj).__name__}",
+          ) -> None:
     """Write ``obj`` to the open binary file in PyTorch's zip format. ``to_array(value)`` gives
     ``(array, requires_grad)`` for a tensor and None for anything else; ``unsupported(where,
-    what)`` makes the error for a value that cannot be saved."""
-    writer = _Writer(to_array, unsupported)
+    what)`` makes the error for a value that cannot be saved, ``what(value)`` describes it."""
+    writer = _Writer(to_array, unsupported, what)
     pickled = writer.dump(obj)  # before anything is written: an unsupported value fails first
     prefix = "archive/"
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:

@@ -329,6 +329,9 @@ def test_bad_arguments(tmp_path: Path) -> None:
         og.save({"a": [object()]}, tmp_path / "x.pth")
     with pytest.raises(TypeError, match=r"arrays of dtype <U1 \(at s\)"):
         og.save({"s": np.array(["a"])}, tmp_path / "x.pth")
+    with pytest.raises(TypeError, match=r"type Linear \(it has a state_dict\) \(at the top "
+                                        r"level\).*save its state_dict\(\)"):
+        og.save(og.nn.Linear(2, 2), tmp_path / "x.pth")
     with pytest.raises(TypeError, match="a path or a binary file object"):
         og.save({}, 3)
     assert not list(tmp_path.glob("x.pth*")) and not list(tmp_path.glob(".x.pth*"))
