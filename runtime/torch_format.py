@@ -161,6 +161,9 @@ def read_legacy(f: BinaryIO, make_tensor: Callable[[np.ndarray, bool], Any]) -> 
     keys = plain()
     if not isinstance(keys, list) or set(storages) - {str(k) for k in keys}:
         raise _CorruptError("storage keys")
+    start = f.tell()
+    left = f.seek(0, io.SEEK_END) - start  # a damaged count must not size an allocation
+    f.seek(start)
     for key in keys:
         head = f.read(8)
         if len(head) != 8:
@@ -168,8 +171,11 @@ def read_legacy(f: BinaryIO, make_tensor: Callable[[np.ndarray, bool], Any]) -> 
         numel = struct.unpack("<q", head)[0]
         storage = storages.get(str(key))
         dtype = storage.dtype if storage is not None else np.dtype("u1")
-        raw = f.read(numel * dtype.itemsize) if numel >= 0 else b""
-        if numel < 0 or len(raw) != numel * dtype.itemsize:
+        if not 0 <= numel * dtype.itemsize <= left:
+            raise _CorruptError("truncated")
+        raw = f.read(numel * dtype.itemsize)
+        left -= 8 + len(raw)
+        if len(raw) != numel * dtype.itemsize:
             raise _CorruptError("truncated")
         if storage is not None:
             storage.array = np.frombuffer(raw, dtype)
