@@ -58,7 +58,7 @@ __all__.extend(_registry.names("og"))
 
 
 def __getattr__(name: str):
-    # Submodules load on first use (og.nn, og.optim, og.models, og.utils), keeping `import onnxgrad` light.
+    # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
     if name in ("nn", "optim", "models", "utils"):
         import importlib
 
