@@ -6,6 +6,7 @@ The public front: tensor factories, ops, ``no_grad``, providers. Layers live in
 from __future__ import annotations
 
 from .inspection import inspect, summary
+from .random import Generator
 from .runtime import get_providers, set_providers
 from .serialization import load, save
 from .tracer import (
@@ -48,19 +49,19 @@ __version__ = "0.1.0"
 globals().update(_registry.namespace("og"))
 
 __all__ = [
-    "ShapeError", "Tensor", "TraceError", "as_tensor", "bool", "compile", "double",
+    "Generator", "ShapeError", "Tensor", "TraceError", "as_tensor", "bool", "compile", "double",
     "enable_grad", "float", "float16", "float32", "float64", "get_default_dtype", "get_providers",
     "get_rng_state", "initial_seed", "set_rng_state",
     "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
     "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
-    "summary", "tensor", "training_step", "uint8",
+    "summary", "tensor", "training_step", "uint8", "utils",
 ]
 __all__.extend(_registry.names("og"))
 
 
 def __getattr__(name: str):
     # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
-    if name in ("nn", "optim", "models"):
+    if name in ("nn", "optim", "models", "utils"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -104,6 +104,14 @@ def _fail(verb: str, message: str) -> int:
     return EXIT_USAGE
 
 
+def _os_error(exc: OSError) -> str:
+    from .runtime.files import FileWriteError
+
+    if isinstance(exc, FileWriteError) or not exc.filename:
+        return str(exc)
+    return f"{exc.filename}: {(exc.strerror or str(exc)).lower()}"
+
+
 def _top_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -166,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `onnxgrad inspect --nodes m.onnx | head`: the reader left; not an error worth a trace.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # A read-only folder, a folder as the output file, a full disk: the user's file system,
+        # not a bug, so one line naming the path (runtime.files words its own errors).
+        return _fail(argv[at] if at < len(argv) else "", _os_error(exc))
     return 0 if code is None else int(code)
 
 

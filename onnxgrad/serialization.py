@@ -1,32 +1,52 @@
 """``og.save`` / ``og.load``: state dicts (and nested containers of them) in checkpoint files.
 
-``og.save(obj, path)`` takes what ``torch.save`` is mostly used for: a model's ``state_dict()``,
+``og.save(obj, f)`` takes what ``torch.save`` is mostly used for: a model's ``state_dict()``,
 an optimizer's ``state_dict()``, or dicts, lists and tuples nesting them with ints, floats, bools,
-strings and None. Arrays (tensors and NumPy arrays) become the file's arrays, named by their path
-in the object (``conv1.weight``, ``optim.state.0.momentum_buffer``); everything else is described
-by one JSON metadata entry, so nothing is pickled and loading never runs code from the file.
-``og.load(path)`` rebuilds the object with every array as an ``og.Tensor``, as ``torch.load``
-gives tensors back.
+strings, bytes and None. ``og.load(f)`` rebuilds the object with every array as an ``og.Tensor``,
+as ``torch.load`` gives tensors back.
 
-The format follows the extension (``.npz``, or ``.safetensors`` with the optional package); files
-are written atomically (see ``runtime.checkpoint``). A flat ``{name: tensor}`` dict saved as
-``.npz`` is a plain ``np.savez`` archive, and any ``.npz`` / ``.safetensors`` state dict (from
-NumPy or ``safetensors.torch``) loads as ``{name: og.Tensor}``.
+The format follows the path:
+
+- ``.pth``, ``.pt``, any other extension, and file objects: **PyTorch's own format** (the zip of
+  ``data.pkl`` plus one member per storage that ``torch.save`` writes; ``runtime.torch_format``).
+  ``torch.load(path, weights_only=True)`` reads what ``og.save`` wrote, and ``og.load`` reads
+  state dicts and optimizer states that ``torch.save`` wrote, without importing torch and
+  without running code from the file: only tensor data, numbers, strings and containers are
+  admitted; any other global in the pickle is refused with an error naming it
+  (``weights_only=False`` does not lift that). NumPy arrays and scalars are saved as tensors and
+  Python numbers (they load as ``og.Tensor`` and ``int``/``float``); bfloat16 tensors load as
+  float32 with a warning; views of one storage load as separate tensors. PyTorch's legacy
+  format (torch < 1.6, ``_use_new_zipfile_serialization=False``) is read too, never written.
+- ``.npz`` (NumPy's archive) and ``.safetensors`` (with the optional package): onnxgrad's
+  earlier format, arrays plus one JSON metadata entry (nothing pickled). A flat
+  ``{name: tensor}`` dict saved as ``.npz`` is a plain ``np.savez`` archive, and any ``.npz`` /
+  ``.safetensors`` state dict (from NumPy or ``safetensors.torch``) loads as
+  ``{name: og.Tensor}``.
+
+Files are written atomically (see ``runtime.files``); a file that is empty, truncated, damaged
+or not a checkpoint at all raises ``CheckpointError`` "not an onnxgrad/PyTorch checkpoint:
+truncated or corrupt (<path>)".
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import weakref
 from collections import OrderedDict
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from .runtime.checkpoint import CheckpointError, read_arrays, write_arrays
+from .runtime import torch_format
+from .runtime.checkpoint import SUFFIXES, CheckpointError, corrupt, read_arrays, write_arrays
+from .runtime.files import atomic_file
+from .runtime.torch_format import UnsafeCheckpointError
 from .tracer.tensor import Tensor, Val, _contig
 
-__all__ = ["load", "save"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "load", "save"]
 
 _FORMAT = "onnxgrad.checkpoint"
 _VERSION = 1
@@ -36,8 +56,122 @@ _ARRAY, _DICT, _ODICT, _TUPLE = "array", "dict", "odict", "tuple"
 _SCALAR, _FLOAT = "scalar", "float"
 
 
-def save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``obj`` (a state dict, or containers of them) to ``path`` (.npz or .safetensors)."""
+# The first bytes of PyTorch's legacy (pre-1.6) format: a pickled magic number.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def save(obj: Any, f: str | os.PathLike[str] | BinaryIO, pickle_module: Any = None,
+         pickle_protocol: int = 2, _use_new_zipfile_serialization: bool = True,
+         _disable_byteorder_record: bool = False) -> None:
+    """Write ``obj`` (a state dict, or containers of them) to ``f``: a path or a binary file
+    object. ``.npz`` / ``.safetensors`` paths get onnxgrad's array format, everything else
+    PyTorch's zip format (see the module's docstring). PyTorch's other arguments are accepted;
+    the pickle is always protocol 2, as ``torch.save`` writes it."""
+    if not _use_new_zipfile_serialization:
+        raise ValueError("og.save writes PyTorch's zip format only; "
+                         "_use_new_zipfile_serialization=False (the legacy format) is not "
+                         "supported")
+    if isinstance(f, (str, os.PathLike)) and str(f).lower().endswith(SUFFIXES):
+        _save_arrays(obj, f)
+        return
+    if isinstance(f, (str, os.PathLike)):
+        # Serialized before the temporary file exists, so a bad value leaves no file behind.
+        blob = io.BytesIO()
+        torch_format.write(blob, obj, _as_array, _unsupported, _what)
+        with atomic_file(f, make_folder=True) as out:
+            out.write(blob.getbuffer())
+        return
+    if not callable(getattr(f, "write", None)):
+        raise TypeError(f"og.save: f must be a path or a binary file object with write(), got "
+                        f"{type(f).__name__}")
+    torch_format.write(f, obj, _as_array, _unsupported, _what)
+
+
+def load(f: str | os.PathLike[str] | BinaryIO, map_location: Any = None,
+         pickle_module: Any = None, *, weights_only: bool | None = True, mmap: bool | None = None,
+         **pickle_load_args: Any) -> Any:
+    """Read what :func:`save` or ``torch.save`` wrote (or any .npz / .safetensors state dict);
+    arrays come back as ``og.Tensor``.
+
+    PyTorch's arguments are accepted: ``map_location`` has nothing to choose (onnxgrad keeps
+    loaded tensors in host memory), and ``weights_only`` is always in force: a checkpoint may
+    only hold tensors, numbers, strings and containers, and anything else is refused
+    (``UnsafeCheckpointError``), never run.
+    """
+    if isinstance(f, (str, os.PathLike)):
+        path = Path(f)
+        where = os.fspath(f)
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder, not a checkpoint file", where)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {where!r} does not exist")
+        with open(path, "rb") as stream:
+            if torch_format.is_torch_zip(stream):
+                return _load_torch(stream, where, weights_only)
+            head = stream.read(len(_LEGACY_MAGIC))
+            if head == _LEGACY_MAGIC:
+                stream.seek(0)
+                return _load_torch(stream, where, weights_only, legacy=True)
+        if not where.lower().endswith(SUFFIXES):
+            raise corrupt(where)
+        return _load_arrays(path)
+    if not callable(getattr(f, "read", None)):
+        raise TypeError(f"og.load: f must be a path or a binary file object with read(), got "
+                        f"{type(f).__name__}")
+    where = str(getattr(f, "name", "<file object>"))
+    stream = f if _seekable(f) else io.BytesIO(f.read())
+    if torch_format.is_torch_zip(stream):
+        return _load_torch(stream, where, weights_only)
+    start = stream.tell()
+    if stream.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC:
+        stream.seek(start)
+        return _load_torch(stream, where, weights_only, legacy=True)
+    raise corrupt(where)
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _load_torch(stream: BinaryIO, where: str, weights_only: bool | None,
+                legacy: bool = False) -> Any:
+    try:
+        if legacy:
+            return torch_format.read_legacy(stream, _make_tensor)
+        return torch_format.read(stream, _make_tensor)
+    except UnsafeCheckpointError as exc:
+        note = (" (weights_only=False does not change this: onnxgrad never runs code from a "
+                "checkpoint)" if weights_only is False else "")
+        raise UnsafeCheckpointError(f"og.load({where!r}): {exc}{note}") from None
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception:  # noqa: BLE001 (untrusted bytes: any failure means corrupt)
+        # NOTE: zipfile's, pickle's and struct's errors (BadZipFile, EOFError, KeyError of a
+        # missing member...) all mean damaged bytes; their text describes the reader.
+        raise corrupt(where) from None
+
+
+def _as_array(obj: Any) -> tuple[np.ndarray, bool] | None:
+    if isinstance(obj, Tensor):
+        return obj._v.data, bool(obj.requires_grad)
+    if isinstance(obj, np.ndarray):
+        return obj, False
+    return None
+
+
+def _make_tensor(array: np.ndarray, requires_grad: bool) -> Tensor:
+    t = Tensor(Val(_contig(array)))
+    t._v.owner = weakref.ref(t)
+    if requires_grad and array.dtype.kind == "f":
+        t.requires_grad_(True)
+    return t
+
+
+def _save_arrays(obj: Any, path: str | os.PathLike[str]) -> None:
+    """onnxgrad's array format (.npz / .safetensors)."""
     arrays: dict[str, np.ndarray] = {}
     tree = _encode(obj, [], arrays)
     plain = (str(path).lower().endswith(".npz") and isinstance(obj, dict)
@@ -49,8 +183,7 @@ def save(obj: Any, path: str | os.PathLike[str]) -> None:
     write_arrays(path, arrays, metadata)
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Read what :func:`save` wrote (or any .npz / .safetensors state dict); arrays as tensors."""
+def _load_arrays(path: Path) -> Any:
     arrays, metadata = read_arrays(path)
     if metadata is None:
         return {name: _tensor(a) for name, a in arrays.items()}
@@ -98,7 +231,7 @@ def _encode(obj: Any, where: list[str], arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(obj, (list, tuple)):
         items = [_encode(v, where + [str(i)], arrays) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else {_TUPLE: items}
-    raise _unsupported(where, f"values of type {type(obj).__name__}")
+    raise _unsupported(where, _what(obj))
 
 
 def _put(array: np.ndarray, where: list[str], arrays: dict[str, np.ndarray]) -> str:
@@ -111,11 +244,19 @@ def _put(array: np.ndarray, where: list[str], arrays: dict[str, np.ndarray]) -> 
     return name
 
 
+def _what(obj: Any) -> str:
+    has_state = callable(getattr(obj, "state_dict", None))
+    return f"values of type {type(obj).__name__}" + (" (it has a state_dict)" if has_state else "")
+
+
 def _unsupported(where: list[str], what: str) -> TypeError:
     at = ".".join(where) or "the top level"
+    # torch.save(model) pickles the module's code by reference; onnxgrad saves data only.
+    hint = ("; save its state_dict() and load that into a new instance"
+            if what.startswith("values of type") and "state_dict" in what else "")
     return TypeError(f"og.save: cannot save {what} (at {at}); checkpoints "
                      "hold tensors, arrays, numbers, bools, strings, None, and dicts, lists and "
-                     "tuples of them")
+                     f"tuples of them{hint}")
 
 
 # --------------------------------------------------------------------------- decoding

@@ -18,6 +18,7 @@ none) and never a partial one.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,20 @@ SUFFIXES = (".npz", ".safetensors")
 
 class CheckpointError(ValueError):
     """A checkpoint path or file that cannot be written or read."""
+
+
+def corrupt(where: str) -> CheckpointError:
+    """The one error for a file that is not a readable checkpoint (empty, truncated, damaged,
+    or something else entirely); the reader's own exception text (zipfile's, NumPy's) is left
+    out because it describes the reader, not the file."""
+    return CheckpointError(f"not an onnxgrad/PyTorch checkpoint: truncated or corrupt ({where})")
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a checkpoint file", str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
 
 
 def _format(path: Path) -> str:
@@ -92,18 +107,29 @@ def read_arrays(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], st
     """
     path = Path(path)
     fmt = _format(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if fmt == "npz":
-        # allow_pickle=False: loading a checkpoint must never run code from the file.
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        meta = arrays.pop(NPZ_METADATA_KEY, None)
-        return arrays, None if meta is None else str(meta[()])
-    _safetensors_numpy(path, "reading")
-    from safetensors import safe_open
+    _check_readable(path)
+    if fmt == "safetensors":
+        _safetensors_numpy(path, "reading")
+    try:
+        if fmt == "npz":
+            # allow_pickle=False: loading a checkpoint must never run code from the file.
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+            meta = arrays.pop(NPZ_METADATA_KEY, None)
+            if any(not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf"
+                   for a in arrays.values()):
+                # A zip with members that are not .npy arrays (NumPy hands those out as bytes).
+                raise ValueError("not an array archive")
+            return arrays, None if meta is None else str(meta[()])
+        from safetensors import safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        header = f.metadata() or {}
-        arrays = {key: f.get_tensor(key) for key in f.keys()}
-    return arrays, header.get(SAFETENSORS_METADATA_KEY)
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            arrays = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle)
+        return arrays, header.get(SAFETENSORS_METADATA_KEY)
+    except (PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 (untrusted bytes: any failure means corrupt)
+        # NOTE: everything else (zipfile's BadZipFile, NumPy's EOFError or "Header info
+        # length" ValueError, safetensors' SafetensorError) means the bytes are not a checkpoint.
+        raise corrupt(str(path)) from None

@@ -4,7 +4,8 @@ A reader, or the next run after a crash, sees either the old file or the complet
 a half-written file:
 
 1. a temporary file is created beside the target (same folder, so the final rename stays within
-   one file system), named ``.<target name>.<random>.tmp``;
+   one file system), named ``.<target name>.og-<host>-<pid>-<random>.tmp``: the host (a short
+   hash of its name) and process that own it;
 2. the caller writes it, through a file object (:func:`atomic_file`, for ``np.savez``) or by its
    path (:func:`atomic_path`, for ``onnx.save_model`` and ``safetensors``);
 3. it is flushed and fsynced, so the data is on disk before any name points at it;
@@ -15,7 +16,11 @@ a half-written file:
    fsynced so that the rename itself survives a power loss (POSIX; best effort).
 
 Any error or interrupt (``KeyboardInterrupt`` included) before the rename removes the temporary
-file and leaves the target as it was. A target that is a symbolic link is written where the link
+file and leaves the target as it was. A process killed mid-write (SIGKILL, power loss) cannot
+clean up; the next write into the same folder does (POSIX): it removes the temporary files whose
+owner process on this host no longer exists. Files of live processes, of other hosts sharing
+the folder, and of other programs are never touched. A folder, or a missing or read-only
+folder, as the target fails before anything is created, naming the path. A target that is a symbolic link is written where the link
 points, and the link is kept, as a normal write would.
 
 Errors raised by the caller's own writing (a full disk inside ``onnx.save_model``) propagate
@@ -25,8 +30,11 @@ not the temporary file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +46,9 @@ __all__ = ["FileWriteError", "atomic_file", "atomic_path", "atomic_paths", "atom
 _NEW_FILE_MODE = 0o666  # what open(path, "w") asks for; the kernel subtracts the umask
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation on the raw descriptor
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # a subprocess (Graphviz) must not inherit the temp file
+# This host's tag in temporary names: a process id means something only on the host it ran on.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_TEMP = re.compile(rf"^\..+\.og-{_HOST}-(\d+)-[0-9a-f]{{8}}\.tmp$")
 
 
 class FileWriteError(OSError):
@@ -133,15 +144,18 @@ def write_target(path: str | os.PathLike[str]) -> Path:
 
 def _create_temp(target: Path, make_folder: bool) -> Path:
     folder = target.parent
+    if target.is_dir():
+        raise FileWriteError(target, "it is a folder", errno.EISDIR)
     if make_folder:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FileWriteError(target, f"cannot create its folder {folder}: "
                                  f"{_reason(exc)}", exc.errno) from None
+    _remove_orphans(folder)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY | _CLOEXEC
     for _ in range(100):
-        tmp = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        tmp = folder / f".{target.name}.og-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         try:
             # NOTE: not tempfile.mkstemp, whose 0600 would need a chmod computed from the umask
             # (readable only by setting it, racing other threads); the kernel applies it here.
@@ -153,6 +167,35 @@ def _create_temp(target: Path, make_folder: bool) -> Path:
         os.close(fd)
         return tmp
     raise FileWriteError(target, f"no free temporary name in {folder}", errno.EEXIST)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Remove the temporary files of writers on this host that died before their rename."""
+    if os.name != "posix":
+        return  # NOTE: Windows' os.kill(pid, 0) would terminate the process, not probe it
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(".")]
+    except OSError:
+        return  # a missing or unreadable folder: creating the temporary file reports it
+    me = os.getpid()
+    for name in entries:
+        match = _TEMP.match(name)
+        if match is None or int(match.group(1)) == me or _alive(int(match.group(1))):
+            continue
+        try:
+            (folder / name).unlink()
+        except OSError:
+            pass  # another writer removed it first, or the folder is read-only
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by another user (EPERM), or cannot tell: keep its file
+    return True
 
 
 def _folder_error(target: Path, exc: OSError) -> FileWriteError:
