@@ -17,7 +17,7 @@ from ..runtime.files import atomic_file, atomic_path
 
 __all__ = ["load_weights", "read_state", "save_weights"]
 
-SUFFIXES = (".npz", ".safetensors")
+SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin")
 
 _EXPORT_HINT = (
     "To use torchvision's pretrained weights, save them once where torchvision is installed:\n"
@@ -54,7 +54,7 @@ def resolve_weights(weights: Any, pretrained: bool | None, name: str) -> str | N
 
 
 def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of a ``.npz`` or ``.safetensors`` file, by key."""
+    """The arrays of a ``.npz``, ``.safetensors`` or PyTorch ``.pth`` file, by key."""
     path = os.fspath(path)
     lower = path.lower()
     if lower.endswith(".npz"):
@@ -70,10 +70,17 @@ def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 "extra with `pip install onnxgrad[safetensors]` (or `pip install safetensors`), "
                 "or convert the file to .npz") from None
         return dict(load_file(path))
+    if lower.endswith((".pth", ".pt", ".bin")):
+        # PyTorch's own format, read without torch by a restricted unpickler (never runs code).
+        from onnxgrad.serialization import load
+
+        state = load(path, weights_only=True)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"weights file {path!r} holds a {type(state).__name__}, "
+                             "not a state dict")
+        return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in state.items()}
     raise ValueError(
-        f"unsupported weights file {path!r}: expected one of {', '.join(SUFFIXES)} "
-        "(a PyTorch .pth/.pt needs torch to read; convert it with "
-        "np.savez(out, **{k: v.numpy() for k, v in torch.load(path).items()}))")
+        f"unsupported weights file {path!r}: expected one of {', '.join(SUFFIXES)}")
 
 
 def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, Any]) -> nn.Module:

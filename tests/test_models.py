@@ -18,6 +18,7 @@ from onnxgrad.models import (
     resnet50,
     save_weights,
 )
+from onnxgrad.runtime.checkpoint import CheckpointError
 from onnxgrad.tracer import autograd
 
 import onnxgrad as og
@@ -203,8 +204,19 @@ def test_weights_file_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         resnet18(weights=tmp_path / "nope.npz")
     (tmp_path / "w.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"\.npz, \.safetensors"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         resnet18(weights=tmp_path / "w.pth")
+    (tmp_path / "w.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\.npz, \.safetensors, \.pth"):
+        resnet18(weights=tmp_path / "w.ckpt")
+
+
+def test_weights_from_a_pth_state_dict(tmp_path) -> None:
+    source = resnet18(num_classes=10)
+    og.save(source.state_dict(), tmp_path / "resnet18.pth")  # PyTorch's own format
+    model = resnet18(num_classes=10, weights=tmp_path / "resnet18.pth")
+    for (k, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
 
 
 @pytest.mark.parametrize("kwargs", [{"pretrained": True}, {"weights": "IMAGENET1K_V1"},
