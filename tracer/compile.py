@@ -110,19 +110,22 @@ class Trace:
                           key=(n, tuple(reach)), origin="grad")
         for v, g in zip([v for v, ok in zip(wrt, reach) if ok], vals):
             t = v.leaf() if v.leaf is not None else None
-            if t is None:
-                continue
-            self._remember(t)
-            if t.grad is None:
-                t.grad = Tensor(g)
-                continue
-            if t.grad._v.rec is None and id(t.grad) not in self.initial \
-                    and id(t) not in self.cleared:
-                # A gradient from before the step (no zero_grad): it accumulates, so it is
-                # state the step reads and updates, as `grad.<name>`.
-                self._remember(t.grad)
-                self.grad_state[id(t.grad)] = t
-            t.grad._v = emit("Add", [t.grad._v, g])[0]
+            if t is not None:
+                self.accumulate(t, g)
+
+    def accumulate(self, t: Tensor, g: Val) -> None:
+        """Add a traced gradient to ``t.grad`` (tracer/autograd.py's replay path calls it too)."""
+        self._remember(t)
+        if t.grad is None:
+            t.grad = Tensor(g)
+            return
+        if t.grad._v.rec is None and id(t.grad) not in self.initial \
+                and id(t) not in self.cleared:
+            # A gradient from before the step (no zero_grad): it accumulates, so it is
+            # state the step reads and updates, as `grad.<name>`.
+            self._remember(t.grad)
+            self.grad_state[id(t.grad)] = t
+        t.grad._v = emit("Add", [t.grad._v, g])[0]
 
 
 def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
