@@ -19,6 +19,7 @@ from .tracer import (
     tensor,
 )
 from .tracer import registry as _registry
+from .tracer.autograd import inference_mode, is_inference_mode_enabled
 from .tracer.compile import compile
 from .tracer.factories import manual_seed
 from .tracer.ops import ShapeError
@@ -52,13 +53,14 @@ __all__ = [
     "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
     "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
     "summary", "tensor", "training_step", "uint8",
+    "autograd", "inference_mode", "is_inference_mode_enabled",
 ]
 __all__.extend(_registry.names("og"))
 
 
 def __getattr__(name: str):
     # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
-    if name in ("nn", "optim", "models"):
+    if name in ("nn", "optim", "models", "autograd"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -47,7 +47,8 @@ class CustomVJP:
     name: str = "Function"
 
     def vjp(self, b: Builder, grads: list[ir.Value | None], inputs: list[ir.Value | None],
-            saved: list[ir.Value | None], needs: list[bool]) -> list[ir.Value | None]:
+            saved: list[ir.Value | None], needs: list[bool],
+            outputs: list[ir.Value | None]) -> list[ir.Value | None]:
         raise NotImplementedError
 
 
@@ -245,8 +246,11 @@ def _custom_vjp(b: Builder, node: ir.Node, custom: tuple, groups: dict[int, list
     if node is not members[0]:
         return
     grads: list[ir.Value | None] = [None] * fn.n_outputs
+    outputs: list[ir.Value | None] = [None] * fn.n_outputs
     for member in members:
-        grads[member.meta[CUSTOM_VJP][1]] = total(member.outputs[0])
+        k = member.meta[CUSTOM_VJP][1]
+        grads[k] = total(member.outputs[0])
+        outputs[k] = member.outputs[0]
     if all(g is None for g in grads):
         return
     inputs, saved = extra[:fn.n_inputs], extra[fn.n_inputs:]
@@ -254,7 +258,7 @@ def _custom_vjp(b: Builder, node: ir.Node, custom: tuple, groups: dict[int, list
     b.source = node.metadata_props.get(SOURCE)
     b.module = node.metadata_props.get(MODULE)
     first = len(b.nodes)
-    grad_in = fn.vjp(b, grads, inputs, saved, needs)
+    grad_in = fn.vjp(b, grads, inputs, saved, needs, outputs)
     for made in b.nodes[first:]:
         made.meta[GRAD_OF] = fn.name
     for value, g, need in zip(inputs, grad_in, needs):
