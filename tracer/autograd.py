@@ -270,10 +270,20 @@ class _Replay(list):
     def __init__(self, vals: dict[int, Val]):
         super().__init__()
         self.vals = vals
+        self.records: list[tuple[ir.Node, Any]] = []
 
     def append(self, node: ir.Node) -> None:
         super().append(node)
-        replay_node(node, self.vals)
+        outs = replay_node(node, self.vals)
+        if outs and outs[0].rec is not None:
+            self.records.append((node, outs[0].rec))
+
+    def tag(self) -> None:
+        """Copy the pass's GRAD_OF marks (set once a rule returns) onto the replayed records."""
+        for node, rec in self.records:
+            grad_of = node.meta.get(GRAD_OF)
+            if grad_of is not None:
+                rec.meta = {**(rec.meta or {}), GRAD_OF: grad_of}
 
 
 def replay_node(node: ir.Node, vals: dict[int, Val]) -> list[Val]:
@@ -282,6 +292,13 @@ def replay_node(node: ir.Node, vals: dict[int, Val]) -> list[Val]:
     ins = [None if v is None else vals[id(v)] for v in node.inputs]
     if node.op_type == "Constant":
         outs = [Val(_contig(node.attributes["value"].value.numpy()), const=True)]
+    elif node.op_type == "ConstantOfShape":
+        # Data with no gradient, from a static shape: made here (single-node sessions take no
+        # tensor attributes).
+        attr = node.attributes.get("value")
+        fill = attr.value.numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        outs = [Val(np.full(tuple(int(d) for d in ins[0].data), fill[0], fill.dtype),
+                    const=ins[0].const)]
     else:
         attrs: dict[str, Any] = {}
         for name, a in node.attributes.items():
@@ -292,10 +309,6 @@ def replay_node(node: ir.Node, vals: dict[int, Val]) -> list[Val]:
                 value = list(value)
             attrs[name] = value
         outs = emit(node.op_type, ins, attrs, n_out=len(node.outputs))
-        grad_of = node.meta.get(GRAD_OF)
-        rec = outs[0].rec if outs else None
-        if grad_of is not None and rec is not None:
-            rec.meta = {**(rec.meta or {}), GRAD_OF: grad_of}
     for value, val in zip(node.outputs, outs):
         vals[id(value)] = val
     return outs
@@ -377,6 +390,7 @@ def _replay_gradients(roots: Sequence[Val], seeds: Sequence[Val], wrt: Sequence[
     try:
         present = [(k, v) for k, v in enumerate(wrt_values) if v is not None]
         found = gradients(b, root_values, seed_values, [v for _, v in present], on_total)
+        replay.tag()
     finally:
         state.set_grad_enabled(previous)
     results: list[Val | None] = [None] * len(wrt)
