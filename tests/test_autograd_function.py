@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnxgrad.runtime.metadata import DATA_INPUTS
 
 import onnxgrad as og
-import onnxgrad.nn as nn
-from onnxgrad.runtime.metadata import DATA_INPUTS
+from onnxgrad import nn
 
 torch = pytest.importorskip("torch")
 
@@ -139,7 +139,7 @@ def test_several_inputs_and_outputs_ctx_attributes_and_none_gradients() -> None:
 
         @staticmethod
         def backward(ctx, g_prod, g_sum):
-            a, b = ctx.saved_tensors
+            _, b = ctx.saved_tensors
             return g_prod * b + g_sum, None, None
 
     a = og.tensor([1.0, 2.0], requires_grad=True)

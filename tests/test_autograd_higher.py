@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-import onnxgrad as og
-import onnxgrad.nn as nn
-import onnxgrad.nn.functional as F
 from onnxgrad.passes import NoGradientRule
 from onnxgrad.passes.rules import RULES
 from onnxgrad.runtime.metadata import DATA_INPUTS
+
+import onnxgrad as og
+from onnxgrad import nn
+from onnxgrad.nn import functional as F
 
 torch = pytest.importorskip("torch")
 
@@ -57,7 +57,7 @@ def test_grad_of_grad_matches_torch(name: str, dtype: str) -> None:
     xt = torch.tensor(data, requires_grad=True)
     (gt,) = torch.autograd.grad(f(xt, _T), xt, create_graph=True)
     (ht,) = torch.autograd.grad((gt * gt).sum(), xt)
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=2e-4, atol=1e-5)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == "float64" else {"rtol": 2e-4, "atol": 1e-5}
     np.testing.assert_allclose(g.detach().numpy(), gt.detach().numpy(), **tol)
     np.testing.assert_allclose(h.numpy(), ht.numpy(), **tol)
     assert h.dtype == np.dtype(dtype)
@@ -129,7 +129,7 @@ def test_mlp_hessian_vector_product_matches_torch(dtype: str) -> None:
     tgrads = torch.autograd.grad(tloss, tparams, create_graph=True)
     tdot = sum((g * torch.tensor(v)).sum() for g, v in zip(tgrads, vs))
     thv = torch.autograd.grad(tdot, tparams)
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=1e-3, atol=1e-5)
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == "float64" else {"rtol": 1e-3, "atol": 1e-5}
     for a, b in zip(grads, tgrads):
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), **tol)
     for a, b in zip(hv, thv):
@@ -153,8 +153,8 @@ def test_mlp_hessian_vector_product_matches_torch(dtype: str) -> None:
 def test_functional_vjp_and_jvp_match_torch() -> None:
     a = RNG.standard_normal(4)
     v = RNG.standard_normal(4)
-    out, vjp = og.autograd.functional.vjp(lambda x: og.tanh(x) * x, og.tensor(a), og.tensor(v))
-    tout, tvjp = torch.autograd.functional.vjp(lambda x: torch.tanh(x) * x, torch.tensor(a),
+    _, vjp = og.autograd.functional.vjp(lambda x: og.tanh(x) * x, og.tensor(a), og.tensor(v))
+    _, tvjp = torch.autograd.functional.vjp(lambda x: torch.tanh(x) * x, torch.tensor(a),
                                                torch.tensor(v))
     np.testing.assert_allclose(vjp.numpy(), tvjp.numpy(), rtol=1e-12)
     _, jvp = og.autograd.functional.jvp(lambda x: og.exp(x) * x, og.tensor(a), og.tensor(v))

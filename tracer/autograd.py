@@ -26,7 +26,6 @@ import onnx_ir as ir
 
 from ..passes import gradient_graph, gradients
 from ..passes.autodiff import GRAD_OF
-from ..passes.rules import BROADCASTING
 from ..passes.builder import Builder
 from ..runtime import IR_VERSION, OPSET, make_session
 from ..runtime.dump import report_graph
@@ -151,7 +150,35 @@ def gradient_model(tensors: Sequence[Tensor] | Tensor,
 # Hooks and retain_grad live beside the tensors, not in them: a leaf's by the tensor (its Val is
 # replaced by each optimizer step), a non-leaf's by the Val it had when the hook was registered
 # (what gradients flow to).
-_LEAF_HOOKS: weakref.WeakKeyDictionary[Tensor, dict[int, Callable]] = weakref.WeakKeyDictionary()
+class _ByTensor:
+    """A weak table keyed by tensor identity (a WeakKeyDictionary would compare tensors with
+    ``==``, which is elementwise)."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def _drop(self, key: int) -> Callable[[weakref.ref], None]:
+        return lambda ref: self._items.pop(key, None)
+
+    def get(self, t: Tensor, default: Any = None) -> Any:
+        item = self._items.get(id(t))
+        return item[1] if item is not None and item[0]() is t else default
+
+    def setdefault(self, t: Tensor, value: Any) -> Any:
+        item = self._items.get(id(t))
+        if item is None or item[0]() is not t:
+            self._items[id(t)] = (weakref.ref(t, self._drop(id(t))), value)
+            return value
+        return item[1]
+
+    def __contains__(self, t: Any) -> bool:
+        return self.get(t) is not None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
+_LEAF_HOOKS = _ByTensor()
 _VAL_HOOKS: weakref.WeakKeyDictionary[Val, dict[int, Callable]] = weakref.WeakKeyDictionary()
 _RETAINED: weakref.WeakKeyDictionary[Val, weakref.ref] = weakref.WeakKeyDictionary()
 _hook_ids = iter(range(1, 1 << 62))
@@ -168,7 +195,7 @@ class RemovableHandle:
     def remove(self) -> None:
         self._table.pop(self.id, None)
 
-    def __enter__(self) -> RemovableHandle:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -650,6 +677,8 @@ def _node_name(rec: Any) -> str:
         return base + ("0" if len(inputs) == 1 else "1")
     if op == "Pow":
         return "PowBackward1" if len(inputs) > 1 and inputs[1].requires_grad else "PowBackward0"
+    if op == "Sub" and _rsub(rec):
+        return "RsubBackward1"
     if op == "MatMul" and len(inputs) == 2:
         ranks = (inputs[0].data.ndim, inputs[1].data.ndim)
         return {(2, 2): "MmBackward0", (1, 1): "DotBackward0", (2, 1): "MvBackward0",
@@ -659,6 +688,12 @@ def _node_name(rec: Any) -> str:
         return "SelectBackward0" if index is not None and index.data.ndim == 0 \
             else "IndexSelectBackward0"
     return _NODE_NAMES.get(op, f"{op}Backward0")
+
+
+def _rsub(rec: Any) -> bool:
+    """``2 - x``: a Sub of a constant scalar (PyTorch's rsub)."""
+    a = rec.inputs[0]
+    return a is not None and a.const and a.data.size == 1
 
 
 class Node:
@@ -678,7 +713,10 @@ class Node:
         if custom is not None:
             inputs = inputs[1:1 + custom[0].n_inputs]
         out: list[tuple[Any, int]] = []
-        operands = rec.op in BROADCASTING  # a scalar operand (x * 2) is an input, axes are not
+        # A scalar operand is an input of PyTorch's node (x * 2: (None, 0)); axes, an exponent
+        # (x ** 2) and rsub's scalar are not.
+        operands = rec.op in ("Add", "Sub", "Mul", "Div", "Where", "Max", "Min") \
+            and not (rec.op == "Sub" and _rsub(rec))
         for v in inputs:
             if v is None or (v.const and not operands):
                 continue  # attribute-like constants (axes, shapes) are not autograd inputs
@@ -704,7 +742,11 @@ class AccumulateGrad:
     next_functions: tuple = ()
 
     def __init__(self, variable: Tensor):
-        self.variable = variable
+        self._variable = weakref.ref(variable)  # the table of these is global: no cycle
+
+    @property
+    def variable(self) -> Tensor | None:
+        return self._variable()
 
     def name(self) -> str:
         return "torch::autograd::AccumulateGrad"
@@ -719,7 +761,7 @@ class AccumulateGrad:
 
 # One node object per record and per leaf while someone holds it: ``a.grad_fn is a.grad_fn``.
 _NODES: weakref.WeakValueDictionary[int, Node] = weakref.WeakValueDictionary()
-_ACCUMULATORS: weakref.WeakKeyDictionary[Tensor, AccumulateGrad] = weakref.WeakKeyDictionary()
+_ACCUMULATORS = _ByTensor()
 
 
 def _node_of(rec: Any) -> Node:
@@ -732,9 +774,7 @@ def _node_of(rec: Any) -> Node:
 def _accumulate_of(tensor: Tensor) -> AccumulateGrad:
     node = _ACCUMULATORS.get(tensor)
     if node is None:
-        # NOTE: the accumulator refers to its leaf weakly through the table only; holding the
-        # node (``next_functions``) keeps the leaf alive, as PyTorch's ``.variable`` does.
-        node = _ACCUMULATORS[tensor] = AccumulateGrad(tensor)
+        node = _ACCUMULATORS.setdefault(tensor, AccumulateGrad(tensor))
     return node
 
 

@@ -46,7 +46,7 @@ def vjp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool
 def jvp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False,
         strict: bool = False) -> tuple[Any, Any]:
     """``(func(inputs), J v)`` by differentiating a vector-Jacobian product again."""
-    xs, single = _prepare(inputs)
+    xs, _ = _prepare(inputs)
     out = func(*xs)
     outs = _tuple(out)
     us = tuple(zeros_like(o).requires_grad_(True) for o in outs)
