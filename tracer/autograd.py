@@ -586,7 +586,7 @@ class inference_mode:
 
     def __init__(self, mode: bool = True):
         if callable(mode):  # used as @inference_mode without parentheses
-            fn, self.mode = mode, True
+            fn, self.mode, self._fn = mode, True, None
             self._fn = self(fn)
         else:
             self.mode = bool(mode)
@@ -722,8 +722,11 @@ class Node:
                 continue  # attribute-like constants (axes, shapes) are not autograd inputs
             if v.requires_grad and v.rec is not None:
                 out.append((_node_of(v.rec), v.index))
-            elif v.requires_grad and v.leaf is not None and v.leaf() is not None:
-                out.append((_accumulate_of(v.leaf()), 0))
+            elif v.requires_grad and v.leaf is not None:
+                # NOTE: the graph holds its leaves weakly (PyTorch's holds them): a leaf nobody
+                # holds any more still shows its AccumulateGrad, whose ``variable`` is None.
+                leaf = v.leaf()
+                out.append((_accumulate_of(leaf) if leaf is not None else AccumulateGrad(None), 0))
             else:
                 out.append((None, 0))
         return tuple(out)
@@ -741,8 +744,9 @@ class AccumulateGrad:
 
     next_functions: tuple = ()
 
-    def __init__(self, variable: Tensor):
-        self._variable = weakref.ref(variable)  # the table of these is global: no cycle
+    def __init__(self, variable: Tensor | None):
+        # Weak: the table of these is global, and must not keep leaves alive.
+        self._variable = weakref.ref(variable) if variable is not None else lambda: None
 
     @property
     def variable(self) -> Tensor | None:
