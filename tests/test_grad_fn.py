@@ -249,3 +249,25 @@ def test_inference_mode_as_context_manager_and_decorator() -> None:
         assert (x * 2).requires_grad
     assert (x * 2).requires_grad
     assert og.autograd.inference_mode is og.inference_mode
+
+
+def test_a_parameter_hook_added_or_removed_retraces_the_compiled_step() -> None:
+    model, opt = _hook_setup()
+
+    def step(x):
+        opt.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = og.compile(step)
+    x = og.ones(2, 3)
+    compiled(x)
+    w0 = model.weight.detach().numpy().copy()
+    handle = model.weight.register_hook(lambda g: g * 0)  # freezes the weight
+    compiled(x)
+    np.testing.assert_array_equal(model.weight.detach().numpy(), w0)
+    handle.remove()
+    compiled(x)
+    assert compiled.traces == 2 and not np.array_equal(model.weight.detach().numpy(), w0)

@@ -271,6 +271,15 @@ def _run_hooks(hooks: Iterable[Callable], g: Tensor) -> Tensor:
     return g
 
 
+def leaf_hooks_key(tensors: Sequence[Tensor]) -> tuple:
+    """Which hooks these leaves have (og.compile's key: a trace runs them, so a hook added or
+    removed later must trace again, never reuse a step that has the old ones baked in)."""
+    if not _LEAF_HOOKS:
+        return ()
+    key = tuple(tuple(_LEAF_HOOKS.get(t) or ()) for t in tensors)
+    return key if any(key) else ()
+
+
 def _leaf_hooked(tensor: Tensor, g: Val) -> Val:
     hooks = _LEAF_HOOKS.get(tensor)
     if not hooks:

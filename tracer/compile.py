@@ -34,7 +34,7 @@ from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.step import StepRunner
 from . import state
-from .autograd import _classify, _follow
+from .autograd import _classify, _follow, leaf_hooks_key
 from .graph import CONST, DATA, Walk, ir_type
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
 from .views import RunnerViews
@@ -259,8 +259,10 @@ class CompiledFunction:
         optim = tuple(o.graph_key() for o in self._optimizers)
         # A gradient left from before the call accumulates (state of the step); none: it is new.
         fresh = tuple(t.grad is None for t in self._grad_owners)
+        # Hooks on the modules' tensors run while tracing, so they are part of the step too.
+        hooks = leaf_hooks_key(self._identity_tensors)
         return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim,
-                self._modules_identity(), fresh, self._python_values.current())
+                self._modules_identity() + hooks, fresh, self._python_values.current())
 
     def _count_value_trace(self, key: tuple) -> None:
         """Refuse to trace once more for Python values alone (a counter read in the function)."""

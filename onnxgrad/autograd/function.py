@@ -93,6 +93,9 @@ class _Recording:
     def remember(self, t: Tensor) -> None:
         pass
 
+    def add_module(self, module: Any) -> None:
+        pass
+
     def accumulate(self, t: Tensor, g: Val) -> None:
         raise RuntimeError("backward() cannot be called inside a custom Function's backward")
 
