@@ -20,6 +20,7 @@ from .tracer import (
     tensor,
 )
 from .tracer import registry as _registry
+from .tracer.autograd import inference_mode, is_inference_mode_enabled
 from .tracer.compile import compile
 from .tracer.factories import manual_seed
 from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
@@ -55,13 +56,14 @@ __all__ = [
     "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
     "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
     "summary", "tensor", "training_step", "uint8", "utils",
+    "autograd", "inference_mode", "is_inference_mode_enabled",
 ]
 __all__.extend(_registry.names("og"))
 
 
 def __getattr__(name: str):
     # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
-    if name in ("nn", "optim", "models", "utils"):
+    if name in ("nn", "optim", "models", "utils", "autograd"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -98,7 +98,7 @@ def test_leaf_and_grad_fn() -> None:
     y = a * 2
     assert a.is_leaf and a.requires_grad and a.grad_fn is None
     assert b.is_leaf and not b.requires_grad
-    assert not y.is_leaf and y.requires_grad and y.grad_fn == "<MulBackward>"
+    assert not y.is_leaf and y.requires_grad and y.grad_fn.name() == "MulBackward0"
     assert not (b * 2).requires_grad and (b * 2).is_leaf
     with pytest.raises(RuntimeError, match="Use tensor.detach"):
         a.numpy()
@@ -120,7 +120,7 @@ def test_comparisons_do_not_require_grad() -> None:
     (lambda: og.tensor([True, True]), "tensor([True, True])"),
     (lambda: og.tensor([True, False]), "tensor([ True, False])"),
     (lambda: og.tensor([2.0, 3.0], requires_grad=True), "tensor([2., 3.], requires_grad=True)"),
-    (lambda: og.tensor([2.0, 3.0], requires_grad=True) * 2, "tensor([4., 6.], grad_fn=<MulBackward>)"),
+    (lambda: og.tensor([2.0, 3.0], requires_grad=True) * 2, "tensor([4., 6.], grad_fn=<MulBackward0>)"),
     (lambda: og.tensor([0.1234567, -2.5]), "tensor([ 0.1235, -2.5000])"),
     (lambda: og.tensor(2.5), "tensor(2.5000)"),
     (lambda: og.tensor([1, 2]), "tensor([1, 2])"),

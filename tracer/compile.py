@@ -32,7 +32,7 @@ from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.step import StepRunner
 from . import state
-from .autograd import _classify, _follow
+from .autograd import _classify, _follow, leaf_hooks_key
 from .graph import CONST, DATA, Walk, ir_type
 from .guards import SCALARS, CallRecorder, PythonValues, log_retrace
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
@@ -110,19 +110,22 @@ class Trace:
                           key=(n, tuple(reach)), origin="grad")
         for v, g in zip([v for v, ok in zip(wrt, reach) if ok], vals):
             t = v.leaf() if v.leaf is not None else None
-            if t is None:
-                continue
-            self._remember(t)
-            if t.grad is None:
-                t.grad = Tensor(g)
-                continue
-            if t.grad._v.rec is None and id(t.grad) not in self.initial \
-                    and id(t) not in self.cleared:
-                # A gradient from before the step (no zero_grad): it accumulates, so it is
-                # state the step reads and updates, as `grad.<name>`.
-                self._remember(t.grad)
-                self.grad_state[id(t.grad)] = t
-            t.grad._v = emit("Add", [t.grad._v, g])[0]
+            if t is not None:
+                self.accumulate(t, g)
+
+    def accumulate(self, t: Tensor, g: Val) -> None:
+        """Add a traced gradient to ``t.grad`` (tracer/autograd.py's replay path calls it too)."""
+        self._remember(t)
+        if t.grad is None:
+            t.grad = Tensor(g)
+            return
+        if t.grad._v.rec is None and id(t.grad) not in self.initial \
+                and id(t) not in self.cleared:
+            # A gradient from before the step (no zero_grad): it accumulates, so it is
+            # state the step reads and updates, as `grad.<name>`.
+            self._remember(t.grad)
+            self.grad_state[id(t.grad)] = t
+        t.grad._v = emit("Add", [t.grad._v, g])[0]
 
 
 def _reachable(roots: Sequence[Val], wrt: Sequence[Val]) -> list[bool]:
@@ -264,8 +267,10 @@ class CompiledFunction:
         optim = tuple(o.graph_key() for o in self._optimizers)
         # A gradient left from before the call accumulates (state of the step); none: it is new.
         fresh = tuple(t.grad is None for t in self._grad_owners)
+        # Hooks on the modules' tensors run while tracing, so they are part of the step too.
+        hooks = leaf_hooks_key(self._identity_tensors)
         return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim,
-                self._modules_identity(), fresh, self._python_values.current())
+                self._modules_identity() + hooks, fresh, self._python_values.current())
 
     def _count_value_trace(self, key: tuple) -> None:
         """Refuse to trace once more for Python values alone (a counter read in the function)."""

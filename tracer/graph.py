@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..passes.autodiff import STOP_GRADIENT
+from ..passes.autodiff import CUSTOM_INPUTS, CUSTOM_VJP, STOP_GRADIENT
 from ..passes.builder import MODULE, ORIGIN, SOURCE, Builder
 from .tensor import Record, Val
 
@@ -164,11 +164,21 @@ def record_node(rec: Record, inputs: Iterable[ir.Value | None], names: Sequence[
     )
     outputs = [ir.Value(name=n, shape=ir.Shape(o.shape), type=ir_type(o))
                for n, o in zip(names, rec.outs)]
-    node = ir.Node("", rec.op, list(inputs), attributes, outputs=outputs,
+    inputs = list(inputs)
+    extra: list[ir.Value | None] = []
+    if rec.meta and CUSTOM_VJP in rec.meta:
+        # A custom Function's boundary: an Identity of its forward's output; the inputs and saved
+        # tensors its gradient reads ride along as node metadata (passes/autodiff.py).
+        inputs, extra = inputs[:1], inputs[1:]
+    node = ir.Node("", rec.op, inputs, attributes, outputs=outputs,
                    name=(f"{rec.module}/" if rec.module else "") + f"{rec.op}_{names[0]}")
     node.metadata_props[ORIGIN] = rec.origin
     if not rec.grad:
         node.meta[STOP_GRADIENT] = True
+    if rec.meta:
+        node.meta.update(rec.meta)
+        if extra:
+            node.meta[CUSTOM_INPUTS] = extra
     source = rec.source()
     if source:
         node.metadata_props[SOURCE] = source

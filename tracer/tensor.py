@@ -60,12 +60,12 @@ def _check_traceable(what: str) -> None:
 class Tensor:
     """A torch-like eager tensor backed by NumPy data and recorded as ONNX nodes."""
 
-    __slots__ = ("_v", "grad", "_name", "_version", "_alias_of", "__weakref__")
+    __slots__ = ("_v", "_grad", "_name", "_version", "_alias_of", "__weakref__")
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, val: Val):
         self._v = val
-        self.grad: Tensor | None = None
+        self._grad: Tensor | None = None
         self._name: str | None = None
         self._version = 0
         self._alias_of: Tensor | None = None  # set on ``x.data``: in-place ops write through
@@ -173,9 +173,41 @@ class Tensor:
         return self._v.rec is None or not self._v.requires_grad
 
     @property
-    def grad_fn(self) -> str | None:
-        rec = self._v.rec
-        return f"<{rec.op}Backward>" if rec is not None and self._v.requires_grad else None
+    def grad(self) -> Tensor | None:
+        """The accumulated gradient; a non-leaf has one only after ``retain_grad()``."""
+        if self._grad is None and not self.is_leaf:
+            from . import autograd
+
+            if not autograd.retains_grad(self):
+                autograd.non_leaf_grad_warning()
+        return self._grad
+
+    @grad.setter
+    def grad(self, value: Tensor | None) -> None:
+        self._grad = value
+
+    @property
+    def grad_fn(self) -> Any:
+        """The autograd node that made this tensor (``tracer/autograd.py``); None for leaves."""
+        from . import autograd
+
+        return autograd.grad_fn_of(self)
+
+    def retain_grad(self) -> None:
+        from . import autograd
+
+        autograd.retain_grad(self)
+
+    @property
+    def retains_grad(self) -> bool:
+        from . import autograd
+
+        return autograd.retains_grad(self)
+
+    def register_hook(self, hook: Any) -> Any:
+        from . import autograd
+
+        return autograd.register_hook(self, hook)
 
     @property
     def T(self) -> Tensor:
@@ -242,7 +274,11 @@ class Tensor:
         return Tensor(Val(self._v.data))
 
     def detach_(self) -> Tensor:
-        self._v = Val(self._v.data)
+        """Detach in place: the tensor becomes a leaf that does not require grad."""
+        owner = self._v.owner
+        self._v = self.detach()._v
+        if owner is not None and owner() is self and self._v.rec is None:
+            self._v.owner = owner  # still the user's tensor (og.compile feeds it as an input)
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
@@ -265,9 +301,6 @@ class Tensor:
         if self.grad is not None:
             new.grad = Tensor(Val(np.array(self.grad._v.data, copy=True)))
         return new
-
-    def retain_grad(self) -> None:
-        raise NotImplementedError("retain_grad is not supported; use og.autograd.grad instead")
 
     # ----------------------------------------------------------------- repr
     def __repr__(self) -> str:
@@ -303,7 +336,7 @@ class Tensor:
         if data.dtype not in (get_default_dtype(), int64, bool_):
             extras.append(f"dtype={data.dtype}")
         if self._v.rec is not None and self._v.requires_grad:
-            extras.append(f"grad_fn={self.grad_fn}")
+            extras.append(f"grad_fn=<{self.grad_fn.name()}>")
         elif self._v.requires_grad:
             extras.append("requires_grad=True")
         return prefix + body + "".join(", " + e for e in extras) + ")"

@@ -51,7 +51,7 @@ class Record:
     """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
 
     __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
-                 "extra", "grad")
+                 "extra", "grad", "meta")
 
     def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
                  outs: list[np.ndarray]):
@@ -66,6 +66,9 @@ class Record:
         self.freed = False
         self.extra: Any = None
         self.grad = True  # whether a gradient may flow through it (False: no_grad, detach)
+        # In-memory node metadata for the passes (tracer/autograd.py: which forward op a replayed
+        # gradient node differentiates, a custom Function's gradient), copied onto its node.
+        self.meta: dict[str, Any] | None = None
 
     def source(self) -> str:
         return state.format_frame(self.where)
