@@ -23,8 +23,8 @@ from .tracer import registry as _registry
 from .tracer.autograd import inference_mode, is_inference_mode_enabled
 from .tracer.compile import compile
 from .tracer.factories import manual_seed
-from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
 from .tracer.ops import ShapeError
+from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
 from .tracer.values import (
     bool_,
     float16,
@@ -39,8 +39,8 @@ from .tracer.values import (
     uint8,
 )
 
-bool = bool_  # noqa: A001  (og.bool, as torch.bool)
-float = float32  # noqa: A001
+bool = bool_
+float = float32
 double = float64
 long = int64
 
@@ -50,13 +50,49 @@ __version__ = "0.1.0"
 globals().update(_registry.namespace("og"))
 
 __all__ = [
-    "Generator", "ShapeError", "Tensor", "TraceError", "as_tensor", "bool", "compile", "double",
-    "enable_grad", "float", "float16", "float32", "float64", "get_default_dtype", "get_providers",
-    "get_rng_state", "initial_seed", "set_rng_state",
-    "grad", "inspect", "int8", "int16", "int32", "int64", "load", "long", "manual_seed", "models",
-    "nn", "no_grad", "optim", "save", "set_default_dtype", "set_grad_enabled", "set_providers",
-    "summary", "tensor", "training_step", "uint8", "utils",
-    "autograd", "inference_mode", "is_inference_mode_enabled",
+    "Generator",
+    "ShapeError",
+    "Tensor",
+    "TraceError",
+    "as_tensor",
+    "autograd",
+    "bool",
+    "compile",
+    "double",
+    "enable_grad",
+    "float",
+    "float16",
+    "float32",
+    "float64",
+    "get_default_dtype",
+    "get_providers",
+    "get_rng_state",
+    "grad",
+    "inference_mode",
+    "initial_seed",
+    "inspect",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "is_inference_mode_enabled",
+    "load",
+    "long",
+    "manual_seed",
+    "models",
+    "nn",
+    "no_grad",
+    "optim",
+    "save",
+    "set_default_dtype",
+    "set_grad_enabled",
+    "set_providers",
+    "set_rng_state",
+    "summary",
+    "tensor",
+    "training_step",
+    "uint8",
+    "utils",
 ]
 __all__.extend(_registry.names("og"))
 

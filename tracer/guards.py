@@ -201,7 +201,10 @@ class PythonValues:
         """What the function changed of the values it reads, during the trace just run (a
         counter it increments): a compiled call runs no Python, so it would not change again."""
         now = self.current()
-        return [self.names[i] for i, v in self._before.items() if now[i] != v]
+        # A container that now holds tensors or objects (results the step appends to a list)
+        # is compared by identity from now on: not plain data the trace branched on.
+        return [self.names[i] for i, v in self._before.items()
+                if now[i] != v and _is_plain(now[i])]
 
     def changed(self, seen: Iterable[tuple]) -> list[str]:
         """The names whose value differs among the ``current()`` tuples ``seen`` (of possibly
