@@ -28,10 +28,12 @@ import onnx_ir as ir
 from ..passes import gradients
 from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
+from ..passes.portable import lower_opset, portable_model
 from ..runtime import IR_VERSION, OPSET
 from ..runtime.dump import report_graph
 from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
+from ..runtime.portable import save_portable
 from ..runtime.step import StepRunner
 from . import state
 from .autograd import _classify, _follow
@@ -209,15 +211,26 @@ class Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
-    def export(self, path: str | os.PathLike[str]) -> None:
-        """Write the model with the state's current values as the inputs' defaults."""
+    def export(self, path: str | os.PathLike[str], *, portable: bool = False,
+               opset: int | None = None) -> None:
+        """Write the model with the state's current values as the inputs' defaults.
+
+        ``portable``: the portable format (``runtime.portable``: no initializer for any input,
+        their values in a safetensors file beside it; ops every tested runtime implements, at
+        the lowest opset from 17 or ``opset``). ``opset`` alone lowers the single-file format.
+        """
         defaults = {name: self.runner.current(name) for name in self.updated}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
         # The hyperparameters' current values too, so that every input other than the data has a
         # default: the file trains with the metadata alone (a caller may still feed a schedule).
         defaults.update({name: np.asarray(getter(), dtype)
                          for name, (getter, dtype) in self.scalars.items()})
-        save_model(self.model, path, defaults)
+        if portable:
+            save_portable(portable_model(self.model, opset), path, defaults)
+        elif opset is not None:
+            save_model(lower_opset(self.model, opset), path, defaults)
+        else:
+            save_model(self.model, path, defaults)
 
 
 class CompiledFunction:
@@ -501,11 +514,16 @@ class CompiledFunction:
         return {key: program.runner for key, program in self._programs.items()}
 
     # ----------------------------------------------------------------- export
-    def export(self, path: str | os.PathLike[str]) -> None:
-        """Write the last-run step as a standard ONNX model that other runtimes can loop."""
+    def export(self, path: str | os.PathLike[str], *, portable: bool = False,
+               opset: int | None = None) -> None:
+        """Write the last-run step as a standard ONNX model that other runtimes can loop.
+
+        ``portable=True`` writes the portable format (state in ``<name>.safetensors`` beside the
+        file, ops and opset every tested runtime implements); ``opset`` picks the opset.
+        """
         if self.last is None:
             raise RuntimeError("export: call the compiled function once first (it traces then)")
-        self.last.export(path)
+        self.last.export(path, portable=portable, opset=opset)
 
     def __onnxgrad_model__(self) -> onnx.ModelProto:
         if self.last is None:

@@ -1,0 +1,484 @@
+"""The portable profile of an exported step: the same computation in ops every runtime implements.
+
+``portable_model`` rewrites a step's ``onnx.ModelProto`` so that the runtimes onnxgrad's exports
+are tested on (ONNX Runtime, the reference evaluator, OpenVINO, tract, tinygrad's runner) load and
+loop it, each rewrite an exact equivalent of what it replaces:
+
+- ``Col2Im`` (the conv input gradient chosen for small outputs: MatMul + Col2Im) becomes the
+  ``ConvTranspose`` it spells out; tinygrad and tract have no ``Col2Im``.
+- ``BatchNormalization`` whose scale, bias, mean or variance are computed (batch statistics in
+  training) or fed (state inputs) becomes the elementwise ops ONNX Runtime's kernel runs
+  (``x * s + (bias - mean * s)`` with ``s = scale / sqrt(var + eps)``): tract needs constant
+  parameters.
+- ``MaxPool``'s ``Indices`` output (which the max-pool gradient scatters through) is computed from
+  the input with Pad/Slice/ArgMax/Gather instead: tinygrad's runner computes other indices than
+  the ONNX definition, and this keeps ONNX Runtime's values (first maximum in window order).
+- ``CastLike`` becomes ``Cast`` (a runtime may lack the opset-15 op).
+
+Then :func:`lower_opset` writes the graph at the lowest opset (from 17) that ``onnx``'s version
+converter reaches with every op defined, since older runtimes and converters (onnx2torch) refuse
+newer versions of common ops.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..runtime.metadata import MODULE, ORIGIN, SOURCE
+
+#: The lowest opset the portable export tries (LayerNormalization and the ops onnxgrad emits
+#: exist from it on).
+LOWEST_OPSET = 17
+
+_KEPT_METADATA = (ORIGIN, MODULE, SOURCE)
+
+
+class PortableExportError(ValueError):
+    """A step that the portable profile cannot write (a node without a portable equivalent)."""
+
+
+# --------------------------------------------------------------------------- the graph helper
+class _Rewriter:
+    """The model's nodes rebuilt into a new list, with the static types of every value."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        graph = model.graph
+        self.types: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
+        for vi in [*graph.input, *graph.value_info, *graph.output]:
+            tt = vi.type.tensor_type
+            shape = (tuple(d.dim_value if d.HasField("dim_value") else None
+                           for d in tt.shape.dim) if tt.HasField("shape") else None)
+            self.types[vi.name] = (tt.elem_type, shape)
+        self.consts: dict[str, np.ndarray] = {}
+        for t in graph.initializer:
+            self.types[t.name] = (t.data_type, tuple(t.dims))
+            self.consts[t.name] = numpy_helper.to_array(t)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = itertools.count()
+        self._origin: onnx.NodeProto | None = None
+
+    def fresh(self, hint: str) -> str:
+        return f"portable{next(self._count)}_{hint}"
+
+    def shape(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
+        shape = self.types.get(name, (0, None))[1]
+        if shape is None or any(d is None for d in shape):
+            raise PortableExportError(f"portable export: {node.op_type} node {node.name!r} needs "
+                                      f"the static shape of its {what} {name!r}")
+        return tuple(int(d) for d in shape)
+
+    def op(self, op_type: str, inputs: Sequence[str], n_out: int = 1,
+           outputs: Sequence[str] | None = None, **attrs: Any) -> Any:
+        names = list(outputs) if outputs else [self.fresh(op_type.lower()) for _ in range(n_out)]
+        node = helper.make_node(op_type, list(inputs), names, name=self.fresh(op_type),
+                                **{k: v for k, v in attrs.items() if v is not None})
+        if self._origin is not None:  # the replaced node's origin, module and source line
+            for p in self._origin.metadata_props:
+                if p.key in _KEPT_METADATA:
+                    node.metadata_props.add(key=p.key, value=p.value)
+        self.nodes.append(node)
+        return names[0] if len(names) == 1 else names
+
+    def const(self, value: Any, dtype: Any = None) -> str:
+        array = np.asarray(value, dtype=dtype)
+        name = self.fresh("const")
+        self.op("Constant", [], outputs=[name], value=numpy_helper.from_array(array, name))
+        self.consts[name] = array
+        return name
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(np.asarray(list(values), dtype=np.int64))
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _spatial_pads(attrs: dict[str, Any], size: Sequence[int], kernel: Sequence[int],
+                  strides: Sequence[int], dilations: Sequence[int], node: onnx.NodeProto
+                  ) -> tuple[list[int], list[int]]:
+    """Begin and end pads, resolving the deprecated ``auto_pad``."""
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    rank = len(size)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, strides, dilations):
+            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin, end
+    if auto_pad == "VALID":
+        return [0] * rank, [0] * rank
+    pads = list(attrs.get("pads", [0] * (2 * rank)))
+    return pads[:rank], pads[rank:]
+
+
+# --------------------------------------------------------------------------- the rewrites
+def _col2im(r: _Rewriter, node: onnx.NodeProto) -> bool:
+    """``Col2Im(Transpose(MatMul(Transpose(Reshape(dY)), Reshape(W))))``, the conv input
+    gradient of ``passes/rules/nn.py``, as the one ``ConvTranspose(dY, W)`` it spells."""
+    def producer(name: str, op_type: str) -> onnx.NodeProto | None:
+        p = r.producer.get(name)
+        return p if p is not None and p.op_type == op_type else None
+
+    cols = producer(node.input[0], "Transpose")
+    matmul = producer(cols.input[0], "MatMul") if cols is not None else None
+    g_t = producer(matmul.input[0], "Transpose") if matmul is not None else None
+    g3 = producer(g_t.input[0], "Reshape") if g_t is not None else None
+    w2 = producer(matmul.input[1], "Reshape") if matmul is not None else None
+    if g3 is None or w2 is None:
+        raise PortableExportError(
+            f"portable export: Col2Im node {node.name!r} is not onnxgrad's convolution gradient; "
+            f"it has no portable equivalent (tinygrad and tract lack Col2Im): export it with "
+            f"portable=False")
+    g, w = g3.input[0], w2.input[0]
+    gs, ws = r.shape(g, "output gradient", node), r.shape(w, "weight", node)
+    attrs = _attrs(node)
+    size = [int(v) for v in r.consts[node.input[1]]]
+    kernel = [int(v) for v in r.consts[node.input[2]]]
+    rank = len(size)
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    pads = list(attrs.get("pads", [0] * (2 * rank)))
+    begin = pads[:rank]
+    if len(gs) != rank + 2 or list(ws[2:]) != kernel:
+        raise PortableExportError(f"portable export: Col2Im node {node.name!r}: gradient "
+                                  f"{list(gs)} and weight {list(ws)} do not match its kernel")
+    # As conv_input_grad_transpose: the forward's begin pads crop, the end is cropped to the
+    # input's size (or padded with zeros where the forward never read a tail).
+    ends, extra = [], []
+    for n, o, k, s, d, pb in zip(size, gs[2:], kernel, strides, dilations, begin):
+        total = (o - 1) * s + d * (k - 1) + 1 - pb
+        ends.append(max(total - n, 0))
+        extra.append(max(n - total, 0))
+    r.op("ConvTranspose", [g, w], outputs=[node.output[0]], kernel_shape=kernel,
+         strides=strides, dilations=dilations, pads=begin + ends,
+         output_padding=extra if any(extra) else None)
+    return True
+
+
+def _batch_norm(r: _Rewriter, node: onnx.NodeProto) -> bool:
+    """Inference-form BatchNormalization with non-constant parameters, as ONNX Runtime's CPU
+    kernel computes it: ``s = scale * (1 / sqrt(var + eps))``, ``y = x * s + (bias - mean * s)``."""
+    attrs = _attrs(node)
+    if attrs.get("training_mode", 0) or len(node.output) > 1:
+        return False  # training mode: its running variance is not PyTorch's; leave it as is
+    if all(name in r.consts for name in node.input[1:5]):
+        return False  # constant parameters: every runtime folds those
+    x, scale, bias, mean, var = node.input[:5]
+    xs = r.types.get(x, (0, None))[1]
+    if xs is None:
+        raise PortableExportError(f"portable export: BatchNormalization node {node.name!r} "
+                                  f"needs the rank of its input {x!r}")
+    dtype = helper.tensor_dtype_to_np_dtype(r.types[x][0])
+    eps = r.const(np.asarray(attrs.get("epsilon", 1e-5), dtype=dtype))
+    inv = r.op("Reciprocal", [r.op("Sqrt", [r.op("Add", [var, eps])])])
+    s = r.op("Mul", [inv, scale])
+    shift = r.op("Sub", [bias, r.op("Mul", [mean, s])])
+    if len(xs) > 2:  # per channel: [C, 1, ..., 1] broadcasts against [N, C, ...]
+        shape = r.ints([-1] + [1] * (len(xs) - 2))
+        s, shift = r.op("Reshape", [s, shape]), r.op("Reshape", [shift, shape])
+    r.op("Add", [r.op("Mul", [x, s]), shift], outputs=[node.output[0]])
+    return True
+
+
+def _max_pool(r: _Rewriter, node: onnx.NodeProto) -> bool:
+    """MaxPool's ``Indices`` (flat over N*C*spatial, row-major, the first maximum of each window
+    in window order: ONNX Runtime's) computed as Pad(-inf) + one strided Slice per kernel tap +
+    ArgMax over the taps + the tap's flat offset; the MaxPool keeps only ``Y``."""
+    if len(node.output) < 2 or not node.output[1]:
+        return False
+    attrs = _attrs(node)
+    if attrs.get("storage_order", 0):
+        raise PortableExportError(f"portable export: MaxPool node {node.name!r} has column-major "
+                                  f"indices (storage_order=1), which have no portable form")
+    x, (y, indices) = node.input[0], node.output[:2]
+    xs, ys = r.shape(x, "input", node), r.shape(y, "output", node)
+    size, out = xs[2:], ys[2:]
+    rank = len(size)
+    kernel = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    begin, _ = _spatial_pads(attrs, size, kernel, strides, dilations, node)
+    kept = {k: v for k, v in attrs.items() if k != "storage_order"}
+    r.op("MaxPool", [x], outputs=[y], **kept)
+    # Pad with -inf (padding never wins, as in the kernel) so that every tap of every window,
+    # ceil mode's windows past the end included, lies inside the padded input.
+    ends = [max((o - 1) * s + d * (k - 1) + 1 - n - pb, 0)
+            for n, o, k, s, d, pb in zip(size, out, kernel, strides, dilations, begin)]
+    dtype = helper.tensor_dtype_to_np_dtype(r.types[x][0])
+    padded = x
+    if any(begin) or any(ends):
+        padded = r.op("Pad", [x, r.ints([0, 0] + begin + [0, 0] + ends),
+                              r.const(np.asarray(-np.inf, dtype=dtype))])
+    axes = list(range(2, 2 + rank))
+    taps, offsets = [], []
+    row = [int(np.prod(size[a + 1:])) for a in range(rank)]  # flat stride of each spatial axis
+    for tap in itertools.product(*[range(k) for k in kernel]):
+        starts = [t * d for t, d in zip(tap, dilations)]
+        stops = [st + (o - 1) * s + 1 for st, o, s in zip(starts, out, strides)]
+        window = r.op("Slice", [padded, r.ints(starts), r.ints(stops), r.ints(axes),
+                                r.ints(strides)])
+        taps.append(r.op("Unsqueeze", [window, r.ints([0])]))
+        offsets.append(sum(st * w for st, w in zip(starts, row)))
+    stacked = r.op("Concat", taps, axis=0)
+    best = r.op("ArgMax", [stacked], axis=0, keepdims=0, select_last_index=0)
+    # Flat index = (n*C + c) * prod(size) + sum over axes of (o*s - pb + tap*d) * row stride.
+    n, c = xs[0], xs[1]
+    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, *[1] * rank) * int(np.prod(size))
+    corner = np.zeros(out, dtype=np.int64)
+    for a in range(rank):
+        along = (np.arange(out[a], dtype=np.int64) * strides[a] - begin[a]) * row[a]
+        corner = corner + along.reshape([-1 if i == a else 1 for i in range(rank)])
+    tap_offset = r.op("Gather", [r.const(np.asarray(offsets, dtype=np.int64)), best], axis=0)
+    r.op("Add", [r.op("Add", [tap_offset, r.const(corner)]), r.const(plane)], outputs=[indices])
+    return True
+
+
+def _cast_like(r: _Rewriter, node: onnx.NodeProto) -> bool:
+    to = r.types.get(node.input[1], (0, None))[0]
+    if not to:
+        raise PortableExportError(f"portable export: CastLike node {node.name!r} needs the "
+                                  f"dtype of {node.input[1]!r}")
+    r.op("Cast", [node.input[0]], outputs=[node.output[0]], to=to)
+    return True
+
+
+_REWRITES = {"Col2Im": _col2im, "BatchNormalization": _batch_norm, "MaxPool": _max_pool,
+             "CastLike": _cast_like}
+
+
+def rewrite_portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose nodes are the portable equivalents (module docstring)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    r = _Rewriter(out)
+    for node in out.graph.node:
+        rewrite = _REWRITES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        r._origin = node
+        if rewrite is None or not rewrite(r, node):
+            r._origin = None
+            r.nodes.append(node)
+    r._origin = None
+    nodes = _live(r.nodes, {o.name for o in out.graph.output})
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    # Drop what the removed nodes left: their values' shapes and unused initializers.
+    used = {i for n in nodes for i in n.input} | {o.name for o in out.graph.output}
+    made = {o for n in nodes for o in n.output}
+    keep_info = [vi for vi in out.graph.value_info if vi.name in made]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep_info)
+    inputs = {i.name for i in out.graph.input}
+    keep_init = [t for t in out.graph.initializer if t.name in used or t.name in inputs]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep_init)
+    return out
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose outputs nothing reads (the replaced formulations)."""
+    needed = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output if o):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    return keep
+
+
+# --------------------------------------------------------------------------- the opset
+# NOTE: onnx's version converter (1.23) has no down-adapter for most ops changed after 17
+# (ConstantOfShape 20 -> 19 fails first), so lowering is done here, op by op, from what each
+# version changed (onnx/defs changelog) and refused for anything else:
+# - only types added (the older version's type constraints are checked by the full checker):
+_TYPES_ONLY = {"Cast", "CastLike", "Constant", "ConstantOfShape", "Equal", "Flatten", "Identity",
+               "IsInf", "IsNaN", "Reshape", "Shape", "Size", "Squeeze", "Unsqueeze", "Transpose",
+               "QLinearMatMul"}
+# - an attribute or input added, exact when the node does not use it (attribute: its default):
+_UNUSED_ADDITIONS: dict[str, dict[int, dict[str, Any]]] = {
+    "AveragePool": {19: {"dilations": "ones"}},
+    "Cast": {19: {"saturate": 1}},
+    "CastLike": {19: {"saturate": 1}},
+    "DequantizeLinear": {21: {"block_size": 0}},
+    "QuantizeLinear": {19: {"saturate": 1}, 21: {"block_size": 0, "output_dtype": 0}},
+    "Pad": {18: {"input3": None}, 19: {"mode": ("constant", "reflect", "edge")}},
+    "Resize": {18: {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
+               19: {"coordinate_transformation_mode": ("half_pixel", "pytorch_half_pixel",
+                                                       "align_corners", "asymmetric",
+                                                       "tf_crop_and_resize")}},
+    "ScatterElements": {18: {"reduction": ("none", "add", "mul")}},
+    "ScatterND": {18: {"reduction": ("none", "add", "mul")}},
+    "LpPool": {18: {"ceil_mode": 0, "dilations": "ones"}},
+}
+# - the axes of a reduction moved from an attribute to an input (opset 18): constant axes go back.
+_REDUCE_AXES_INPUT = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                      "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _since(op_type: str, opset: int) -> int | None:
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _unused(node: onnx.NodeProto, attrs: dict[str, Any], name: str, allowed: Any) -> bool:
+    if name.startswith("input"):
+        index = int(name[5:])
+        return len(node.input) <= index or not node.input[index]
+    if name not in attrs:
+        return True
+    value = attrs[name]
+    value = value.decode() if isinstance(value, bytes) else value
+    if allowed == "ones":
+        return all(v == 1 for v in value)
+    if isinstance(allowed, tuple):
+        return value in allowed
+    return value == allowed
+
+
+def _lower_node(r: _Rewriter, node: onnx.NodeProto, current: int, target: int) -> str | None:
+    """Append ``node`` as valid at ``target``; or return why it cannot be (nothing appended)."""
+    op = node.op_type
+    now, then = _since(op, current), _since(op, target)
+    if then is None:
+        return f"{op} is not defined before opset {now}"
+    if now == then:
+        r.nodes.append(node)
+        return None
+    changed = [v for v in range(then + 1, now + 1) if _since(op, v) == v]
+    attrs = _attrs(node)
+    for version in changed:
+        additions = _UNUSED_ADDITIONS.get(op, {}).get(version)
+        if additions is not None:
+            used = [name for name, allowed in additions.items()
+                    if not _unused(node, attrs, name, allowed)]
+            if used:
+                return f"{op} node {node.name!r} uses {used} (new in opset {version})"
+        elif op in _REDUCE_AXES_INPUT and version == 18:
+            if attrs.get("noop_with_empty_axes", 0):
+                return f"{op} node {node.name!r} uses noop_with_empty_axes (new in opset 18)"
+            if len(node.input) > 1 and node.input[1] and node.input[1] not in r.consts:
+                return f"{op} node {node.name!r} has computed axes (an input from opset 18)"
+        elif op == "Split" and version == 18:
+            if "num_outputs" in attrs and (len(node.input) < 2 or not node.input[1]):
+                dim = r.types.get(node.input[0], (0, None))[1]
+                axis = attrs.get("axis", 0)
+                if dim is None or dim[axis] is None:
+                    return f"Split node {node.name!r} uses num_outputs on a dynamic axis"
+        elif op not in _TYPES_ONLY:
+            return f"{op} changed in opset {version} (no exact lowering known)"
+    lowered = onnx.NodeProto()
+    lowered.CopyFrom(node)
+    for version in changed:  # unused additions: their (default) values go too
+        for name in _UNUSED_ADDITIONS.get(op, {}).get(version, {}):
+            if not name.startswith("input") and name not in ("mode", "reduction",
+                                                             "coordinate_transformation_mode"):
+                _drop_attribute(lowered, name)
+    if op in _REDUCE_AXES_INPUT and then < 18 <= now:
+        if len(lowered.input) > 1 and lowered.input[1]:
+            axes = [int(a) for a in r.consts[lowered.input[1]].reshape(-1)]
+            lowered.attribute.append(helper.make_attribute("axes", axes))
+        del lowered.input[1:]
+        _drop_attribute(lowered, "noop_with_empty_axes")
+    if op == "Split" and then < 18 <= now and "num_outputs" in attrs:
+        _drop_attribute(lowered, "num_outputs")
+        if len(lowered.input) < 2 or not lowered.input[1]:
+            length = r.types[node.input[0]][1][attrs.get("axis", 0)]
+            count = attrs["num_outputs"]
+            chunk = -(-length // count)
+            sizes = [min(chunk, length - i * chunk) for i in range(count)]
+            del lowered.input[1:]
+            lowered.input.append(r.ints(sizes))
+    r.nodes.append(lowered)
+    return None
+
+
+def _drop_attribute(node: onnx.NodeProto, name: str) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _lowered(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto | None, list[str]]:
+    current = model_opset(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    r = _Rewriter(out)
+    problems = []
+    for node in out.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            r.nodes.append(node)
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            problems.append(f"{node.op_type} node {node.name!r} has a subgraph")
+            continue
+        why = _lower_node(r, node, current, target)
+        if why is not None:
+            problems.append(why)
+    if problems:
+        return None, problems
+    del out.graph.node[:]
+    out.graph.node.extend(r.nodes)
+    for entry in out.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = target
+    return out, []
+
+
+def lower_opset(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """``model`` at ``opset`` (None: the lowest from :data:`LOWEST_OPSET` it lowers to exactly),
+    each node rewritten only where its op changed between the two versions (see above) and the
+    result checked by ``onnx.checker.check_model(full_check=True)``."""
+    current = model_opset(model)
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool)):
+        raise TypeError(f"export: opset must be an int, got {type(opset).__name__}")
+    if opset is not None and opset > current:
+        raise ValueError(f"export: opset {opset} is newer than the step's opset {current}; "
+                         f"give an opset <= {current}")
+    targets = [opset] if opset is not None else list(range(LOWEST_OPSET, current + 1))
+    reasons = []
+    for target in targets:
+        if target == current:
+            return model
+        lowered, problems = _lowered(model, target)
+        if lowered is None:
+            reasons.append(f"opset {target}: {'; '.join(dict.fromkeys(problems))}")
+            continue
+        try:
+            onnx.checker.check_model(lowered, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            reasons.append(f"opset {target}: the lowered graph fails onnx's checker "
+                           f"({str(exc).splitlines()[0][:300]})")
+            continue
+        return lowered
+    raise ValueError(f"export: the step cannot be written at opset "
+                     f"{opset if opset is not None else f'{LOWEST_OPSET} to {current - 1}'}: "
+                     f"{' | '.join(reasons)}")
+
+
+def portable_model(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
+    """``model`` in the portable profile (:func:`rewrite_portable`) at the lowest opset
+    (:func:`lower_opset`; ``opset`` forces one)."""
+    return lower_opset(rewrite_portable(model), opset)
