@@ -129,45 +129,51 @@ def _spatial_pads(attrs: dict[str, Any], size: Sequence[int], kernel: Sequence[i
 
 # --------------------------------------------------------------------------- the rewrites
 def _col2im(r: _Rewriter, node: onnx.NodeProto) -> bool:
-    """``Col2Im(Transpose(MatMul(Transpose(Reshape(dY)), Reshape(W))))``, the conv input
-    gradient of ``passes/rules/nn.py``, as the one ``ConvTranspose(dY, W)`` it spells."""
-    def producer(name: str, op_type: str) -> onnx.NodeProto | None:
-        p = r.producer.get(name)
-        return p if p is not None and p.op_type == op_type else None
+    """``Col2Im`` as one zero-padded placement of each kernel tap's columns, added in tap order.
 
-    cols = producer(node.input[0], "Transpose")
-    matmul = producer(cols.input[0], "MatMul") if cols is not None else None
-    g_t = producer(matmul.input[0], "Transpose") if matmul is not None else None
-    g3 = producer(g_t.input[0], "Reshape") if g_t is not None else None
-    w2 = producer(matmul.input[1], "Reshape") if matmul is not None else None
-    if g3 is None or w2 is None:
-        raise PortableExportError(
-            f"portable export: Col2Im node {node.name!r} is not onnxgrad's convolution gradient; "
-            f"it has no portable equivalent (tinygrad and tract lack Col2Im): export it with "
-            f"portable=False")
-    g, w = g3.input[0], w2.input[0]
-    gs, ws = r.shape(g, "output gradient", node), r.shape(w, "weight", node)
+    ONNX Runtime's kernel zeroes the image and adds every column channel (c, tap) into it in that
+    order, so each pixel is ``((0 + v_a) + v_b) + ...`` over the taps that reach it, ascending;
+    adding the taps' placed planes in the same order (every other tap adds an exact zero) gives
+    the same bits. Placing a tap: the columns [.., Ho, Wo] upsampled by the stride (zero-padded
+    [Ho, 1, Wo, 1] -> [Ho, s, Wo, s], reshaped), shifted by the tap's offset (a Pad); one Slice
+    at the end drops the padding."""
     attrs = _attrs(node)
-    size = [int(v) for v in r.consts[node.input[1]]]
-    kernel = [int(v) for v in r.consts[node.input[2]]]
+    size = [int(v) for v in r.consts[node.input[1]]] if node.input[1] in r.consts else None
+    kernel = [int(v) for v in r.consts[node.input[2]]] if node.input[2] in r.consts else None
+    if size is None or kernel is None:
+        raise PortableExportError(f"portable export: Col2Im node {node.name!r} has computed "
+                                  f"image or block shapes, which have no portable form")
     rank = len(size)
     strides = list(attrs.get("strides", [1] * rank))
     dilations = list(attrs.get("dilations", [1] * rank))
     pads = list(attrs.get("pads", [0] * (2 * rank)))
     begin = pads[:rank]
-    if len(gs) != rank + 2 or list(ws[2:]) != kernel:
-        raise PortableExportError(f"portable export: Col2Im node {node.name!r}: gradient "
-                                  f"{list(gs)} and weight {list(ws)} do not match its kernel")
-    # As conv_input_grad_transpose: the forward's begin pads crop, the end is cropped to the
-    # input's size (or padded with zeros where the forward never read a tail).
-    ends, extra = [], []
-    for n, o, k, s, d, pb in zip(size, gs[2:], kernel, strides, dilations, begin):
-        total = (o - 1) * s + d * (k - 1) + 1 - pb
-        ends.append(max(total - n, 0))
-        extra.append(max(n - total, 0))
-    r.op("ConvTranspose", [g, w], outputs=[node.output[0]], kernel_shape=kernel,
-         strides=strides, dilations=dilations, pads=begin + ends,
-         output_padding=extra if any(extra) else None)
+    out = [(n + pb + pe - d * (k - 1) - 1) // s + 1 for n, pb, pe, k, s, d in
+           zip(size, begin, pads[rank:], kernel, strides, dilations)]
+    taps = int(np.prod(kernel))
+    # [N, C*taps, L] -> [N, C, taps, o1, 1, o2, 1, ...] -> (zero pads) [.., o1, s1, o2, s2, ..]
+    # -> [N, C, taps, o1*s1, o2*s2, ...]: each column at its window's corner.
+    spread = [v for o in out for v in (o, 1)]
+    planes = r.op("Reshape", [node.input[0], r.ints([0, -1, taps] + spread)])
+    if any(s > 1 for s in strides):
+        ends = [v for s in strides for v in (0, s - 1)]
+        planes = r.op("Pad", [planes, r.ints([0] * (3 + 2 * rank) + [0, 0, 0] + ends)])
+    planes = r.op("Reshape", [planes, r.ints([0, 0, taps] + [o * s for o, s in
+                                                             zip(out, strides)])])
+    # Every tap's plane shifted into one padded frame of extent P per axis.
+    frame = [max(n + pb, (k - 1) * d + o * s) for n, pb, k, d, o, s in
+             zip(size, begin, kernel, dilations, out, strides)]
+    total = None
+    for t, tap in enumerate(itertools.product(*[range(k) for k in kernel])):
+        plane = r.op("Slice", [planes, r.ints([t]), r.ints([t + 1]), r.ints([2])])
+        shift = [i * d for i, d in zip(tap, dilations)]
+        rest = [p - sh - o * s for p, sh, o, s in zip(frame, shift, out, strides)]
+        if any(shift) or any(rest):
+            plane = r.op("Pad", [plane, r.ints([0, 0, 0] + shift + [0, 0, 0] + rest)])
+        total = plane if total is None else r.op("Add", [total, plane])
+    image = r.op("Slice", [total, r.ints(begin), r.ints([pb + n for pb, n in zip(begin, size)]),
+                           r.ints(list(range(3, 3 + rank)))])
+    r.op("Reshape", [image, r.ints([0, 0] + size)], outputs=[node.output[0]])
     return True
 
 
@@ -315,9 +321,11 @@ _UNUSED_ADDITIONS: dict[str, dict[int, dict[str, Any]]] = {
     "AveragePool": {19: {"dilations": "ones"}},
     "Cast": {19: {"saturate": 1}},
     "CastLike": {19: {"saturate": 1}},
-    "DequantizeLinear": {21: {"block_size": 0}},
     "QuantizeLinear": {19: {"saturate": 1}, 21: {"block_size": 0, "output_dtype": 0}},
-    "Pad": {18: {"input3": None}, 19: {"mode": ("constant", "reflect", "edge")}},
+    "Pad": {18: {"input3": None}, 19: {"mode": ("constant", "reflect", "edge")}, 21: {}},
+    "ReduceMax": {20: {}},  # types only (bool)
+    "ReduceMin": {20: {}},
+    "DequantizeLinear": {19: {}, 21: {"block_size": 0}},
     "Resize": {18: {"antialias": 0, "axes": None, "keep_aspect_ratio_policy": "stretch"},
                19: {"coordinate_transformation_mode": ("half_pixel", "pytorch_half_pixel",
                                                        "align_corners", "asymmetric",
