@@ -75,7 +75,7 @@ class _Rewriter:
     def shape(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
         shape = self.types.get(name, (0, None))[1]
         if shape is None or any(d is None for d in shape):
-            raise PortableExportError(f"portable export: {node.op_type} node {node.name!r} needs "
+            raise PortableExportError(f"portable export: {node.op_type} node {_label(node)} needs "
                                       f"the static shape of its {what} {name!r}")
         return tuple(int(d) for d in shape)
 
@@ -100,6 +100,10 @@ class _Rewriter:
 
     def ints(self, values: Sequence[int]) -> str:
         return self.const(np.asarray(list(values), dtype=np.int64))
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return repr(node.name) if node.name else f"with output {node.output[0]!r}"
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -141,7 +145,7 @@ def _col2im(r: _Rewriter, node: onnx.NodeProto) -> bool:
     size = [int(v) for v in r.consts[node.input[1]]] if node.input[1] in r.consts else None
     kernel = [int(v) for v in r.consts[node.input[2]]] if node.input[2] in r.consts else None
     if size is None or kernel is None:
-        raise PortableExportError(f"portable export: Col2Im node {node.name!r} has computed "
+        raise PortableExportError(f"portable export: Col2Im node {_label(node)} has computed "
                                   f"image or block shapes, which have no portable form")
     rank = len(size)
     strides = list(attrs.get("strides", [1] * rank))
@@ -188,7 +192,7 @@ def _batch_norm(r: _Rewriter, node: onnx.NodeProto) -> bool:
     x, scale, bias, mean, var = node.input[:5]
     xs = r.types.get(x, (0, None))[1]
     if xs is None:
-        raise PortableExportError(f"portable export: BatchNormalization node {node.name!r} "
+        raise PortableExportError(f"portable export: BatchNormalization node {_label(node)} "
                                   f"needs the rank of its input {x!r}")
     dtype = helper.tensor_dtype_to_np_dtype(r.types[x][0])
     eps = r.const(np.asarray(attrs.get("epsilon", 1e-5), dtype=dtype))
@@ -210,7 +214,7 @@ def _max_pool(r: _Rewriter, node: onnx.NodeProto) -> bool:
         return False
     attrs = _attrs(node)
     if attrs.get("storage_order", 0):
-        raise PortableExportError(f"portable export: MaxPool node {node.name!r} has column-major "
+        raise PortableExportError(f"portable export: MaxPool node {_label(node)} has column-major "
                                   f"indices (storage_order=1), which have no portable form")
     x, (y, indices) = node.input[0], node.output[:2]
     xs, ys = r.shape(x, "input", node), r.shape(y, "output", node)
@@ -258,7 +262,7 @@ def _max_pool(r: _Rewriter, node: onnx.NodeProto) -> bool:
 def _cast_like(r: _Rewriter, node: onnx.NodeProto) -> bool:
     to = r.types.get(node.input[1], (0, None))[0]
     if not to:
-        raise PortableExportError(f"portable export: CastLike node {node.name!r} needs the "
+        raise PortableExportError(f"portable export: CastLike node {_label(node)} needs the "
                                   f"dtype of {node.input[1]!r}")
     r.op("Cast", [node.input[0]], outputs=[node.output[0]], to=to)
     return True
@@ -382,18 +386,18 @@ def _lower_node(r: _Rewriter, node: onnx.NodeProto, current: int, target: int) -
             used = [name for name, allowed in additions.items()
                     if not _unused(node, attrs, name, allowed)]
             if used:
-                return f"{op} node {node.name!r} uses {used} (new in opset {version})"
+                return f"{op} node {_label(node)} uses {used} (new in opset {version})"
         elif op in _REDUCE_AXES_INPUT and version == 18:
             if attrs.get("noop_with_empty_axes", 0):
-                return f"{op} node {node.name!r} uses noop_with_empty_axes (new in opset 18)"
+                return f"{op} node {_label(node)} uses noop_with_empty_axes (new in opset 18)"
             if len(node.input) > 1 and node.input[1] and node.input[1] not in r.consts:
-                return f"{op} node {node.name!r} has computed axes (an input from opset 18)"
+                return f"{op} node {_label(node)} has computed axes (an input from opset 18)"
         elif op == "Split" and version == 18:
             if "num_outputs" in attrs and (len(node.input) < 2 or not node.input[1]):
                 dim = r.types.get(node.input[0], (0, None))[1]
                 axis = attrs.get("axis", 0)
                 if dim is None or dim[axis] is None:
-                    return f"Split node {node.name!r} uses num_outputs on a dynamic axis"
+                    return f"Split node {_label(node)} uses num_outputs on a dynamic axis"
         elif op not in _TYPES_ONLY:
             return f"{op} changed in opset {version} (no exact lowering known)"
     lowered = onnx.NodeProto()
@@ -433,6 +437,9 @@ def _lowered(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto | Non
     out = onnx.ModelProto()
     out.CopyFrom(model)
     r = _Rewriter(out)
+    if any(n.op_type == "Split" for n in out.graph.node):  # num_outputs needs the input's shape
+        typed = _Rewriter(onnx.shape_inference.infer_shapes(model))
+        r.types = {**typed.types, **r.types}
     problems = []
     for node in out.graph.node:
         if node.domain not in ("", "ai.onnx"):
@@ -440,7 +447,7 @@ def _lowered(model: onnx.ModelProto, target: int) -> tuple[onnx.ModelProto | Non
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for a in node.attribute):
-            problems.append(f"{node.op_type} node {node.name!r} has a subgraph")
+            problems.append(f"{node.op_type} node {_label(node)} has a subgraph")
             continue
         why = _lower_node(r, node, current, target)
         if why is not None:
@@ -481,9 +488,11 @@ def lower_opset(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelP
                            f"({str(exc).splitlines()[0][:300]})")
             continue
         return lowered
+    rewritten = {n.op_type for n in model.graph.node} & set(_REWRITES)
+    hint = (f" (portable=True rewrites {', '.join(sorted(rewritten))})" if rewritten else "")
     raise ValueError(f"export: the step cannot be written at opset "
                      f"{opset if opset is not None else f'{LOWEST_OPSET} to {current - 1}'}: "
-                     f"{' | '.join(reasons)}")
+                     f"{' | '.join(reasons)}{hint}")
 
 
 def portable_model(model: onnx.ModelProto, opset: int | None = None) -> onnx.ModelProto:
