@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.metadata import MODULE, ORIGIN, SOURCE
 
@@ -46,8 +46,9 @@ class PortableExportError(ValueError):
 class _Rewriter:
     """The model's nodes rebuilt into a new list, with the static types of every value."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, prefix: str = "portable"):
         self.model = model
+        self.prefix = prefix
         graph = model.graph
         self.types: dict[str, tuple[int, tuple[int | None, ...] | None]] = {}
         for vi in [*graph.input, *graph.value_info, *graph.output]:
@@ -70,7 +71,7 @@ class _Rewriter:
         self._origin: onnx.NodeProto | None = None
 
     def fresh(self, hint: str) -> str:
-        return f"portable{next(self._count)}_{hint}"
+        return f"{self.prefix}{next(self._count)}_{hint}"
 
     def shape(self, name: str, what: str, node: onnx.NodeProto) -> tuple[int, ...]:
         shape = self.types.get(name, (0, None))[1]
@@ -248,14 +249,20 @@ def _max_pool(r: _Rewriter, node: onnx.NodeProto) -> bool:
     stacked = r.op("Concat", taps, axis=0)
     best = r.op("ArgMax", [stacked], axis=0, keepdims=0, select_last_index=0)
     # Flat index = (n*C + c) * prod(size) + sum over axes of (o*s - pb + tap*d) * row stride.
-    n, c = xs[0], xs[1]
-    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, *[1] * rank) * int(np.prod(size))
+    # The plane term from the input's batch size at run time (Shape, Range), not a constant,
+    # so that the graph does not depend on the batch (export's dynamic_batch).
+    c, area = xs[1], int(np.prod(size))
+    batch = r.op("Squeeze", [r.op("Shape", [x], start=0, end=1), r.ints([0])])
+    planes = r.op("Range", [r.const(np.asarray(0, np.int64)),
+                            r.op("Mul", [batch, r.const(np.asarray(c * area, np.int64))]),
+                            r.const(np.asarray(area, np.int64))])
+    plane = r.op("Reshape", [planes, r.ints([-1, c] + [1] * rank)])
     corner = np.zeros(out, dtype=np.int64)
     for a in range(rank):
         along = (np.arange(out[a], dtype=np.int64) * strides[a] - begin[a]) * row[a]
         corner = corner + along.reshape([-1 if i == a else 1 for i in range(rank)])
     tap_offset = r.op("Gather", [r.const(np.asarray(offsets, dtype=np.int64)), best], axis=0)
-    r.op("Add", [r.op("Add", [tap_offset, r.const(corner)]), r.const(plane)], outputs=[indices])
+    r.op("Add", [r.op("Add", [tap_offset, r.const(corner)]), plane], outputs=[indices])
     return True
 
 
@@ -499,3 +506,196 @@ def portable_model(model: onnx.ModelProto, opset: int | None = None) -> onnx.Mod
     """``model`` in the portable profile (:func:`rewrite_portable`) at the lowest opset
     (:func:`lower_opset`; ``opset`` forces one)."""
     return lower_opset(rewrite_portable(model), opset)
+
+
+# --------------------------------------------------------------------------- dynamic batch
+BATCH = "batch"  # the symbolic dimension's name in the file
+
+
+class DynamicBatchError(ValueError):
+    """A traced shape that depends on the batch size in a way a graph cannot compute."""
+
+
+def dynamic_batch(a: onnx.ModelProto, b: onnx.ModelProto, n_a: int, n_b: int,
+                  data_inputs: Sequence[str]) -> onnx.ModelProto:
+    """``a`` (traced at batch ``n_a``) with a symbolic batch dimension, from its difference to
+    ``b``, the same step traced at batch ``n_b``.
+
+    The two graphs must be the same nodes; where a constant differs it must be a function of
+    the batch the graph can compute from the first data input's leading dimension: integers
+    proportional to it (reshape and expand shapes, ``k * N``), or float scalars ``k * N``,
+    ``1 / (k * N)`` (means) or ``k*N / (k*N - 1)`` (unbiased variance), computed in float64 and
+    cast as Python computed them. Anything else raises :class:`DynamicBatchError` naming the node.
+    """
+    mismatch = first_difference(a, b)
+    if mismatch is not None:
+        raise DynamicBatchError(f"export: dynamic_batch: the step's graph depends on the batch "
+                                f"size: {mismatch} at batch {n_a}, not at batch {n_b}")
+    out = onnx.ModelProto()
+    out.CopyFrom(a)
+    r = _Rewriter(out, prefix="batch")
+    first = data_inputs[0]
+    batch = r.op("Shape", [first], start=0, end=1)           # int64 [1]
+    batch_scalar = r.op("Squeeze", [batch, r.ints([0])])       # int64 []
+    batch_double = r.op("Cast", [batch_scalar], to=TensorProto.DOUBLE)
+    prologue = list(r.nodes)
+    r.nodes.clear()
+
+    def computed(name: str, x: np.ndarray, y: np.ndarray, where: str) -> None:
+        """Nodes making ``name``: ``x`` at batch n_a, ``y`` at n_b."""
+        if x.shape != y.shape:
+            raise DynamicBatchError(f"export: dynamic_batch: {where} has shape {list(x.shape)} "
+                                    f"at batch {n_a} and {list(y.shape)} at batch {n_b}")
+        if np.issubdtype(x.dtype, np.integer):
+            k = np.where(x == y, 0, x // n_a)
+            if np.any((x != y) & ((x % n_a != 0) | (k * n_b != y))):
+                raise DynamicBatchError(f"export: dynamic_batch: {where} holds {x.tolist()} at "
+                                        f"batch {n_a} and {y.tolist()} at batch {n_b}, not "
+                                        f"multiples of the batch size")
+            base = np.where(x == y, x, 0).astype(x.dtype)
+            scale = batch_scalar if x.ndim == 0 else batch
+            if x.dtype != np.int64:
+                scale = r.op("Cast", [scale], to=helper.np_dtype_to_tensor_dtype(x.dtype))
+            r.op("Add", [r.const(base), r.op("Mul", [scale, r.const(k.astype(x.dtype))])],
+                 outputs=[name])
+            return
+        if x.size != 1 or not np.issubdtype(x.dtype, np.floating):
+            raise DynamicBatchError(f"export: dynamic_batch: {where} ({x.dtype} "
+                                    f"{list(x.shape)}) differs between batch {n_a} and {n_b}")
+        u, v = float(x.reshape(())), float(y.reshape(()))
+        fit = _fit_batch_function(u, v, n_a, n_b, x.dtype)
+        if fit is None:
+            raise DynamicBatchError(
+                f"export: dynamic_batch: {where} is {u!r} at batch {n_a} and {v!r} at batch "
+                f"{n_b}, no function of the batch size onnxgrad knows (c*N, c/N, "
+                f"c*k*N/(k*N-1))")
+        form, c, k = fit
+        coef = r.const(np.asarray(c, np.float64))
+        if form == "c*N":
+            value = r.op("Mul", [coef, batch_double])
+        elif form == "c/N":
+            value = r.op("Div", [coef, batch_double])
+        else:
+            kn = r.op("Mul", [r.const(np.asarray(k, np.float64)), batch_double])
+            value = r.op("Div", [r.op("Mul", [coef, kn]),
+                                 r.op("Sub", [kn, r.const(np.asarray(1.0, np.float64))])])
+        cast = r.op("Cast", [value], to=helper.np_dtype_to_tensor_dtype(x.dtype))
+        r.op("Reshape", [cast, r.ints(list(x.shape))], outputs=[name])
+
+    inits_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    kept = []
+    for t in out.graph.initializer:
+        x = numpy_helper.to_array(t)
+        y = inits_b.get(t.name)
+        if y is None or (x.shape == y.shape and np.array_equal(x, y)):
+            kept.append(t)
+        else:
+            computed(t.name, x, y, f"constant {t.name!r}")
+    prologue += r.nodes  # before every node, as the initializers they replace
+    r.nodes.clear()
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for node, other in zip(out.graph.node, b.graph.node):
+        where = f"{node.op_type} node {_label(node)}"
+        if (node.op_type != other.op_type or list(node.input) != list(other.input)
+                or list(node.output) != list(other.output)):
+            raise DynamicBatchError(f"export: dynamic_batch: {where} is {other.op_type} node "
+                                    f"{_label(other)} at batch {n_b}: the step's graph depends "
+                                    f"on the batch size")
+        attrs, others = _attrs(node), _attrs(other)
+        changed = [k for k in attrs if not _same(attrs[k], others.get(k))]
+        if not changed:
+            r.nodes.append(node)
+            continue
+        if node.op_type == "Constant" and changed == ["value"]:
+            r._origin = node
+            computed(node.output[0], numpy_helper.to_array(attrs["value"]),
+                     numpy_helper.to_array(others["value"]), where)
+            r._origin = None
+            continue
+        raise DynamicBatchError(f"export: dynamic_batch: {where} has {changed[0]}="
+                                f"{attrs[changed[0]]!r} at batch {n_a} and "
+                                f"{others.get(changed[0])!r} at batch {n_b}")
+    del out.graph.node[:]
+    out.graph.node.extend(prologue + r.nodes)
+    _symbolic_shapes(out, b, n_a, n_b, set(data_inputs))
+    return out
+
+
+_FORMS = {
+    "c*N": lambda c, k, n: c * n,
+    "c/N": lambda c, k, n: c / n,
+    "c*k*N/(k*N-1)": lambda c, k, n: c * (k * n) / (k * n - 1),  # BatchNorm's unbiased factor
+}
+
+
+def _fit_batch_function(u: float, v: float, n_a: int, n_b: int, dtype: np.dtype
+                        ) -> tuple[str, float, int] | None:
+    """(form, c, k) of :data:`_FORMS` giving exactly ``u`` at batch ``n_a`` and ``v`` at
+    ``n_b`` once cast to ``dtype``; c is the shortest decimal that does (0.1, not 0.1000000015:
+    the value Python computed from)."""
+    def exact(form: str, c: float, k: int) -> bool:
+        f = _FORMS[form]
+        return (np.asarray(f(c, k, n_a), dtype) == np.asarray(u, dtype)
+                and np.asarray(f(c, k, n_b), dtype) == np.asarray(v, dtype))
+
+    estimates: list[tuple[str, float, int]] = [("c*N", u / n_a, 1), ("c/N", u * n_a, 1)]
+    if u and v:
+        # c = u (kn_a - 1) / (kn_a) = v (kn_b - 1) / (kn_b): the k where both agree.
+        k = np.arange(1, 1 << 20, dtype=np.float64)
+        c_a, c_b = u * (k * n_a - 1) / (k * n_a), v * (k * n_b - 1) / (k * n_b)
+        close = np.flatnonzero(np.abs(c_a - c_b) <= 1e-6 * np.abs(c_a))
+        estimates += [("c*k*N/(k*N-1)", float(c_a[i]), int(k[i])) for i in close[:4]]
+    for form, c, k in estimates:
+        for digits in range(1, 18):
+            short = float(f"{c:.{digits}g}")
+            if exact(form, short, k):
+                return form, short, k
+    return None
+
+
+def first_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    """The first node of ``a`` that ``b`` does not have in its place (op type, inputs, outputs),
+    described with its module and source line; None when they are the same nodes."""
+    for i, node in enumerate(a.graph.node):
+        other = b.graph.node[i] if i < len(b.graph.node) else None
+        if (other is None or node.op_type != other.op_type or node.input != other.input
+                or node.output != other.output):
+            meta = {p.key: p.value for p in node.metadata_props}
+            where = "".join(f", {what} {meta[key]}" for what, key in
+                            (("module", MODULE), ("origin", ORIGIN), ("from", SOURCE))
+                            if key in meta)
+            return f"{node.op_type} node {_label(node)} ({where[2:] or 'no origin'})"
+    if len(b.graph.node) > len(a.graph.node):
+        return f"{len(b.graph.node) - len(a.graph.node)} more nodes"
+    return None
+
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, onnx.TensorProto) and isinstance(y, onnx.TensorProto):
+        u, v = numpy_helper.to_array(x), numpy_helper.to_array(y)
+        return u.shape == v.shape and np.array_equal(u, v)
+    return x == y
+
+
+def _symbolic_shapes(out: onnx.ModelProto, b: onnx.ModelProto, n_a: int, n_b: int,
+                     data: set[str]) -> None:
+    """Dims that are ``n_a`` in ``out`` and ``n_b`` in ``b`` become ``batch``; other dims that
+    differ become unknown. State inputs must not change."""
+    other = {vi.name: vi for vi in [*b.graph.input, *b.graph.value_info, *b.graph.output]}
+    for vi in [*out.graph.input, *out.graph.value_info, *out.graph.output]:
+        twin = other.get(vi.name)
+        if twin is None:
+            continue
+        dims, dims_b = vi.type.tensor_type.shape.dim, twin.type.tensor_type.shape.dim
+        if len(dims) != len(dims_b):
+            continue
+        for d, e in zip(dims, dims_b):
+            if d.HasField("dim_value") and e.HasField("dim_value") and d.dim_value != e.dim_value:
+                if vi in out.graph.input and vi.name not in data:
+                    raise DynamicBatchError(f"export: dynamic_batch: state input {vi.name!r} "
+                                            f"has a shape that depends on the batch size")
+                if d.dim_value == n_a and e.dim_value == n_b:
+                    d.dim_param = BATCH
+                else:
+                    d.Clear()

@@ -28,7 +28,15 @@ import onnx_ir as ir
 from ..passes import gradients
 from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
-from ..passes.portable import lower_opset, portable_model
+from ..passes.portable import (
+    DynamicBatchError,
+    dynamic_batch,
+    first_difference,
+    lower_opset,
+    portable_model,
+    rewrite_portable,
+)
+from ..passes.rules.nn import BATCH_INDEPENDENT
 from ..runtime import IR_VERSION, OPSET
 from ..runtime.dump import report_graph
 from ..runtime.export import save_model
@@ -166,6 +174,7 @@ class Program:
         self.followed = followed or {}  # input name -> the tensor whose .grad it is
         self.cleared = list(cleared)  # tensors whose .grad the step sets to None (zero_grad)
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
+        self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
@@ -212,13 +221,15 @@ class Program:
         return _unflatten(self.output_tree, outs)
 
     def export(self, path: str | os.PathLike[str], *, portable: bool = False,
-               opset: int | None = None) -> None:
+               opset: int | None = None, model: onnx.ModelProto | None = None) -> None:
         """Write the model with the state's current values as the inputs' defaults.
 
         ``portable``: the portable format (``runtime.portable``: no initializer for any input,
         their values in a safetensors file beside it; ops every tested runtime implements, at
         the lowest opset from 17 or ``opset``). ``opset`` alone lowers the single-file format.
+        ``model``: this step's graph written otherwise (a symbolic batch dimension).
         """
+        model = self.model if model is None else model
         defaults = {name: self.runner.current(name) for name in self.updated}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
         # The hyperparameters' current values too, so that every input other than the data has a
@@ -226,11 +237,11 @@ class Program:
         defaults.update({name: np.asarray(getter(), dtype)
                          for name, (getter, dtype) in self.scalars.items()})
         if portable:
-            save_portable(portable_model(self.model, opset), path, defaults)
+            save_portable(portable_model(model, opset), path, defaults)
         elif opset is not None:
-            save_model(lower_opset(self.model, opset), path, defaults)
+            save_model(lower_opset(model, opset), path, defaults)
         else:
-            save_model(self.model, path, defaults)
+            save_model(model, path, defaults)
 
 
 class CompiledFunction:
@@ -324,6 +335,7 @@ class CompiledFunction:
         if program is None:
             self._count_value_trace(key)
             program = self._trace(args)
+            program.call_args = [None if _is_tensor_arg(a) else a for a in args]
             key = self._key(arrays, static)  # modules and optimizers are known now
             self._programs[key] = program
         self.last = program
@@ -515,15 +527,58 @@ class CompiledFunction:
 
     # ----------------------------------------------------------------- export
     def export(self, path: str | os.PathLike[str], *, portable: bool = False,
-               opset: int | None = None) -> None:
+               opset: int | None = None, dynamic_batch: bool = False) -> None:
         """Write the last-run step as a standard ONNX model that other runtimes can loop.
 
         ``portable=True`` writes the portable format (state in ``<name>.safetensors`` beside the
         file, ops and opset every tested runtime implements); ``opset`` picks the opset.
+        ``dynamic_batch=True``: the data inputs' leading dimension is symbolic (``batch``), so the
+        file trains on any batch size; raises naming the node where the step's graph depends on
+        the batch size otherwise.
         """
         if self.last is None:
             raise RuntimeError("export: call the compiled function once first (it traces then)")
-        self.last.export(path, portable=portable, opset=opset)
+        program = self.last
+        model = self._dynamic_batch_model(program, portable) if dynamic_batch else None
+        program.export(path, portable=portable, opset=opset, model=model)
+
+    def _dynamic_batch_model(self, program: Program, portable: bool) -> onnx.ModelProto:
+        """The program's model with a symbolic batch: traced once more at batch + 1 (without
+        running it), the two graphs' differences computed from the batch size."""
+        dims = {i.name: [d.dim_value if d.HasField("dim_value") else None
+                         for d in i.type.tensor_type.shape.dim] for i in program.model.graph.input}
+        types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                 for i in program.model.graph.input}
+        names = program.data_names
+        if not names:
+            raise DynamicBatchError("export: dynamic_batch: the step has no tensor arguments")
+        n = dims[names[0]][0] if dims[names[0]] else None
+        for name in names:
+            if not dims[name] or dims[name][0] != n:
+                raise DynamicBatchError(
+                    f"export: dynamic_batch: argument {name!r} of shape {dims[name]} has no "
+                    f"leading batch dimension of size {n} (that of {names[0]!r})")
+
+        def traced(size: int) -> onnx.ModelProto:
+            more = iter(np.zeros([size] + dims[name][1:], types[name]) for name in names)
+            args = [next(more) if a is None else a for a in program.call_args]
+            traces = self.traces
+            try:
+                model = self._trace(args).model  # not cached: export leaves no program
+            finally:
+                self.traces = traces
+            return rewrite_portable(model) if portable else model
+
+        a, b = (rewrite_portable(program.model) if portable else program.model), traced(n + 1)
+        if first_difference(a, b) is not None:
+            # Some gradient formulations are chosen by, or sized by, the batch: trace both
+            # sizes again with those that are not (as exact; other summation orders).
+            BATCH_INDEPENDENT["on"] = True
+            try:
+                a, b = traced(n), traced(n + 1)
+            finally:
+                BATCH_INDEPENDENT["on"] = False
+        return dynamic_batch(a, b, n, n + 1, names)
 
     def __onnxgrad_model__(self) -> onnx.ModelProto:
         if self.last is None:
