@@ -365,3 +365,59 @@ def test_train_graph_portable_flags(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not {"Col2Im", "BatchNormalization"} & {n.op_type for n in trained.graph.node}
     assert train_graph_main([str(tmp_path / "cnn.onnx"), str(out), "--opset", "30"]) == 2
     assert "opset 30 is newer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- dynamic batch
+@pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
+def test_dynamic_batch_trains_any_batch_size_as_onnxgrad_does(tmp_path: Path,
+                                                               portable: bool) -> None:
+    model = _cnn()
+    step = _step(model)
+    step(_batch(0)["x"], _batch(0)["y"])
+    path = tmp_path / "step.onnx"
+    traces = step.traces
+    step.export(path, dynamic_batch=True, portable=portable)
+    assert step.traces == traces  # the traces at other sizes are not kept
+    exported = onnx.load(path)
+    onnx.checker.check_model(exported, full_check=True)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in exported.graph.input}
+    assert dims["x"] == ["batch", 3, 8, 8] and dims["y"] == ["batch"]
+    if portable:
+        state = _portable_state(path)
+    else:
+        feeds_for = json.loads(_meta(exported)[STATE])
+        state = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer
+                 if t.name in feeds_for.values()}
+    # The traced size, smaller (an epoch's last batch), larger: each step as onnxgrad's own
+    # (which traces each size), bit for bit.
+    batches = [_batch(1, n=3), _batch(2, n=2), _batch(3, n=5)]
+    got = _loop(lambda f: _session(path).run(None, f), exported, state, batches)
+    for k, batch in enumerate(batches):
+        np.testing.assert_array_equal(got[k]["output"], step(batch["x"], batch["y"]).numpy())
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(got[-1][f"{name}.new"], value.numpy(), err_msg=name)
+    if portable:  # and the reference evaluator at another size
+        one = _loop(lambda f: ReferenceEvaluator(exported).run(None, f), exported, state,
+                    [_batch(1, n=2)])
+        assert one[0]["output"].shape == ()
+
+
+def test_dynamic_batch_refuses_a_step_whose_graph_depends_on_the_batch(tmp_path: Path) -> None:
+    model = _cnn()
+    optim = og.optim.SGD(model.parameters(), lr=0.1)
+
+    @og.compile
+    def step(x, y):
+        optim.zero_grad()
+        half = x.shape[0] // 2  # a Python number of the batch size, baked into the trace
+        loss = F.cross_entropy(model(x[:half]), y[:half])
+        loss.backward()
+        optim.step()
+        return loss
+
+    step(_batch(0, n=4)["x"], _batch(0, n=4)["y"])
+    with pytest.raises(ValueError, match=r"dynamic_batch: .*not multiples of the batch size"):
+        step.export(tmp_path / "step.onnx", dynamic_batch=True)
+    assert not (tmp_path / "step.onnx").exists()
+    step.export(tmp_path / "step.onnx")  # the static file still writes

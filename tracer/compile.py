@@ -569,16 +569,27 @@ class CompiledFunction:
                 self.traces = traces
             return rewrite_portable(model) if portable else model
 
-        a, b = (rewrite_portable(program.model) if portable else program.model), traced(n + 1)
-        if first_difference(a, b) is not None:
-            # Some gradient formulations are chosen by, or sized by, the batch: trace both
-            # sizes again with those that are not (as exact; other summation orders).
+        # NOTE: two more sizes, so that a value equal at two of them (n // 2 at 4 and 5) is not
+        # taken for a constant: both differences must give the same graph.
+        sizes = (n + 1, 2 * n + 3)
+        a = rewrite_portable(program.model) if portable else program.model
+        others = [traced(size) for size in sizes]
+        if any(first_difference(a, b) is not None for b in others):
+            # Some gradient formulations are chosen by, or sized by, the batch: trace again
+            # with those that are not (as exact; other summation orders).
             BATCH_INDEPENDENT["on"] = True
             try:
-                a, b = traced(n), traced(n + 1)
+                a, others = traced(n), [traced(size) for size in sizes]
             finally:
                 BATCH_INDEPENDENT["on"] = False
-        return dynamic_batch(a, b, n, n + 1, names)
+        model, check = (dynamic_batch(a, b, n, size, names) for b, size in zip(others, sizes))
+        for node, twin in zip(model.graph.node, check.graph.node):
+            if node != twin:
+                raise DynamicBatchError(
+                    f"export: dynamic_batch: {node.op_type} node {node.name or node.output[0]!r} "
+                    f"computes another function of the batch size from batches {n}, {sizes[0]} "
+                    f"than from {n}, {sizes[1]}: the step's graph depends on the batch size")
+        return model
 
     def __onnxgrad_model__(self) -> onnx.ModelProto:
         if self.last is None:
