@@ -9,6 +9,8 @@ compared with rtol 1e-4 / atol 1e-5, as in test_compile.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -421,3 +423,55 @@ def test_dynamic_batch_refuses_a_step_whose_graph_depends_on_the_batch(tmp_path:
         step.export(tmp_path / "step.onnx", dynamic_batch=True)
     assert not (tmp_path / "step.onnx").exists()
     step.export(tmp_path / "step.onnx")  # the static file still writes
+
+
+# --------------------------------------------------------------------------- the plain loop
+# The README's loop for the portable format (no onnxgrad import: onnxruntime, json, safetensors).
+PLAIN_LOOP = '''
+import json
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+session = ort.InferenceSession("train_step.onnx", providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+feeds_for = json.loads(meta["onnxgrad.state"])          # state output -> input it feeds next step
+data_inputs = json.loads(meta["onnxgrad.data_inputs"])  # fed fresh every step, e.g. ["x", "y"]
+state = load_file(meta["onnxgrad.state_file"])          # every other input's first value
+outputs = [o.name for o in session.get_outputs()]
+for batch in batches:
+    results = dict(zip(outputs, session.run(outputs, {**state, **dict(zip(data_inputs, batch))})))
+    state.update({feeds_for[name]: results[name] for name in feeds_for})
+    print(results["output"])                            # what the step returned: the loss
+'''
+# The same with onnx's reference evaluator: only the session lines differ.
+REFERENCE_LOOP = PLAIN_LOOP.replace(
+    'import onnxruntime as ort\n', 'import onnx\nfrom onnx.reference import ReferenceEvaluator\n'
+).replace(
+    'session = ort.InferenceSession("train_step.onnx", providers=["CPUExecutionProvider"])\n'
+    'meta = session.get_modelmeta().custom_metadata_map\n',
+    'model = onnx.load("train_step.onnx")\n'
+    'session = ReferenceEvaluator(model)\n'
+    'meta = {p.key: p.value for p in model.metadata_props}\n',
+).replace('[o.name for o in session.get_outputs()]', 'session.output_names')
+
+
+@pytest.mark.parametrize("loop", [PLAIN_LOOP, REFERENCE_LOOP], ids=["onnxruntime", "reference"])
+def test_the_plain_loop_trains_from_the_portable_files(tmp_path: Path, loop: str) -> None:
+    pytest.importorskip("safetensors")
+    step = _step(_cnn())
+    batches = [_batch(seed) for seed in range(4)]
+    step(batches[0]["x"], batches[0]["y"])
+    step.export(tmp_path / "train_step.onnx", portable=True)
+    np.savez(tmp_path / "batches.npz", **{f"{k}{i}": b[k] for i, b in enumerate(batches[1:])
+                                          for k in ("x", "y")})
+    losses = [float(step(b["x"], b["y"])) for b in batches[1:]]
+    prelude = ("import numpy as np\n"
+               "with np.load('batches.npz') as f:\n"
+               "    batches = [(f[f'x{i}'], f[f'y{i}']) for i in range(3)]\n")
+    epilogue = ("import sys\n"
+                "assert not [m for m in sys.modules if m.split('.')[0] == 'onnxgrad']\n")
+    done = subprocess.run([sys.executable, "-c", prelude + loop + epilogue], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [float(line) for line in done.stdout.split()]
+    np.testing.assert_allclose(printed, losses, rtol=1e-5 if loop is PLAIN_LOOP else 1e-4)
