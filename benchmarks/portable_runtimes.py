@@ -264,6 +264,7 @@ def check(runtime: str, path: Path, want: list[dict[str, np.ndarray]] | None,
     row["results"] = got
     if want is not None:
         row["diff"], row["where"] = difference(got, want)
+        row["first"], _ = difference(got[:1], want[:1])
     return row
 
 
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "onnx2torch":  # it imports torchvision at once; _onnx2torch stubs it
                 available[name] = True
     print(f"{'model':<10} {'format':<9} {'runtime':<11} {'loads':<6} {'runs':<5} "
-          f"{'max rel diff':>12} {'ms/step':>9}  verdict")
+          f"{'step 1 diff':>11} {'max rel diff':>12} {'ms/step':>9}  verdict")
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         for model_name, (make, shape, classes) in _models(args.models.split(",")).items():
@@ -314,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     failures += not ok
                     print(f"{model_name:<10} {fmt:<9} {runtime:<11} {row['loads']!s:<6} "
                           f"{row['runs']!s:<5} "
+                          f"{'' if 'first' not in row else format(row['first'], '.1e'):>11} "
                           f"{'' if diff is None else f'{diff:.1e}':>12} "
                           f"{row.get('ms', float('nan')):9.1f}  {verdict}", flush=True)
     return 0 if failures == 0 else 1
