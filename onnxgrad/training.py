@@ -334,13 +334,15 @@ class TrainingStep:
         self._label(program)
         return program
 
-    def export(self, path: str | os.PathLike[str], batch_size: int | None = None) -> None:
-        """Write the step as ``og.compile(...).export`` does: state inputs default to its values.
+    def export(self, path: str | os.PathLike[str], batch_size: int | None = None, *,
+               portable: bool = False, opset: int | None = None) -> None:
+        """Write the step as ``og.compile(...).export`` does: state inputs default to its values
+        (``portable=True``: in a safetensors file beside it; ``opset``: that opset).
 
         Before any call, the graph is traced for the declared shapes (see :meth:`build`).
         """
         program = self.last if self.last is not None else self.build(batch_size)
-        program.export(path)
+        program.export(path, portable=portable, opset=opset)
 
     def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
         """The trained parameters, by their initializer names in the model."""
@@ -449,6 +451,13 @@ def train_graph_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the batch size to bind a dynamic batch dimension to")
     parser.add_argument("--output", default=None, help="the model output the loss reads")
+    parser.add_argument("--portable", action="store_true",
+                        help="the portable format: no defaults in the graph, the state in "
+                        "OUT.safetensors beside it, ops and opset that OpenVINO, tract and "
+                        "tinygrad run too")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="the opset to write (default: onnxgrad's; with --portable the "
+                        "lowest from 17 the graph converts to)")
     args = parser.parse_args(argv)
 
     def trainable(name: str) -> bool:
@@ -462,7 +471,8 @@ def train_graph_main(argv: list[str]) -> int:
                                  weight_decay=args.weight_decay or 0.0, nesterov=args.nesterov,
                                  freeze_bn=args.freeze_bn, output=args.output,
                                  trainable=trainable if args.freeze else None)
-            step.export(args.out, batch_size=args.batch_size)
+            step.export(args.out, batch_size=args.batch_size, portable=args.portable,
+                        opset=args.opset)
         for w in caught:
             print(f"onnxgrad train-graph: warning: {w.message}", file=sys.stderr)
     except (TrainGraphError, NoGradientRule, FileNotFoundError, ValueError, TypeError) as exc:

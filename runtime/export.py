@@ -4,6 +4,9 @@ The model's ``metadata_props`` say how: ``onnxgrad.state`` maps each state outpu
 feeds on the next step, ``onnxgrad.data_inputs`` lists the per-step inputs. State inputs carry
 their current values as initializers (defaults a caller may override). Files are written
 atomically (``runtime.files``): a reader never sees a half-written export.
+
+The portable format (``export(path, portable=True)``) gives inputs no initializer and keeps their
+values in a safetensors file beside the model instead: ``runtime.portable``.
 """
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ MODULE = "onnxgrad.module"  # the qualified module path the node was recorded in
 STATE = "onnxgrad.state"  # object: state output name -> the input it feeds on the next step
 DATA_INPUTS = "onnxgrad.data_inputs"  # list: names of the inputs fed with fresh data every step
 PARAMETERS = "onnxgrad.parameters"  # list: inputs that are trainable parameters (not state)
+# The portable export only: the safetensors file beside the model (a name relative to the model's
+# folder) holding the first step's value of every input other than the data.
+STATE_FILE = "onnxgrad.state_file"
 
 ORIGINS = ("fwd", "grad", "opt", "bn-stats")
 UNKNOWN_ORIGIN = "unknown"  # nodes without ORIGIN: any model onnxgrad did not make

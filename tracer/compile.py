@@ -26,10 +26,20 @@ import onnx_ir as ir
 from ..passes import gradients
 from ..passes.builder import name_outputs
 from ..passes.cleanup import cleanup
+from ..passes.portable import (
+    DynamicBatchError,
+    dynamic_batch,
+    first_difference,
+    lower_opset,
+    portable_model,
+    rewrite_portable,
+)
+from ..passes.rules.nn import BATCH_INDEPENDENT
 from ..runtime import IR_VERSION, OPSET
 from ..runtime.dump import report_graph
 from ..runtime.export import save_model
 from ..runtime.metadata import DATA_INPUTS, STATE
+from ..runtime.portable import save_portable
 from ..runtime.step import StepRunner
 from . import state
 from .autograd import _classify, _follow, leaf_hooks_key
@@ -170,6 +180,7 @@ class Program:
         self.followed = followed or {}  # input name -> the tensor whose .grad it is
         self.cleared = list(cleared)  # tensors whose .grad the step sets to None (zero_grad)
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
+        self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
@@ -215,15 +226,28 @@ class Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
-    def export(self, path: str | os.PathLike[str]) -> None:
-        """Write the model with the state's current values as the inputs' defaults."""
+    def export(self, path: str | os.PathLike[str], *, portable: bool = False,
+               opset: int | None = None, model: onnx.ModelProto | None = None) -> None:
+        """Write the model with the state's current values as the inputs' defaults.
+
+        ``portable``: the portable format (``runtime.portable``: no initializer for any input,
+        their values in a safetensors file beside it; ops every tested runtime implements, at
+        the lowest opset from 17 or ``opset``). ``opset`` alone lowers the single-file format.
+        ``model``: this step's graph written otherwise (a symbolic batch dimension).
+        """
+        model = self.model if model is None else model
         defaults = {name: self.runner.current(name) for name in self.updated}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
         # The hyperparameters' current values too, so that every input other than the data has a
         # default: the file trains with the metadata alone (a caller may still feed a schedule).
         defaults.update({name: np.asarray(getter(), dtype)
                          for name, (getter, dtype) in self.scalars.items()})
-        save_model(self.model, path, defaults)
+        if portable:
+            save_portable(portable_model(model, opset), path, defaults)
+        elif opset is not None:
+            save_model(lower_opset(model, opset), path, defaults)
+        else:
+            save_model(model, path, defaults)
 
 
 class CompiledFunction:
@@ -334,6 +358,7 @@ class CompiledFunction:
                 log_retrace(self.__name__, self.traces + 1, self._last_key, key,
                             self._python_values)
             program = self._trace(args)
+            program.call_args = [None if _is_tensor_arg(a) else a for a in args]
             key = self._key(arrays, static)  # modules and optimizers are known now
             while len(self._programs) >= self.MAX_PROGRAMS:
                 # The least recently used: tensors keep their values, a later call retraces.
@@ -536,11 +561,70 @@ class CompiledFunction:
         return {key: program.runner for key, program in self._programs.items()}
 
     # ----------------------------------------------------------------- export
-    def export(self, path: str | os.PathLike[str]) -> None:
-        """Write the last-run step as a standard ONNX model that other runtimes can loop."""
+    def export(self, path: str | os.PathLike[str], *, portable: bool = False,
+               opset: int | None = None, dynamic_batch: bool = False) -> None:
+        """Write the last-run step as a standard ONNX model that other runtimes can loop.
+
+        ``portable=True`` writes the portable format (state in ``<name>.safetensors`` beside the
+        file, ops and opset every tested runtime implements); ``opset`` picks the opset.
+        ``dynamic_batch=True``: the data inputs' leading dimension is symbolic (``batch``), so the
+        file trains on any batch size; raises naming the node where the step's graph depends on
+        the batch size otherwise.
+        """
         if self.last is None:
             raise RuntimeError("export: call the compiled function once first (it traces then)")
-        self.last.export(path)
+        program = self.last
+        model = self._dynamic_batch_model(program, portable) if dynamic_batch else None
+        program.export(path, portable=portable, opset=opset, model=model)
+
+    def _dynamic_batch_model(self, program: Program, portable: bool) -> onnx.ModelProto:
+        """The program's model with a symbolic batch: traced once more at batch + 1 (without
+        running it), the two graphs' differences computed from the batch size."""
+        dims = {i.name: [d.dim_value if d.HasField("dim_value") else None
+                         for d in i.type.tensor_type.shape.dim] for i in program.model.graph.input}
+        types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+                 for i in program.model.graph.input}
+        names = program.data_names
+        if not names:
+            raise DynamicBatchError("export: dynamic_batch: the step has no tensor arguments")
+        n = dims[names[0]][0] if dims[names[0]] else None
+        for name in names:
+            if not dims[name] or dims[name][0] != n:
+                raise DynamicBatchError(
+                    f"export: dynamic_batch: argument {name!r} of shape {dims[name]} has no "
+                    f"leading batch dimension of size {n} (that of {names[0]!r})")
+
+        def traced(size: int) -> onnx.ModelProto:
+            more = iter(np.zeros([size] + dims[name][1:], types[name]) for name in names)
+            args = [next(more) if a is None else a for a in program.call_args]
+            traces = self.traces
+            try:
+                model = self._trace(args).model  # not cached: export leaves no program
+            finally:
+                self.traces = traces
+            return rewrite_portable(model) if portable else model
+
+        # NOTE: two more sizes, so that a value equal at two of them (n // 2 at 4 and 5) is not
+        # taken for a constant: both differences must give the same graph.
+        sizes = (n + 1, 2 * n + 3)
+        a = rewrite_portable(program.model) if portable else program.model
+        others = [traced(size) for size in sizes]
+        if any(first_difference(a, b) is not None for b in others):
+            # Some gradient formulations are chosen by, or sized by, the batch: trace again
+            # with those that are not (as exact; other summation orders).
+            BATCH_INDEPENDENT["on"] = True
+            try:
+                a, others = traced(n), [traced(size) for size in sizes]
+            finally:
+                BATCH_INDEPENDENT["on"] = False
+        model, check = (dynamic_batch(a, b, n, size, names) for b, size in zip(others, sizes))
+        for node, twin in zip(model.graph.node, check.graph.node):
+            if node != twin:
+                raise DynamicBatchError(
+                    f"export: dynamic_batch: {node.op_type} node {node.name or node.output[0]!r} "
+                    f"computes another function of the batch size from batches {n}, {sizes[0]} "
+                    f"than from {n}, {sizes[1]}: the step's graph depends on the batch size")
+        return model
 
     def __onnxgrad_model__(self) -> onnx.ModelProto:
         if self.last is None:

@@ -356,9 +356,16 @@ def choose_conv_input_grad(geo: ConvGeometry) -> str:
     return "transpose"
 
 
+# Set while export(dynamic_batch=True) traces: formulations whose nodes are the same at every
+# batch size (unfold_nl's one-hot kernel is sized by the batch, and chosen by it).
+BATCH_INDEPENDENT: dict[str, bool] = {"on": False}
+
+
 def choose_conv_weight_grad(geo: ConvGeometry) -> str:
     if not geo.matrix_form or geo.c <= 4:
         return "conv"
+    if BATCH_INDEPENDENT["on"]:
+        return "unfold"
     # unfold_nl's one-hot Conv does N*k*k MACs per column element where its Gemm does O:
     # it only pays when that is the smaller term.
     if geo.n == 1 or geo.pointwise or (geo.length <= 196 and geo.n * geo.taps <= geo.o):
