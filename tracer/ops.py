@@ -172,7 +172,7 @@ def _inplace(fn: Any, name: str) -> Any:
     return method
 
 
-@op(method=("add", "__add__"), reflected="__radd__", inplace=("add_", "__iadd__"))
+@op(og=True, method=("add", "__add__"), reflected="__radd__", inplace=("add_", "__iadd__"))
 def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     if alpha != 1:
         b = mul(b, alpha)
@@ -185,7 +185,8 @@ def _is_bool(x: Any) -> bool:
     return isinstance(x, (bool, np.bool_)) or (isinstance(x, Tensor) and x.dtype == np.bool_)
 
 
-@op(method=("sub", "__sub__"), reflected="__rsub__", inplace=("sub_", "__isub__"))
+@op(og=("sub", "subtract"), method=("sub", "subtract", "__sub__"), reflected="__rsub__",
+    inplace=("sub_", "__isub__"))
 def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     # NOTE: PyTorch's checks and wording; ONNX Sub has no bool kernel, so ORT would fail later.
     if _is_bool(a) and _is_bool(b):
@@ -200,20 +201,24 @@ def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     return _binary("Sub", a, b)
 
 
-@op(method=("mul", "__mul__"), reflected="__rmul__", inplace=("mul_", "__imul__"))
+@op(og=("mul", "multiply"), method=("mul", "multiply", "__mul__"), reflected="__rmul__",
+    inplace=("mul_", "__imul__"))
 def mul(a: Any, b: Any) -> Tensor:
     if result_type(a, b) == np.bool_:  # torch: bool * bool is logical and
         return _logical("And", a, b)
     return _binary("Mul", a, b)
 
 
-@op(method=("div", "__truediv__"), reflected="__rtruediv__",
-    inplace=("div_", "__itruediv__"))
-def div(a: Any, b: Any) -> Tensor:
+@op(og=("div", "divide", "true_divide"), method=("div", "divide", "true_divide", "__truediv__"),
+    reflected="__rtruediv__", inplace=("div_", "__itruediv__"))
+def div(a: Any, b: Any, *, rounding_mode: str | None = None) -> Tensor:
+    if rounding_mode is not None:
+        from .math_ops import rounded_div  # noqa: PLC0415  (math_ops imports this module)
+        return rounded_div(a, b, rounding_mode)
     return _binary("Div", a, b)
 
 
-@op(method=("pow", "__pow__"), reflected="__rpow__", inplace="__ipow__")
+@op(og=True, method=("pow", "__pow__"), reflected="__rpow__", inplace=("pow_", "__ipow__"))
 def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
     if (isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b < 0
             and result_type(a, b).kind in "iub"):
