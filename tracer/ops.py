@@ -451,29 +451,87 @@ def sum(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) ->
 
 
 @op(og=True, method=True)
-def mean(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+def mean(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:
+    if dtype is not None:
+        x = to(x, dtype)
     if x.dtype.kind != "f":
         raise TypeError(f"mean(): could not infer output dtype. Input dtype must be floating "
                         f"point, got {x.dtype}{_where()}")
+    dims = _norm_dims(x, dim)
+    if x.ndim and 0 in (x.shape if dims is None else [x.shape[d] for d in dims]):
+        # NOTE: ONNX ReduceMean of nothing is 0 on ONNX Runtime; PyTorch's is nan (0 / 0).
+        return div(_reduce("ReduceSum", x, dim, keepdim), 0.0)
     return _reduce("ReduceMean", x, dim, keepdim)
+
+
+def _check_nonempty(name: str, x: Tensor, dim: Any, error: type = RuntimeError) -> None:
+    """PyTorch's errors for a max-like reduction over nothing (it has no identity)."""
+    if dim is None and x.numel() == 0:
+        extra = (" Specify the reduction dim with the 'dim' argument."
+                 if error is RuntimeError else "")
+        raise error(f"{name}(): Expected reduction dim to be specified for input.numel() == 0."
+                    f"{extra} (input shape {_fmt(x.shape)}){_where()}")
+    for d in _norm_dims(x, dim) or []:
+        if x.ndim and x.shape[d] == 0:
+            raise IndexError(f"{name}(): Expected reduction dim {d} to have non-zero size "
+                             f"(input shape {_fmt(x.shape)}){_where()}")
+
+
+def _any_nan(x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    """Whether each reduced slice holds a NaN (bool, the reduction's shape); no gradient."""
+    nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+    flags = _wrap(emit("Cast", [nan._v], {"to": int(ir.DataType.FLOAT)}, differentiable=False)[0])
+    found = _reduce("ReduceMax", flags, dim, keepdim)
+    return _wrap(emit("Cast", [found._v], {"to": int(ir.DataType.BOOL)}, differentiable=False)[0])
+
+
+def _nan_max(op: str, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    out = _reduce(op, x, dim, keepdim)
+    if x.dtype.kind != "f" or x.ndim == 0:
+        return out
+    # NOTE: ONNX Runtime's ReduceMax/Min skip NaN (or not, depending on where it sits); PyTorch
+    # propagates it. Multiplying by 1 or NaN keeps inf, and the NaN reaches the gradient as in
+    # PyTorch's amax (grad / count * mask, all NaN in that slice).
+    with state.no_grad():
+        scale = where(_any_nan(x, dim, keepdim), float("nan"), 1.0)
+    return mul(out, scale)
 
 
 @op(og=True, method=True)
 def amax(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
-    return _reduce("ReduceMax", x, dim, keepdim)
+    _check_nonempty("amax", x, dim if dim != () else None)
+    return _nan_max("ReduceMax", x, dim, keepdim)
 
 
 @op(og=True, method=True)
 def amin(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
-    return _reduce("ReduceMin", x, dim, keepdim)
+    _check_nonempty("amin", x, dim if dim != () else None)
+    return _nan_max("ReduceMin", x, dim, keepdim)
 
 
 def _arg(op: str, x: Tensor, dim: int | None, keepdim: bool) -> Tensor:
+    _check_nonempty(op.lower(), x, dim, IndexError)
     if dim is None:
-        flat = reshape(x, (-1,))
-        return _wrap(emit(op, [flat._v], {"axis": 0, "keepdims": 0}, differentiable=False)[0])
+        return _nan_arg(op, reshape(x, (-1,)), 0, False)
     (d,) = _norm_dims(x, dim)
-    return _wrap(emit(op, [x._v], {"axis": d, "keepdims": int(keepdim)}, differentiable=False)[0])
+    return _nan_arg(op, x, d, keepdim)
+
+
+def _nan_arg(op: str, x: Tensor, axis: int, keepdim: bool) -> Tensor:
+    """ArgMax/ArgMin where NaN wins (the first NaN), as PyTorch; ONNX Runtime skips NaN."""
+    if x.ndim == 0:
+        return _wrap(emit("Identity", [const(0, int64)], differentiable=False)[0])
+    attrs = {"axis": axis, "keepdims": int(keepdim)}
+    idx = _wrap(emit(op, [x._v], attrs, differentiable=False)[0])
+    if x.dtype.kind != "f":
+        return idx
+    with state.no_grad():
+        nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+        flags = _wrap(emit("Cast", [nan._v], {"to": int(ir.DataType.INT32)})[0])
+        first_nan = _wrap(emit("ArgMax", [flags._v], attrs)[0])
+        any_nan = _wrap(emit("Cast", [_reduce("ReduceMax", flags, [axis], keepdim)._v],
+                             {"to": int(ir.DataType.BOOL)})[0])
+        return where(any_nan, first_nan, idx)
 
 
 @op(og=True, method=True)
@@ -489,8 +547,14 @@ def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
 def _select_reduce(arg_op: str, x: Tensor, dim: int, keepdim: bool) -> MaxResult:
     # NOTE: values come from GatherElements at the arg index, so the gradient goes to that one
     # element (as torch.max(dim)), not shared among ties as amax's is.
+    name = "max" if arg_op == "ArgMax" else "min"
+    _check_nonempty(name, x, dim)
+    if x.ndim == 0:  # torch: max(dim) of a 0-d tensor is the tensor and index 0
+        _norm_dims(x, dim)
+        zero = _wrap(emit("Identity", [const(0, int64)], differentiable=False)[0])
+        return MaxResult(_wrap(emit("Identity", [x._v])[0]), zero)
     (d,) = _norm_dims(x, dim)
-    idx = _wrap(emit(arg_op, [x._v], {"axis": d, "keepdims": 1}, differentiable=False)[0])
+    idx = _nan_arg(arg_op, x, d, True)
     values = _wrap(emit("GatherElements", [x._v, idx._v], {"axis": d})[0])
     if not keepdim:
         values, idx = squeeze(values, d), squeeze(idx, d)
@@ -502,7 +566,7 @@ def max(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return maximum(x, dim)
     if dim is None:
-        return amax(x)
+        return _full_max("max", x)
     return _select_reduce("ArgMax", x, dim, keepdim)
 
 
@@ -511,8 +575,25 @@ def min(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return minimum(x, dim)
     if dim is None:
-        return amin(x)
+        return _full_max("min", x)
     return _select_reduce("ArgMin", x, dim, keepdim)
+
+
+def _full_max(name: str, x: Tensor) -> Tensor:
+    """``x.max()`` / ``x.min()``: as amax, but a NaN result sends the gradient to the NaN
+    elements (evenly), as PyTorch's evenly_distribute_backward, where amax's is NaN."""
+    _check_nonempty(name, x, None)
+    reduce = amax if name == "max" else amin
+    if x.dtype.kind != "f" or x.ndim == 0:
+        return reduce(x)
+    with state.no_grad():
+        nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+        count = sum(to(nan, x.dtype))
+        found = gt(count, 0.0)
+    fill = float("-inf") if name == "max" else float("inf")
+    best = _reduce("ReduceMax" if name == "max" else "ReduceMin", where(nan, fill, x), None, False)
+    nan_part = div(sum(where(nan, x, 0.0)), maximum(count, 1.0))
+    return where(found, nan_part, best)
 
 
 # --------------------------------------------------------------------------- shapes
