@@ -399,6 +399,9 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
 
 
 # --------------------------------------------------------------------------- matmul
+_MATMUL_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int32", "int64",
+                                         "uint32", "uint64")}
+
 @op(og=True, method=("matmul", "__matmul__"), reflected="__rmatmul__")
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
@@ -406,6 +409,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype != b.dtype:
         raise TypeError(f"matmul: expected both operands to have the same dtype, "
                         f"but got {a.dtype} and {b.dtype}{_where()}")
+    if a.dtype == np.bool_ or a.dtype not in _MATMUL_DTYPES:
+        # NOTE: ONNX MatMul has no bool kernel (PyTorch has none either: "addmm_impl_cpu_" not
+        # implemented for 'Bool'); ONNX Runtime's CPU MatMul covers the dtypes listed.
+        raise NotImplementedError(f"matmul: not implemented for {a.dtype} tensors (shapes "
+                                  f"{_fmt(a.shape)} and {_fmt(b.shape)}); cast them, e.g. "
+                                  f"a.float() @ b.float(){_where()}")
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul: both arguments need at least 1 dimension, got shapes "
                          f"{_fmt(a.shape)} and {_fmt(b.shape)}{_where()}")
@@ -735,14 +744,22 @@ def sum_(values):
     return total
 
 
+def _softmax(op: str, x: Tensor, dim: int) -> Tensor:
+    axis = _norm_dims(x, dim)[0]
+    if x.ndim == 0:
+        # NOTE: ONNX Softmax needs rank >= 1; PyTorch treats a 0-d tensor as one element.
+        return reshape(_softmax(op, reshape(x, (1,)), 0), ())
+    return _wrap(emit(op, [_float_input(x)], {"axis": axis})[0])
+
+
 @op(og=True, functional=True, method=True)
 def softmax(x: Tensor, dim: int) -> Tensor:
-    return _wrap(emit("Softmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+    return _softmax("Softmax", x, dim)
 
 
 @op(og=True, functional=True, method=True)
 def log_softmax(x: Tensor, dim: int) -> Tensor:
-    return _wrap(emit("LogSoftmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+    return _softmax("LogSoftmax", x, dim)
 
 
 # --------------------------------------------------------------------------- indexing
