@@ -19,7 +19,6 @@ import onnx_ir as ir
 from . import state
 from .ops import (
     _TORCH_NAMES,
-    Number,
     ShapeError,
     _binary,
     _can_cast,
@@ -33,7 +32,6 @@ from .ops import (
     _wrap,
     abs,
     add,
-    amax,
     clamp,
     div,
     eq,
@@ -253,7 +251,7 @@ def ceil(x: Tensor) -> Tensor:
 
 
 @op(og=True, method=True)
-def round(x: Tensor, decimals: int = 0) -> Tensor:  # noqa: A001  (torch.round)
+def round(x: Tensor, decimals: int = 0) -> Tensor:
     """Half to even, as PyTorch (and ONNX ``Round``); ``decimals`` scales by 10**decimals."""
     if decimals == 0 or x.dtype.kind != "f":
         return _rounding("Round", x)
@@ -288,7 +286,7 @@ def _y_x_float(y: Any, x: Any) -> tuple[Tensor, Tensor]:
 
 
 @op(og=("atan2", "arctan2"), method=("atan2", "arctan2"))
-def atan2(input: Any, other: Any) -> Tensor:  # noqa: A002  (torch's argument names)
+def atan2(input: Any, other: Any) -> Tensor:
     """``atan2(y, x)``, the angle of the point (x, y), in (-pi, pi]."""
     y, x = _y_x_float(input, other)
     _check_broadcast("atan2", y.shape, x.shape)
@@ -328,12 +326,12 @@ def _mod(a: Any, b: Any, op_name: str) -> tuple[Tensor, np.dtype]:
 
 
 @op(og=True, method=True)
-def fmod(input: Any, other: Any) -> Tensor:  # noqa: A002
+def fmod(input: Any, other: Any) -> Tensor:
     return _mod(input, other, "fmod")[0]
 
 
 @op(og=True, method=("remainder", "__mod__"), reflected="__rmod__")
-def remainder(input: Any, other: Any) -> Tensor:  # noqa: A002
+def remainder(input: Any, other: Any) -> Tensor:
     """Python's ``%``: the result has the divisor's sign."""
     r, dtype = _mod(input, other, "remainder")
     b = _wrap(_val(other, dtype)) if not isinstance(other, Tensor) else to(other, dtype)
@@ -343,7 +341,7 @@ def remainder(input: Any, other: Any) -> Tensor:  # noqa: A002
 
 
 @op(og=True, method=("floor_divide", "__floordiv__"), reflected="__rfloordiv__")
-def floor_divide(input: Any, other: Any) -> Tensor:  # noqa: A002
+def floor_divide(input: Any, other: Any) -> Tensor:
     return div(input, other, rounding_mode="floor")
 
 
@@ -389,7 +387,7 @@ def _check_tensors(name: str, *xs: Any) -> None:
 
 
 @op(og=True, method=True)
-def mm(input: Tensor, mat2: Tensor) -> Tensor:  # noqa: A002
+def mm(input: Tensor, mat2: Tensor) -> Tensor:
     from .ops import matmul
     _check_tensors("mm", input, mat2)
     if input.ndim != 2:
@@ -404,7 +402,7 @@ def mm(input: Tensor, mat2: Tensor) -> Tensor:  # noqa: A002
 
 
 @op(og=True, method=True)
-def bmm(input: Tensor, mat2: Tensor) -> Tensor:  # noqa: A002
+def bmm(input: Tensor, mat2: Tensor) -> Tensor:
     from .ops import matmul
     _check_tensors("bmm", input, mat2)
     if input.ndim != 3:
@@ -423,7 +421,7 @@ def bmm(input: Tensor, mat2: Tensor) -> Tensor:  # noqa: A002
 
 
 @op(og=True, method=True)
-def mv(input: Tensor, vec: Tensor) -> Tensor:  # noqa: A002
+def mv(input: Tensor, vec: Tensor) -> Tensor:
     from .ops import matmul
     _check_tensors("mv", input, vec)
     if input.ndim != 2 or vec.ndim != 1:
@@ -437,7 +435,7 @@ def mv(input: Tensor, vec: Tensor) -> Tensor:  # noqa: A002
 
 
 @op(og=True, method=True)
-def dot(input: Tensor, tensor: Tensor) -> Tensor:  # noqa: A002
+def dot(input: Tensor, tensor: Tensor) -> Tensor:
     from .ops import matmul
     _check_tensors("dot", input, tensor)
     if input.ndim != 1 or tensor.ndim != 1:
@@ -455,7 +453,7 @@ def dot(input: Tensor, tensor: Tensor) -> Tensor:  # noqa: A002
 
 
 @op(og=("outer", "ger"), method=("outer", "ger"))
-def outer(input: Tensor, vec2: Tensor) -> Tensor:  # noqa: A002
+def outer(input: Tensor, vec2: Tensor) -> Tensor:
     _check_tensors("outer", input, vec2)
     for what, t in (("self", input), ("vec2", vec2)):
         if t.ndim != 1:
@@ -496,32 +494,32 @@ def _var_mean(name: str, x: Tensor, dim: Any, unbiased: Any, keepdim: bool,
 
 
 @op(og=True, method=True)
-def var(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,  # noqa: A002
+def var(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
         correction: Any = None) -> Tensor:
     return _var_mean("var", input, dim, unbiased, keepdim, correction)[0]
 
 
 @op(og=True, method=True)
-def std(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,  # noqa: A002
+def std(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
         correction: Any = None) -> Tensor:
     return sqrt(_var_mean("std", input, dim, unbiased, keepdim, correction)[0])
 
 
 @op(og=True)
-def var_mean(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,  # noqa: A002
+def var_mean(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
              correction: Any = None) -> tuple[Tensor, Tensor]:
     return _var_mean("var_mean", input, dim, unbiased, keepdim, correction)
 
 
 @op(og=True)
-def std_mean(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,  # noqa: A002
+def std_mean(input: Tensor, dim: Any = None, unbiased: Any = None, keepdim: bool = False, *,
              correction: Any = None) -> tuple[Tensor, Tensor]:
     v, m = _var_mean("std_mean", input, dim, unbiased, keepdim, correction)
     return sqrt(v), m
 
 
 @op(og=True, method=True)
-def prod(input: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None  # noqa: A002
+def prod(input: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None
          ) -> Tensor:
     x = input
     if dim is not None and not isinstance(dim, (int, np.integer)):
@@ -551,12 +549,12 @@ def _logical_reduce(x: Tensor, dim: Any, keepdim: bool, every: bool) -> Tensor:
 
 
 @op(og=True, method=True)
-def all(input: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001, A002
+def all(input: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     return _logical_reduce(input, dim, keepdim, every=True)
 
 
 @op(og=True, method=True)
-def any(input: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:  # noqa: A001, A002
+def any(input: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
     return _logical_reduce(input, dim, keepdim, every=False)
 
 
@@ -570,38 +568,38 @@ def _test(op_type: str, x: Tensor, fill: bool) -> Tensor:
 
 
 @op(og=True, method=True)
-def isnan(input: Tensor) -> Tensor:  # noqa: A002
+def isnan(input: Tensor) -> Tensor:
     return _test("IsNaN", input, False)
 
 
 @op(og=True, method=True)
-def isinf(input: Tensor) -> Tensor:  # noqa: A002
+def isinf(input: Tensor) -> Tensor:
     return _test("IsInf", input, False)
 
 
 @op(og=True, method=True)
-def isfinite(input: Tensor) -> Tensor:  # noqa: A002
+def isfinite(input: Tensor) -> Tensor:
     if input.dtype.kind != "f":
         return _test("", input, True)
     return logical_not(add(isnan(input), isinf(input)))
 
 
 @op(og=True, method=True)
-def isposinf(input: Tensor) -> Tensor:  # noqa: A002
+def isposinf(input: Tensor) -> Tensor:
     if input.dtype.kind != "f":
         return _test("", input, False)
     return _wrap(emit("IsInf", [input._v], {"detect_negative": 0}, differentiable=False)[0])
 
 
 @op(og=True, method=True)
-def isneginf(input: Tensor) -> Tensor:  # noqa: A002
+def isneginf(input: Tensor) -> Tensor:
     if input.dtype.kind != "f":
         return _test("", input, False)
     return _wrap(emit("IsInf", [input._v], {"detect_positive": 0}, differentiable=False)[0])
 
 
 @op(og=True, method=True)
-def nan_to_num(input: Tensor, nan: float = 0.0, posinf: float | None = None,  # noqa: A002
+def nan_to_num(input: Tensor, nan: float = 0.0, posinf: float | None = None,
                neginf: float | None = None) -> Tensor:
     x = input
     if x.dtype.kind != "f":
@@ -615,12 +613,12 @@ def nan_to_num(input: Tensor, nan: float = 0.0, posinf: float | None = None,  # 
 
 
 @op(og=True, method=True)
-def clamp_min(input: Tensor, min: Any) -> Tensor:  # noqa: A002
+def clamp_min(input: Tensor, min: Any) -> Tensor:
     return clamp(input, min=min)
 
 
 @op(og=True, method=True)
-def clamp_max(input: Tensor, max: Any) -> Tensor:  # noqa: A002
+def clamp_max(input: Tensor, max: Any) -> Tensor:
     return clamp(input, max=max)
 
 
@@ -631,7 +629,7 @@ def _same_dtype_close(a: Tensor, b: Tensor, name: str) -> None:
 
 
 @op(og=True, method=True)
-def isclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,  # noqa: A002
+def isclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,
             equal_nan: bool = False) -> Tensor:
     a, b = input, _tensor(other)
     _same_dtype_close(a, b, "isclose")
@@ -650,14 +648,14 @@ def isclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-
 
 
 @op(og=True, method=True)
-def allclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,  # noqa: A002
+def allclose(input: Tensor, other: Tensor, rtol: float = 1e-05, atol: float = 1e-08,
              equal_nan: bool = False) -> bool:
     _check_broadcast("allclose", input.shape, _tensor(other).shape)
     return bool(all(isclose(input, other, rtol, atol, equal_nan)).item())
 
 
 @op(og=True, method=True)
-def equal(input: Tensor, other: Tensor) -> bool:  # noqa: A002
+def equal(input: Tensor, other: Tensor) -> bool:
     """True when both have the same shape and elements (dtypes promoted, as PyTorch)."""
     other = _tensor(other)
     if input.shape != other.shape:

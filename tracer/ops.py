@@ -213,7 +213,7 @@ def mul(a: Any, b: Any) -> Tensor:
     reflected="__rtruediv__", inplace=("div_", "__itruediv__"))
 def div(a: Any, b: Any, *, rounding_mode: str | None = None) -> Tensor:
     if rounding_mode is not None:
-        from .math_ops import rounded_div  # noqa: PLC0415  (math_ops imports this module)
+        from .math_ops import rounded_div  # math_ops imports this module
         return rounded_div(a, b, rounding_mode)
     return _binary("Div", a, b)
 
