@@ -91,6 +91,14 @@ def test_max_pool2d_nan_forward(kernel, stride, padding):
         np.testing.assert_allclose(got[0], want[0], equal_nan=True)
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (3, 1, 1), (2, 1, 0)])
+def test_max_pool2d_nan_gradient_goes_to_the_nan(kernel, stride, padding):
+    x = POOL + np.linspace(0, 0.1, POOL.size, dtype=np.float32).reshape(POOL.shape)  # no ties
+    _same(lambda t, a: t.nn.functional.max_pool2d(a, kernel, stride, padding), x)
+    _same(lambda t, a: t.nn.functional.max_pool2d(a, kernel, stride, padding,
+                                                  return_indices=True), x)
+
+
 def test_max_pool2d_gradient_without_nan_windows_matches_torch():
     x = np.nan_to_num(POOL, nan=-3.0) + np.linspace(0, 0.1, POOL.size).reshape(POOL.shape)
     x = x.astype(np.float32)

@@ -202,6 +202,24 @@ def _nan_windows(y: Val, xv: Val, attrs: dict[str, Any]) -> Val:
     return emit("Add", [y, bias])[0]
 
 
+def _max_pool_nan_first(xv: Val, attrs: dict[str, Any]) -> tuple[Val, Val]:
+    """MaxPool's values and indices where a NaN is the maximum of its window, as PyTorch's.
+
+    NOTE: the indices come from pooling the input with NaN read as +inf (no gradient), and the
+    values are the input's elements at those indices (``Gather`` from the flat input), so a NaN
+    window gives NaN and its gradient goes to the NaN, as in PyTorch; the gather's gradient is
+    a scatter-add, as the MaxPool rule's. Cost, measured on a loaded 2-core machine on
+    resnet18's stem pool (4x64x112x112, forward + backward): ~185 ms against ~115 ms for the
+    plain MaxPool + rule; without gradients the cheaper ``_nan_windows`` fix is used.
+    """
+    dtype = xv.data.dtype
+    nan = emit("IsNaN", [xv], differentiable=False)[0]
+    key = emit("Where", [nan, const(np.asarray(np.inf, dtype)), xv], differentiable=False)[0]
+    _, indices = emit("MaxPool", [key], attrs, n_out=2, differentiable=False)
+    flat = emit("Reshape", [xv, const([-1], int64)])[0]
+    return emit("Gather", [flat, indices], {"axis": 0})[0], indices
+
+
 @op(functional=True)
 def max_pool2d(x: Tensor, kernel_size: IntPair, stride: IntPair | None = None,
                padding: IntPair = 0, dilation: IntPair = 1, ceil_mode: bool = False,
@@ -221,8 +239,7 @@ def max_pool2d(x: Tensor, kernel_size: IntPair, stride: IntPair | None = None,
     # only asked for when backward may need them.
     if not (return_indices or (x.requires_grad and state.grad_enabled())):
         return _unbatched(_nan_windows(emit("MaxPool", [xv], attrs)[0], xv, attrs), squeeze)
-    y, indices = emit("MaxPool", [xv], attrs, n_out=2)
-    y = _nan_windows(y, xv, attrs)
+    y, indices = _max_pool_nan_first(xv, attrs)
     if not return_indices:
         return _unbatched(y, squeeze)
     # ONNX Runtime's indices are flat over N*C*H*W; PyTorch's are flat over each H*W plane.
