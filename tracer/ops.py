@@ -172,7 +172,7 @@ def _inplace(fn: Any, name: str) -> Any:
     return method
 
 
-@op(method=("add", "__add__"), reflected="__radd__", inplace=("add_", "__iadd__"))
+@op(og=True, method=("add", "__add__"), reflected="__radd__", inplace=("add_", "__iadd__"))
 def add(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     if alpha != 1:
         b = mul(b, alpha)
@@ -185,7 +185,8 @@ def _is_bool(x: Any) -> bool:
     return isinstance(x, (bool, np.bool_)) or (isinstance(x, Tensor) and x.dtype == np.bool_)
 
 
-@op(method=("sub", "__sub__"), reflected="__rsub__", inplace=("sub_", "__isub__"))
+@op(og=("sub", "subtract"), method=("sub", "subtract", "__sub__"), reflected="__rsub__",
+    inplace=("sub_", "__isub__"))
 def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     # NOTE: PyTorch's checks and wording; ONNX Sub has no bool kernel, so ORT would fail later.
     if _is_bool(a) and _is_bool(b):
@@ -200,20 +201,24 @@ def sub(a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
     return _binary("Sub", a, b)
 
 
-@op(method=("mul", "__mul__"), reflected="__rmul__", inplace=("mul_", "__imul__"))
+@op(og=("mul", "multiply"), method=("mul", "multiply", "__mul__"), reflected="__rmul__",
+    inplace=("mul_", "__imul__"))
 def mul(a: Any, b: Any) -> Tensor:
     if result_type(a, b) == np.bool_:  # torch: bool * bool is logical and
         return _logical("And", a, b)
     return _binary("Mul", a, b)
 
 
-@op(method=("div", "__truediv__"), reflected="__rtruediv__",
-    inplace=("div_", "__itruediv__"))
-def div(a: Any, b: Any) -> Tensor:
+@op(og=("div", "divide", "true_divide"), method=("div", "divide", "true_divide", "__truediv__"),
+    reflected="__rtruediv__", inplace=("div_", "__itruediv__"))
+def div(a: Any, b: Any, *, rounding_mode: str | None = None) -> Tensor:
+    if rounding_mode is not None:
+        from .math_ops import rounded_div  # math_ops imports this module
+        return rounded_div(a, b, rounding_mode)
     return _binary("Div", a, b)
 
 
-@op(method=("pow", "__pow__"), reflected="__rpow__", inplace="__ipow__")
+@op(og=True, method=("pow", "__pow__"), reflected="__rpow__", inplace=("pow_", "__ipow__"))
 def pow(a: Any, b: Any) -> Tensor:  # noqa: A001  (torch.pow)
     if (isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b < 0
             and result_type(a, b).kind in "iub"):
@@ -394,6 +399,9 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
 
 
 # --------------------------------------------------------------------------- matmul
+_MATMUL_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int32", "int64",
+                                         "uint32", "uint64")}
+
 @op(og=True, method=("matmul", "__matmul__"), reflected="__rmatmul__")
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
@@ -401,6 +409,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype != b.dtype:
         raise TypeError(f"matmul: expected both operands to have the same dtype, "
                         f"but got {a.dtype} and {b.dtype}{_where()}")
+    if a.dtype == np.bool_ or a.dtype not in _MATMUL_DTYPES:
+        # NOTE: ONNX MatMul has no bool kernel (PyTorch has none either: "addmm_impl_cpu_" not
+        # implemented for 'Bool'); ONNX Runtime's CPU MatMul covers the dtypes listed.
+        raise NotImplementedError(f"matmul: not implemented for {a.dtype} tensors (shapes "
+                                  f"{_fmt(a.shape)} and {_fmt(b.shape)}); cast them, e.g. "
+                                  f"a.float() @ b.float(){_where()}")
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"matmul: both arguments need at least 1 dimension, got shapes "
                          f"{_fmt(a.shape)} and {_fmt(b.shape)}{_where()}")
@@ -446,29 +460,87 @@ def sum(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) ->
 
 
 @op(og=True, method=True)
-def mean(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
+def mean(x: Tensor, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:
+    if dtype is not None:
+        x = to(x, dtype)
     if x.dtype.kind != "f":
         raise TypeError(f"mean(): could not infer output dtype. Input dtype must be floating "
                         f"point, got {x.dtype}{_where()}")
+    dims = _norm_dims(x, dim)
+    if x.ndim and 0 in (x.shape if dims is None else [x.shape[d] for d in dims]):
+        # NOTE: ONNX ReduceMean of nothing is 0 on ONNX Runtime; PyTorch's is nan (0 / 0).
+        return div(_reduce("ReduceSum", x, dim, keepdim), 0.0)
     return _reduce("ReduceMean", x, dim, keepdim)
+
+
+def _check_nonempty(name: str, x: Tensor, dim: Any, error: type = RuntimeError) -> None:
+    """PyTorch's errors for a max-like reduction over nothing (it has no identity)."""
+    if dim is None and x.numel() == 0:
+        extra = (" Specify the reduction dim with the 'dim' argument."
+                 if error is RuntimeError else "")
+        raise error(f"{name}(): Expected reduction dim to be specified for input.numel() == 0."
+                    f"{extra} (input shape {_fmt(x.shape)}){_where()}")
+    for d in _norm_dims(x, dim) or []:
+        if x.ndim and x.shape[d] == 0:
+            raise IndexError(f"{name}(): Expected reduction dim {d} to have non-zero size "
+                             f"(input shape {_fmt(x.shape)}){_where()}")
+
+
+def _any_nan(x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    """Whether each reduced slice holds a NaN (bool, the reduction's shape); no gradient."""
+    nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+    flags = _wrap(emit("Cast", [nan._v], {"to": int(ir.DataType.FLOAT)}, differentiable=False)[0])
+    found = _reduce("ReduceMax", flags, dim, keepdim)
+    return _wrap(emit("Cast", [found._v], {"to": int(ir.DataType.BOOL)}, differentiable=False)[0])
+
+
+def _nan_max(op: str, x: Tensor, dim: Any, keepdim: bool) -> Tensor:
+    out = _reduce(op, x, dim, keepdim)
+    if x.dtype.kind != "f" or x.ndim == 0:
+        return out
+    # NOTE: ONNX Runtime's ReduceMax/Min skip NaN (or not, depending on where it sits); PyTorch
+    # propagates it. Multiplying by 1 or NaN keeps inf, and the NaN reaches the gradient as in
+    # PyTorch's amax (grad / count * mask, all NaN in that slice).
+    with state.no_grad():
+        scale = where(_any_nan(x, dim, keepdim), float("nan"), 1.0)
+    return mul(out, scale)
 
 
 @op(og=True, method=True)
 def amax(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
-    return _reduce("ReduceMax", x, dim, keepdim)
+    _check_nonempty("amax", x, dim if dim != () else None)
+    return _nan_max("ReduceMax", x, dim, keepdim)
 
 
 @op(og=True, method=True)
 def amin(x: Tensor, dim: Any = None, keepdim: bool = False) -> Tensor:
-    return _reduce("ReduceMin", x, dim, keepdim)
+    _check_nonempty("amin", x, dim if dim != () else None)
+    return _nan_max("ReduceMin", x, dim, keepdim)
 
 
 def _arg(op: str, x: Tensor, dim: int | None, keepdim: bool) -> Tensor:
+    _check_nonempty(op.lower(), x, dim, IndexError)
     if dim is None:
-        flat = reshape(x, (-1,))
-        return _wrap(emit(op, [flat._v], {"axis": 0, "keepdims": 0}, differentiable=False)[0])
+        return _nan_arg(op, reshape(x, (-1,)), 0, False)
     (d,) = _norm_dims(x, dim)
-    return _wrap(emit(op, [x._v], {"axis": d, "keepdims": int(keepdim)}, differentiable=False)[0])
+    return _nan_arg(op, x, d, keepdim)
+
+
+def _nan_arg(op: str, x: Tensor, axis: int, keepdim: bool) -> Tensor:
+    """ArgMax/ArgMin where NaN wins (the first NaN), as PyTorch; ONNX Runtime skips NaN."""
+    if x.ndim == 0:
+        return _wrap(emit("Identity", [const(0, int64)], differentiable=False)[0])
+    attrs = {"axis": axis, "keepdims": int(keepdim)}
+    idx = _wrap(emit(op, [x._v], attrs, differentiable=False)[0])
+    if x.dtype.kind != "f":
+        return idx
+    with state.no_grad():
+        nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+        flags = _wrap(emit("Cast", [nan._v], {"to": int(ir.DataType.INT32)})[0])
+        first_nan = _wrap(emit("ArgMax", [flags._v], attrs)[0])
+        any_nan = _wrap(emit("Cast", [_reduce("ReduceMax", flags, [axis], keepdim)._v],
+                             {"to": int(ir.DataType.BOOL)})[0])
+        return where(any_nan, first_nan, idx)
 
 
 @op(og=True, method=True)
@@ -484,8 +556,14 @@ def argmin(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
 def _select_reduce(arg_op: str, x: Tensor, dim: int, keepdim: bool) -> MaxResult:
     # NOTE: values come from GatherElements at the arg index, so the gradient goes to that one
     # element (as torch.max(dim)), not shared among ties as amax's is.
+    name = "max" if arg_op == "ArgMax" else "min"
+    _check_nonempty(name, x, dim)
+    if x.ndim == 0:  # torch: max(dim) of a 0-d tensor is the tensor and index 0
+        _norm_dims(x, dim)
+        zero = _wrap(emit("Identity", [const(0, int64)], differentiable=False)[0])
+        return MaxResult(_wrap(emit("Identity", [x._v])[0]), zero)
     (d,) = _norm_dims(x, dim)
-    idx = _wrap(emit(arg_op, [x._v], {"axis": d, "keepdims": 1}, differentiable=False)[0])
+    idx = _nan_arg(arg_op, x, d, True)
     values = _wrap(emit("GatherElements", [x._v, idx._v], {"axis": d})[0])
     if not keepdim:
         values, idx = squeeze(values, d), squeeze(idx, d)
@@ -497,7 +575,7 @@ def max(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return maximum(x, dim)
     if dim is None:
-        return amax(x)
+        return _full_max("max", x)
     return _select_reduce("ArgMax", x, dim, keepdim)
 
 
@@ -506,8 +584,25 @@ def min(x: Tensor, dim: Any = None, keepdim: bool = False):  # noqa: A001
     if isinstance(dim, Tensor):
         return minimum(x, dim)
     if dim is None:
-        return amin(x)
+        return _full_max("min", x)
     return _select_reduce("ArgMin", x, dim, keepdim)
+
+
+def _full_max(name: str, x: Tensor) -> Tensor:
+    """``x.max()`` / ``x.min()``: as amax, but a NaN result sends the gradient to the NaN
+    elements (evenly), as PyTorch's evenly_distribute_backward, where amax's is NaN."""
+    _check_nonempty(name, x, None)
+    reduce = amax if name == "max" else amin
+    if x.dtype.kind != "f" or x.ndim == 0:
+        return reduce(x)
+    with state.no_grad():
+        nan = _wrap(emit("IsNaN", [x._v], differentiable=False)[0])
+        count = sum(to(nan, x.dtype))
+        found = gt(count, 0.0)
+    fill = float("-inf") if name == "max" else float("inf")
+    best = _reduce("ReduceMax" if name == "max" else "ReduceMin", where(nan, fill, x), None, False)
+    nan_part = div(sum(where(nan, x, 0.0)), maximum(count, 1.0))
+    return where(found, nan_part, best)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -649,14 +744,22 @@ def sum_(values):
     return total
 
 
+def _softmax(op: str, x: Tensor, dim: int) -> Tensor:
+    axis = _norm_dims(x, dim)[0]
+    if x.ndim == 0:
+        # NOTE: ONNX Softmax needs rank >= 1; PyTorch treats a 0-d tensor as one element.
+        return reshape(_softmax(op, reshape(x, (1,)), 0), ())
+    return _wrap(emit(op, [_float_input(x)], {"axis": axis})[0])
+
+
 @op(og=True, functional=True, method=True)
 def softmax(x: Tensor, dim: int) -> Tensor:
-    return _wrap(emit("Softmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+    return _softmax("Softmax", x, dim)
 
 
 @op(og=True, functional=True, method=True)
 def log_softmax(x: Tensor, dim: int) -> Tensor:
-    return _wrap(emit("LogSoftmax", [_float_input(x)], {"axis": _norm_dims(x, dim)[0]})[0])
+    return _softmax("LogSoftmax", x, dim)
 
 
 # --------------------------------------------------------------------------- indexing

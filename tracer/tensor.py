@@ -374,6 +374,12 @@ class Tensor:
     __gt__ = OpMethod()
     __ge__ = OpMethod()
     __getitem__ = OpMethod()
+    __mod__ = OpMethod()
+    __rmod__ = OpMethod()
+    __imod__ = OpMethod()
+    __floordiv__ = OpMethod()
+    __rfloordiv__ = OpMethod()
+    __ifloordiv__ = OpMethod()
     __hash__ = object.__hash__  # by identity, as torch.Tensor (__eq__ is elementwise)
 
     def __getattr__(self, name: str) -> Any:

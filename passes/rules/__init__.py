@@ -63,3 +63,5 @@ from . import (  # noqa: F401  (registers the rules)
     spatial,
     transformer,
 )
+
+from . import math  # noqa: E402, F401  (registers the rules of tracer/math_ops.py)

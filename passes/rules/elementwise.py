@@ -156,11 +156,14 @@ def max_min(b, node, grads, needs):
     half = b.op("Mul", g, b.const_like(0.5, g))
     tie = b.op("Equal", x, y)
     x_loses = b.op("Less" if node.op_type == "Max" else "Greater", x, y)
+    # NOTE: where a NaN is involved neither loses: both get the whole gradient, as PyTorch's
+    # masked_fill(self < other) / masked_fill(self > other).
+    y_loses = b.op("Less" if node.op_type == "Max" else "Greater", y, x)
     dx = dy = None
     if needs[0]:
         dx = b.op("Where", tie, half, _zeros_like_where(b, x_loses, g, False))
     if needs[1]:
-        dy = b.op("Where", tie, half, _zeros_like_where(b, x_loses, g, True))
+        dy = b.op("Where", tie, half, _zeros_like_where(b, y_loses, g, False))
     return [dx, dy]
 
 
