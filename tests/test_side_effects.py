@@ -29,17 +29,20 @@ def test_first_op_does_not_change_the_threads_float_mode() -> None:
 
 
 def test_a_failing_kernel_prints_nothing_and_raises_onnxgrads_words() -> None:
-    # An op whose failure only the runtime can see (here: no bool MatMul kernel), in a fresh
-    # interpreter so that ONNX Runtime's logger writes to this process's stderr.
-    code = ("import onnxgrad as og\n"
-            "a = og.tensor([[True]])\n"
+    # The fallback for what only the runtime can see (ops check their operands first; here a
+    # node emitted directly, MatMul of bools, which ONNX Runtime has no kernel for), in a fresh
+    # interpreter so that ONNX Runtime's logger would write to this process's stderr.
+    code = ("import numpy as np, onnxgrad as og\n"
+            "from onnxgrad.tracer.values import Val, emit\n"
+            "og.tensor([[1.0]]).log()  # warm up: sessions exist\n"
+            "a = Val(np.array([[True]]))\n"
             "try:\n"
-            "    og.tensor([[1.0]]).log()  # warm up: sessions exist\n"
-            "    a @ a\n"
+            "    emit('MatMul', [a, a])\n"
             "except RuntimeError as e:\n"
             "    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stderr == ""
-    assert "MatMul(bool[1, 1], bool[1, 1]) at <string>:5" in result.stdout
+    assert "MatMul(bool[1, 1], bool[1, 1]) at <string>:6" in result.stdout
+    assert "ONNX Runtime has no kernel for bool inputs" in result.stdout
     assert "ONNXRuntimeError" not in result.stdout and "INVALID_GRAPH" not in result.stdout
