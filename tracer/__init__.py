@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import (  # noqa: F401
     activations,
     factories,
+    index_ops,
     nnops,
     ops,
     registry,
@@ -16,5 +17,5 @@ from .state import enable_grad, no_grad, set_grad_enabled
 from .tensor import Tensor, TraceError, Val, as_tensor, tensor
 
 __all__ = ["Tensor", "TraceError", "Val", "as_tensor", "backward", "enable_grad", "factories",
-           "grad", "nnops", "no_grad", "ops", "registry", "set_grad_enabled",
+           "grad", "index_ops", "nnops", "no_grad", "ops", "registry", "set_grad_enabled",
            "spatial_ops", "tensor", "transformer_ops"]

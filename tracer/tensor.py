@@ -341,6 +341,7 @@ class Tensor:
     __gt__ = OpMethod()
     __ge__ = OpMethod()
     __getitem__ = OpMethod()
+    __setitem__ = OpMethod()
     __hash__ = object.__hash__  # by identity, as torch.Tensor (__eq__ is elementwise)
 
     def __getattr__(self, name: str) -> Any:

@@ -63,3 +63,5 @@ from . import (  # noqa: F401  (registers the rules)
     spatial,
     transformer,
 )
+
+from . import index  # noqa: F401  # isort: skip  (indexing rules: ScatterND, GatherND...)
