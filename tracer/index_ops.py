@@ -64,6 +64,11 @@ def _torch_name(dtype: np.dtype) -> str:
     return _TORCH_NAMES.get(np.dtype(dtype).name, np.dtype(dtype).name)
 
 
+class IndexShapeError(ShapeError, RuntimeError):
+    """Shapes that an indexing op cannot combine: PyTorch raises RuntimeError for these, onnxgrad's
+    shape errors are ValueErrors (``ShapeError``); this is both."""
+
+
 def _data_dependent(what: str) -> None:
     """Refuse an op whose output shape depends on tensor values while og.compile traces."""
     if state.active_trace() is not None:
@@ -82,8 +87,8 @@ def _torch_broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
     pa, pb = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
     for i, (da, db) in enumerate(zip(pa, pb)):
         if da != db and da != 1 and db != 1:
-            raise ShapeError(f"The size of tensor a ({da}) must match the size of tensor b ({db}) "
-                             f"at non-singleton dimension {i}{_where()}")
+            raise IndexShapeError(f"The size of tensor a ({da}) must match the size of tensor b "
+                                  f"({db}) at non-singleton dimension {i}{_where()}")
     return tuple(builtins.max(da, db) if 0 not in (da, db) else 0 for da, db in zip(pa, pb))
 
 
@@ -101,8 +106,8 @@ def _leaf_guard(x: Tensor, view: bool = False) -> None:
 def _write_inplace(x: Tensor, new: Tensor, name: str) -> Tensor:
     """The end of an in-place op: the result must have ``x``'s shape; it takes ``x``'s dtype."""
     if new.shape != x.shape:
-        raise ShapeError(f"output with shape {_fmt(x.shape)} doesn't match the broadcast shape "
-                         f"{_fmt(new.shape)} ({name}){_where()}")
+        raise IndexShapeError(f"output with shape {_fmt(x.shape)} doesn't match the broadcast "
+                              f"shape {_fmt(new.shape)} ({name}){_where()}")
     x._write(to(new, x.dtype)._v)
     return x
 
@@ -356,17 +361,17 @@ def _check_value_shape(value: Tensor, target: tuple[int, ...], advanced: bool) -
     except ValueError:
         pass
     if advanced:
-        raise ShapeError(f"shape mismatch: value tensor of shape {_fmt(value.shape)} cannot be "
-                         f"broadcast to indexing result of shape {_fmt(target)}{_where()}")
+        raise IndexShapeError(f"shape mismatch: value tensor of shape {_fmt(value.shape)} cannot "
+                              f"be broadcast to indexing result of shape {_fmt(target)}{_where()}")
     if len(vs) > len(target):
-        raise ShapeError(f"expand({_fmt(value.shape)}, size={_fmt(target)}): the number of sizes "
-                         f"provided ({len(target)}) must be greater or equal to the number of "
-                         f"dimensions in the tensor ({len(vs)}){_where()}")
+        raise IndexShapeError(f"expand({_fmt(value.shape)}, size={_fmt(target)}): the number of "
+                              f"sizes provided ({len(target)}) must be greater or equal to the "
+                              f"number of dimensions in the tensor ({len(vs)}){_where()}")
     lead = len(target) - len(vs)
     dim = next(i for i, d in enumerate(vs) if d != 1 and d != target[lead + i])
-    raise ShapeError(f"The expanded size of the tensor ({target[lead + dim]}) must match the "
-                     f"existing size ({vs[dim]}) at non-singleton dimension {lead + dim}.  Target "
-                     f"sizes: {_fmt(target)}.  Tensor sizes: {_fmt(vs)}{_where()}")
+    raise IndexShapeError(f"The expanded size of the tensor ({target[lead + dim]}) must match the "
+                          f"existing size ({vs[dim]}) at non-singleton dimension {lead + dim}.  "
+                          f"Target sizes: {_fmt(target)}.  Tensor sizes: {_fmt(vs)}{_where()}")
 
 
 def _lone_mask(x: Tensor, items: list[Item]) -> tuple[int, Tensor] | None:
@@ -486,6 +491,8 @@ def nonzero(input: Tensor, *, as_tuple: bool = False) -> Any:
     """Coordinates of the non-zero elements: ``[n, ndim]`` int64, or a tuple of ``ndim`` vectors."""
     _data_dependent("nonzero()")
     x = reshape(input, (1,)) if input.ndim == 0 else input
+    if x.dtype != np.bool_:
+        x = ops.ne(x, 0)  # NOTE: ORT's NonZero has no float64 kernel; NaN != 0 stays selected
     coords = emit("NonZero", [x._v], differentiable=False)[0]  # [ndim, n]
     if as_tuple:
         rows = (emit("Split", [coords, const([1] * x.ndim, int64)], {"axis": 0}, n_out=x.ndim)
