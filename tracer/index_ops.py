@@ -69,16 +69,16 @@ class IndexShapeError(ShapeError, RuntimeError):
     shape errors are ValueErrors (``ShapeError``); this is both."""
 
 
-def _data_dependent(what: str) -> None:
+_MASK_HINT = ("Use og.where(mask, x, other) or x.masked_fill(~mask, value) (same shape as x), "
+              "or call it outside the compiled function.")
+
+
+def _data_dependent(what: str, hint: str = _MASK_HINT) -> None:
     """Refuse an op whose output shape depends on tensor values while og.compile traces."""
     if state.active_trace() is not None:
         where = state.format_frame(state.user_frame())
-        raise TraceError(
-            f"{what} has a shape that depends on tensor values, which og.compile cannot trace "
-            f"into one graph of static shapes ({where}). Use og.where(mask, x, other) or "
-            "x.masked_fill(~mask, value) (same shape as x), or call it outside the compiled "
-            "function."
-        )
+        raise TraceError(f"{what} has a shape that depends on tensor values, which og.compile "
+                         f"cannot trace into one graph of static shapes ({where}). {hint}")
 
 
 def _torch_broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
@@ -412,8 +412,6 @@ def setitem(x: Tensor, index: Any, value: Any) -> None:
     positions = _index(_positions(x), items)
     target = positions.shape
     _check_value_shape(v, target, advanced)
-    if positions.numel() == 0:
-        return
     vs = _strip_leading_ones(v.shape)
     if v.shape != vs:
         v = reshape(v, vs)
@@ -864,7 +862,8 @@ def one_hot(tensor: Tensor, num_classes: int = -1) -> Tensor:
         if data.size == 0:
             raise RuntimeError(f"Can not infer total number of classes from empty tensor."
                                f"{_where()}")
-        _data_dependent("one_hot() without num_classes")
+        _data_dependent("one_hot() without num_classes",
+                        "Pass num_classes, or call it outside the compiled function.")
         num_classes = int(data.max()) + 1
     if data.size and data.min() < 0:
         raise RuntimeError(f"Class values must be non-negative.{_where()}")

@@ -533,7 +533,9 @@ def reshape(x: Tensor, *shape: Any) -> Tensor:
                          f"(shape {_fmt(x.shape)}){_where()}")
     if shape == x.shape:
         return x
-    return _wrap(emit("Reshape", [x._v, const(shape, int64)])[0])
+    # NOTE: without allowzero, ONNX reads a 0 in the shape as "copy this dim of the input".
+    attrs = {"allowzero": 1} if 0 in shape else None
+    return _wrap(emit("Reshape", [x._v, const(shape, int64)], attrs)[0])
 
 
 @op(og=True, method=True)
