@@ -769,8 +769,9 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
 
 
 @op(og=True, method=True)
-def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``torch.gather``: ONNX ``GatherElements`` along ``dim``."""
+def gather(x: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False) -> Tensor:
+    """``torch.gather``: ONNX ``GatherElements`` along ``dim`` (``sparse_grad`` is accepted; the
+    gradient is dense)."""
     d = _norm_dims(x, dim)[0]
     if index.dtype.kind not in "iu" or index.ndim != x.ndim:
         raise IndexError(f"gather: index must be an integer tensor of rank {x.ndim}, got "
