@@ -420,7 +420,13 @@ def setitem(x: Tensor, index: Any, value: Any) -> None:
     coords = emit("Reshape", [positions._v, const([-1, 1], int64)])[0]
     updates = emit("Reshape", [updates._v, const([-1], int64)])[0]
     out = emit("ScatterND", [flat, coords, updates])[0]
-    x._write(emit("Reshape", [out, const(x.shape, int64)])[0])
+    x._write(_reshape_to(out, x.shape))
+
+
+def _reshape_to(val: Val, shape: tuple[int, ...], differentiable: bool = True) -> Val:
+    # NOTE: without allowzero, ONNX Reshape reads a 0 in the shape as "copy the input's dim".
+    attrs = {"allowzero": 1} if 0 in shape else None
+    return emit("Reshape", [val, const(shape, int64)], attrs, differentiable=differentiable)[0]
 
 
 def _positions(x: Tensor) -> Tensor:
@@ -428,7 +434,7 @@ def _positions(x: Tensor) -> Tensor:
     n = x.numel()
     flat = emit("Range", [const(np.int64(0)), const(np.int64(n)), const(np.int64(1))],
                 differentiable=False)[0]
-    return _wrap(emit("Reshape", [flat, const(x.shape, int64)], differentiable=False)[0])
+    return _wrap(_reshape_to(flat, x.shape, differentiable=False))
 
 
 # =========================================================================== masks
