@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     activations,
     factories,
     math_ops,
+    index_ops,
     nnops,
     ops,
     registry,
@@ -17,5 +18,5 @@ from .state import enable_grad, no_grad, set_grad_enabled
 from .tensor import Tensor, TraceError, Val, as_tensor, tensor
 
 __all__ = ["Tensor", "TraceError", "Val", "as_tensor", "backward", "enable_grad", "factories",
-           "grad", "nnops", "no_grad", "ops", "registry", "set_grad_enabled",
+           "grad", "index_ops", "nnops", "no_grad", "ops", "registry", "set_grad_enabled",
            "spatial_ops", "tensor", "transformer_ops"]

@@ -435,7 +435,9 @@ class CompiledFunction:
         state_ids = {id(val): tid for tid, (_, val) in trace.initial.items()}
 
         # Roots: results, state that changed, and gradients the step left in .grad.
-        roots: list[Val] = [t._v for t in out_tensors]
+        # NOTE: a returned tensor updated in place while tracing (`h[:, 1] = 0`, `h.add_(1)`) was
+        # put back as it was with the state: its value at return is the one in `final`.
+        roots: list[Val] = [final.get(id(t), t._v) for t in out_tensors]
         root_names = (["output"] if len(out_tensors) == 1
                       else [f"output.{i}" for i in range(len(out_tensors))])
         state_pairs: dict[str, str] = {}

@@ -389,7 +389,11 @@ def minimum(a: Any, b: Any) -> Tensor:
 
 
 @op(og=True)
-def where(cond: Any, a: Any, b: Any) -> Tensor:
+def where(cond: Any, a: Any = None, b: Any = None) -> Tensor:
+    if a is None and b is None:  # torch.where(cond): nonzero(cond, as_tuple=True)
+        from .index_ops import nonzero
+
+        return nonzero(cond, as_tuple=True)
     if not isinstance(cond, Tensor) or cond.dtype != np.bool_:
         raise TypeError(f"where: condition must be a bool tensor{_where()}")
     dtype = result_type(a, b)
@@ -624,7 +628,9 @@ def reshape(x: Tensor, *shape: Any) -> Tensor:
                          f"(shape {_fmt(x.shape)}){_where()}")
     if shape == x.shape:
         return x
-    return _wrap(emit("Reshape", [x._v, const(shape, int64)])[0])
+    # NOTE: without allowzero, ONNX reads a 0 in the shape as "copy this dim of the input".
+    attrs = {"allowzero": 1} if 0 in shape else None
+    return _wrap(emit("Reshape", [x._v, const(shape, int64)], attrs)[0])
 
 
 @op(og=True, method=True)
@@ -763,83 +769,7 @@ def log_softmax(x: Tensor, dim: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- indexing
-@op(method="__getitem__")
-def getitem(x: Tensor, index: Any) -> Tensor:
-    if not isinstance(index, tuple):
-        index = (index,)
-    if any(isinstance(i, Tensor) and i.dtype == np.bool_ for i in index):
-        raise TypeError(f"boolean mask indexing has a data-dependent shape; use og.where{_where()}")
-    # NOTE: identity tests only: `in`, .count and .index would call Tensor.__eq__ on tensor items.
-    n_real = len([i for i in index if i is not None and i is not Ellipsis])
-    if n_real > x.ndim:
-        raise IndexError(f"too many indices for tensor of dimension {x.ndim}{_where()}")
-    ellipses = [k for k, i in enumerate(index) if i is Ellipsis]
-    if len(ellipses) > 1:
-        raise IndexError(f"an index can only have a single ellipsis ('...'){_where()}")
-    # The ellipsis (implicitly at the end when absent) stands for all dims not indexed.
-    at = ellipses[0] if ellipses else len(index)
-    index = index[:at] + (slice(None),) * (x.ndim - n_real) + index[at + 1:]
-
-    starts, ends, axes, steps = [], [], [], []
-    squeeze_axes, new_axes, gathers = [], [], []
-    axis = 0  # axis in x
-    out_pos = 0  # position in the result (before squeezes)
-    for item in index:
-        if item is None:
-            new_axes.append(out_pos)
-            out_pos += 1
-            continue
-        size = x.shape[axis]
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            i = int(item)
-            if not -size <= i < size:
-                raise IndexError(f"index {i} is out of bounds for dimension {axis} with size "
-                                 f"{size}{_where()}")
-            i %= size
-            starts.append(i), ends.append(i + 1), axes.append(axis), steps.append(1)
-            squeeze_axes.append(axis)
-        elif isinstance(item, slice):
-            start, stop, step = item.start, item.stop, item.step
-            if step is not None and step <= 0:
-                raise ValueError(f"step must be greater than zero{_where()}")
-            if (start, stop, step) != (None, None, None):
-                s, e, st = slice(start, stop, step).indices(size)
-                starts.append(s), ends.append(builtins.max(e, s)), axes.append(axis)
-                steps.append(st)
-            out_pos += 1
-        elif isinstance(item, (Tensor, list, np.ndarray)):
-            idx = item if isinstance(item, Tensor) else Tensor(Val(np.asarray(item, dtype=np.int64)))
-            if idx.dtype.kind not in "iu":
-                raise IndexError(f"tensors used as indices must be long or int{_where()}")
-            gathers.append((axis, idx))
-            out_pos += idx.ndim  # Gather puts the index's dims where the axis was
-        else:
-            raise TypeError(f"unsupported index {item!r}")
-        axis += 1
-    if len(gathers) > 1:
-        raise IndexError(f"only one tensor index per indexing expression is supported{_where()}")
-
-    v = x._v
-    if starts:
-        v = emit("Slice", [v, const(starts, int64), const(ends, int64), const(axes, int64),
-                           const(steps, int64)])[0]
-    if gathers:
-        (g_axis, idx) = gathers[0]
-        size = x.shape[g_axis]
-        bad = (idx._v.data >= size) | (idx._v.data < -size)
-        if bad.any():
-            raise IndexError(f"index {int(idx._v.data[bad].reshape(-1)[0])} is out of bounds for "
-                             f"dimension {g_axis} with size {size}{_where()}")
-        v = emit("Gather", [v, idx._v], {"axis": g_axis})[0]
-        extra = idx.ndim - 1  # the gathered axis became idx.ndim axes
-        squeeze_axes = [a + extra if a > g_axis else a for a in squeeze_axes]
-    if squeeze_axes:
-        v = emit("Squeeze", [v, const(squeeze_axes, int64)])[0]
-    if new_axes:
-        v = emit("Unsqueeze", [v, const(new_axes, int64)])[0]
-    if v is x._v:
-        v = emit("Identity", [v])[0]
-    return _wrap(v)
+# getitem, setitem and the indexing functions: tracer/index_ops.py.
 
 
 # --------------------------------------------------------------------------- in-place
@@ -943,9 +873,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return _wrap(emit("Mul", [x._v, mask])[0])
 
 
-@op(method=True)
-def gather(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``torch.gather``: ONNX ``GatherElements`` along ``dim``."""
+@op(og=True, method=True)
+def gather(x: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False) -> Tensor:
+    """``torch.gather``: ONNX ``GatherElements`` along ``dim`` (``sparse_grad`` is accepted; the
+    gradient is dense)."""
     d = _norm_dims(x, dim)[0]
     if index.dtype.kind not in "iu" or index.ndim != x.ndim:
         raise IndexError(f"gather: index must be an integer tensor of rank {x.ndim}, got "

@@ -380,6 +380,7 @@ class Tensor:
     __floordiv__ = OpMethod()
     __rfloordiv__ = OpMethod()
     __ifloordiv__ = OpMethod()
+    __setitem__ = OpMethod()
     __hash__ = object.__hash__  # by identity, as torch.Tensor (__eq__ is elementwise)
 
     def __getattr__(self, name: str) -> Any:

@@ -23,7 +23,9 @@ def zeros_of(b, x: ir.Value) -> ir.Value:
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(b, node, grads, needs):
     x = node.inputs[0]
-    return [b.op("Reshape", grads[0], shape_of(b, x))] + [None] * (len(node.inputs) - 1)
+    zero = 0 in (dims(x) or ())  # a 0 in Reshape's shape means "copy the dim" without allowzero
+    return [b.op("Reshape", grads[0], shape_of(b, x), allowzero=1 if zero else None)] + \
+        [None] * (len(node.inputs) - 1)
 
 
 @rule("Expand", broadcasting=True)
