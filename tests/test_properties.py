@@ -264,3 +264,11 @@ def test_matmul_shapes(dtype: Any, shapes: Any, seed: int) -> None:
     a, b = shapes
     _compare(lambda x, y: x @ y, lambda x, y: x @ y,
              [_data(a, dtype, seed), _data(b, dtype, seed + 1)], dtype, seed)
+
+
+def test_squeeze_of_a_0d_tensor_is_a_no_op_as_in_pytorch() -> None:
+    # found by test_view_chains: x.squeeze(0) of a 0-d tensor raised IndexError
+    x = og.ones(1).squeeze(0)
+    assert tuple(x.squeeze(0).shape) == tuple(x.squeeze(-1).shape) == ()
+    with pytest.raises(IndexError, match="out of range"):
+        x.squeeze(1)

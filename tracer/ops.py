@@ -647,7 +647,8 @@ def squeeze(x: Tensor, dim: Any = None) -> Tensor:
     if dim is None:
         axes = [i for i, d in enumerate(x.shape) if d == 1]
     else:
-        axes = [d for d in _norm_dims(x, dim) if x.shape[d] == 1]
+        # A 0-d tensor has dims -1 and 0 to name, as in PyTorch, and nothing to squeeze.
+        axes = [d for d in _norm_dims(x, dim) if x.ndim and x.shape[d] == 1]
     if not axes:
         return x
     return _wrap(emit("Squeeze", [x._v, const(axes, int64)])[0])
