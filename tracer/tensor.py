@@ -15,12 +15,15 @@ in the same registry.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
 import numpy as np
 
+from . import device as _device
 from . import state
+from .dtypes import BY_NUMPY, Size
 from .registry import METHODS, OpMethod, bound_method
 
 # Re-exported: the recording core was defined here before it had its own module.
@@ -114,7 +117,16 @@ class Tensor:
             self._set_leaf_data(val.data)
             return
         else:
-            self._v = val
+            old = self._v
+            # NOTE: a buffer shared with NumPy (og.from_numpy, .numpy()) is written in place, so
+            # the array sees the update as PyTorch's does; unless a recorded graph holds the old
+            # Val (refcount: this handle's and getrefcount's own), whose saved values must stay.
+            if getattr(old, "shared", None) is True and val.rec is None \
+                    and sys.getrefcount(old) <= 3 and old.data.shape == val.data.shape \
+                    and old.data.dtype == val.data.dtype and old.data.flags.writeable:
+                np.copyto(old.data, val.data)
+            else:
+                self._v = val
         self._version += 1
 
     def _assign(self, value: Tensor) -> None:
@@ -129,15 +141,25 @@ class Tensor:
         self._version += 1
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._v.data.shape)
+    def shape(self) -> Size:
+        return Size(self._v.data.shape)
 
     def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
+        return Size(self._v.data.shape) if dim is None else self._v.data.shape[dim]
 
     @property
-    def dtype(self) -> np.dtype:
-        return self._v.data.dtype
+    def dtype(self):
+        """The element type, an ``og.dtype`` (``onnxgrad.float32``) equal to the NumPy dtype."""
+        return BY_NUMPY[self._v.data.dtype]
+
+    @property
+    def device(self) -> _device.device:
+        """Where this tensor's ops run: the process's compute device (``tracer/device.py``)."""
+        return _device.current()
+
+    @property
+    def is_cuda(self) -> bool:
+        return _device.current().type == "cuda"
 
     @property
     def ndim(self) -> int:
@@ -182,12 +204,25 @@ class Tensor:
         return self.permute(list(reversed(range(self.ndim))))
 
     # ----------------------------------------------------------------- values
-    def numpy(self) -> np.ndarray:
+    def numpy(self, *, force: bool = False) -> np.ndarray:
+        """The tensor's buffer itself, shared as PyTorch's: writes through either side are seen
+        by the other (see ``og.from_numpy`` for where they cannot be).
+
+        ``force=True`` returns a copy, and is allowed on a tensor that requires grad.
+        """
         _check_traceable(".numpy()")
+        if force:
+            return np.array(self._v.data, copy=True)
         if self.requires_grad:
-            raise RuntimeError("Can't call numpy() on a tensor that requires grad. "
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
                                "Use tensor.detach().numpy() instead.")
-        return self._v.data
+        val = self._v
+        if getattr(val, "shared", None) == "runner":
+            # NOTE: an optimizer's or compiled step's double-buffered state: the runner
+            # rewrites this buffer two steps on, so the caller gets a snapshot.
+            return np.array(val.data, copy=True)
+        val.shared = True
+        return val.data
 
     def item(self) -> Any:
         _check_traceable(".item()")
@@ -239,7 +274,11 @@ class Tensor:
             # Traced, the value must stay connected to where it comes from (a parameter is an
             # input of the compiled step, not a constant baked in at trace time).
             return Tensor(emit("Identity", [self._v], differentiable=False)[0])
-        return Tensor(Val(self._v.data))
+        val = Val(self._v.data)
+        shared = getattr(self._v, "shared", None)
+        if shared is not None:  # the same buffer: shared with NumPy or the runner's, as this one
+            val.shared = shared
+        return Tensor(val)
 
     def detach_(self) -> Tensor:
         self._v = Val(self._v.data)
@@ -360,8 +399,11 @@ def _int_float(x: float) -> str:
     return f"{int(x)}."
 
 
-def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def tensor(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+           pin_memory: bool = False) -> Tensor:
     """A new leaf tensor from Python data, NumPy arrays or tensors (data is copied)."""
+    if device is not None:
+        _device.check(device)
     if isinstance(data, Tensor):
         array = np.array(data._v.data, copy=True)
     else:
@@ -382,7 +424,9 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return t
 
 
-def as_tensor(data: Any, dtype: Any = None) -> Tensor:
+def as_tensor(data: Any, dtype: Any = None, device: Any = None) -> Tensor:
+    if device is not None:
+        _device.check(device)
     if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
         return data
     return tensor(data, dtype=dtype)

@@ -73,7 +73,10 @@ class Record:
 class Val:
     """An immutable value: eager data plus how it was made."""
 
-    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner",
+    # NOTE: ``shared`` is left unset (read with getattr) so making a Val costs nothing more:
+    # True once its buffer is shared with NumPy (og.from_numpy, .numpy()), "runner" when it is a
+    # double-buffered runner state buffer (tracer/views.py).
+    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner", "shared",
                  "__weakref__")
 
     def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
