@@ -6,16 +6,17 @@ checked and moves nothing.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 from . import device as _device
-from . import ops
+from . import ops, state
 from .dtypes import as_dtype, from_type_name, type_name
 from .ops import _shape_args, _where
-from .registry import op
-from .tensor import Tensor
+from .registry import op, out_writer
+from .tensor import Tensor, Val
 
 
 def _parse_to(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -185,3 +186,56 @@ def new_tensor(self: Tensor, data: Any, *, dtype: Any = None, device: Any = None
 
     array = data._v.data if isinstance(data, Tensor) else np.asarray(data)
     return tensor(array, requires_grad=requires_grad, **_new_kwargs(self, dtype, device))
+
+
+# --------------------------------------------------------------------------- out=
+def _resize_warning(name: str, old: tuple[int, ...], new: tuple[int, ...]) -> None:
+    warnings.warn(
+        f"An output with one or more elements was resized since it had shape {list(old)}, "
+        f"which does not match the required output shape {list(new)} ({name}). This behavior "
+        "is deprecated, and in a future PyTorch release outputs will not be resized unless "
+        "they have zero elements.", UserWarning, stacklevel=5)
+
+
+def _write_one(name: str, result: Any, out: Any) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{name}(): argument 'out' must be Tensor, not {type(out).__name__}")
+    if not isinstance(result, Tensor):
+        raise TypeError(f"{name}() returns {type(result).__name__}, which out= cannot hold")
+    if (result.requires_grad or out.requires_grad) and state.grad_enabled():
+        raise RuntimeError(f"{name}(): functions with out=... arguments don't support "
+                           "automatic differentiation, but one of the arguments requires grad.")
+    if not ops._can_cast(result.dtype, out.dtype):
+        raise RuntimeError(f"result type {ops._TORCH_NAMES[result.dtype.name]} can't be cast to "
+                           f"the desired output type {ops._TORCH_NAMES[out.dtype.name]}")
+    value = ops.to(result, out.dtype)
+    if value is result and state.active_trace() is None:
+        value = Tensor(Val(np.array(value._v.data, copy=True)))  # not the result's buffer
+    if out.shape != value.shape:
+        if out.numel():
+            _resize_warning(name, out.shape, value.shape)
+        # NOTE: a resize gives out new memory (a NumPy array shared with it keeps its shape).
+        out._v = Val(value._v.data, requires_grad=out._v.requires_grad)
+        out._version += 1
+        return out
+    if out.requires_grad and out.is_leaf:
+        out._set_leaf_data(np.array(value._v.data, copy=True))  # under no_grad, as PyTorch
+        return out
+    out._write(value._v)
+    return out
+
+
+@out_writer
+def write_out(name: str, result: Any, out: Any) -> Any:
+    """Write an op's ``result`` into ``out`` as PyTorch's ``out=``: checked (no autograd, a dtype
+    the result can be cast to), cast, resized when the shape differs; returns ``out``."""
+    if isinstance(out, (tuple, list)):
+        if not isinstance(result, tuple) or len(result) != len(out):
+            raise TypeError(f"{name}(): out= expects {_count(result)}, got a tuple of {len(out)}")
+        written = [_write_one(name, r, o) for r, o in zip(result, out)]
+        return type(result)(*written) if hasattr(result, "_fields") else tuple(written)
+    return _write_one(name, result, out)
+
+
+def _count(result: Any) -> str:
+    return f"a tuple of {len(result)} tensors" if isinstance(result, tuple) else "one tensor"

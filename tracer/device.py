@@ -15,6 +15,7 @@ Nothing here runs on the eager hot path: factories check ``device`` only when it
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import onnxruntime as ort
@@ -27,6 +28,9 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 _TORCH_TYPES = ("cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve",
                 "fpga", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia",
                 "privateuseone")
+
+# PyTorch's grammar: a type name, then optionally ``:`` and an index without leading zeros.
+_DEVICE_STRING = re.compile(r"([a-zA-Z_]+)(?::([1-9][0-9]*|0))?")
 
 
 class CudaUnavailableError(AssertionError, RuntimeError):
@@ -51,16 +55,17 @@ class device:
             raise TypeError(f"device() received an invalid combination of arguments - got "
                             f"({builtins_type_name(type)}), but expected one of:\n"
                             " * (onnxgrad.device device)\n * (str type, int index = -1)")
-        name, sep, idx = type.partition(":")
+        match = _DEVICE_STRING.fullmatch(type)
+        if match is None:
+            raise RuntimeError(f"Invalid device string: '{type}'")
+        name, idx = match.groups()
         if name not in _TORCH_TYPES:
             raise RuntimeError(f"Expected one of {', '.join(_TORCH_TYPES)} device type at start "
                                f"of device string: {type}")
-        if sep:
+        if idx is not None:
             if index is not None:
                 raise RuntimeError("type (string) must not include an index because index was "
                                    f"passed explicitly: {type}")
-            if not idx.isdigit() or (len(idx) > 1 and idx[0] == "0"):
-                raise RuntimeError(f"Invalid device string: '{type}'")
             index = int(idx)
         if index is not None:
             if not isinstance(index, int) or isinstance(index, bool):
