@@ -190,10 +190,13 @@ def _linspace_values(start: float, end: float, steps: int, dtype: np.dtype) -> n
         return np.full(1, start, work)
     start_w, end_w = work.type(start), work.type(end)
     step = (end_w - start_w) / work.type(steps - 1)
-    i = np.arange(steps)
+    # NOTE: PyTorch's kernel is compiled with fused multiply-adds (start + step * i rounded once):
+    # a wider type computes the product and sum before the one rounding to the result's type.
+    wide = np.dtype(np.float64) if work.itemsize < 8 else np.dtype(np.longdouble)
+    i = np.arange(steps, dtype=wide)
     half = steps // 2
-    low = start_w + step * i[:half].astype(work)
-    high = end_w - step * (steps - 1 - i[half:]).astype(work)
+    low = wide.type(start_w) + wide.type(step) * i[:half]
+    high = wide.type(end_w) - wide.type(step) * (steps - 1 - i[half:])
     return np.concatenate([low, high]).astype(work)
 
 
