@@ -155,6 +155,7 @@ def test_to_casts_records_and_keeps_gradients() -> None:
     assert x.to(np.float64).dtype == og.float64  # NumPy dtypes keep working
     assert og.tensor([1.7]).to(og.int64).tolist() == [1]
     assert x.to("cpu", non_blocking=True) is x
+    assert x.to(og.float64, True).dtype == og.float64  # to(dtype, non_blocking)
 
 
 def test_to_bad_arguments() -> None:

@@ -49,7 +49,7 @@ def test_dtype_prints_and_answers_as_torch(name: str) -> None:
 def test_dtype_is_still_numpy_compatible() -> None:
     assert og.float32 == np.float32 == np.dtype("float32")
     assert np.dtype("float32") == og.float32 and og.float32 != og.float64
-    assert og.float32 != None  # noqa: E711  (NumPy would read None as float64)
+    assert og.float32 != None  # NumPy would read None as float64
     assert hash(og.float32) == hash(np.dtype("float32"))
     assert {np.dtype("float32"): 1}[og.float32] == 1
     assert np.zeros(2, og.float64).dtype == np.float64
@@ -291,6 +291,10 @@ def test_from_numpy_shares_memory_both_ways() -> None:
     d = t.detach()  # a detached tensor shares the buffer, as PyTorch's
     d.add_(1)
     np.testing.assert_array_equal(a, [2, 2, 2, 2])
+    e = t.detach().requires_grad_()  # its flag only: t stays as it was
+    assert e.requires_grad and not t.requires_grad and e.numpy(force=True) is not a
+    (e * 3).sum().backward()
+    assert e.grad.tolist() == [3.0] * 4 and t.grad is None
     i = og.from_numpy(np.array([1, 2], dtype=np.int64))
     assert i.dtype is og.int64
 
@@ -318,6 +322,14 @@ def test_memory_is_not_shared_where_a_graph_saved_the_value() -> None:
     x.add_(100)
     np.testing.assert_array_equal(a, [1.0, 2.0])  # the array keeps the saved values
     assert x.tolist() == [101.0, 102.0]
+    y.backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [1.0, 2.0])
+    # Also when the graph saved a detached handle on the same buffer.
+    b = np.array([1.0, 2.0], dtype=np.float32)
+    x = og.from_numpy(b)
+    w.grad = None
+    y = (w * x.detach()).sum()
+    x.add_(100)
     y.backward()
     np.testing.assert_array_equal(w.grad.numpy(), [1.0, 2.0])
 
@@ -382,3 +394,15 @@ def test_numpy_of_an_unrecorded_result_and_in_place_after_step() -> None:
     with og.no_grad():
         p.add_(1)
     assert p.is_leaf and p.detach().tolist() == [2.0, 2.0]
+
+
+def test_compiled_functions_read_a_shared_buffer_current_values() -> None:
+    a = np.array([1.0, 2.0], dtype=np.float32)
+    t = og.from_numpy(a)
+    step = og.compile(lambda x: x * t)
+    x = og.ones(2)
+    assert step(x).tolist() == [1.0, 2.0]
+    t.add_(1)  # an in-place op, written into a
+    assert step(x).tolist() == [2.0, 3.0]
+    a[:] = [5.0, 6.0]  # a write through the array
+    assert step(x).tolist() == [5.0, 6.0]

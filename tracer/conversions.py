@@ -24,6 +24,8 @@ def _parse_to(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     dev, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     if kwargs:
         raise TypeError(f"to() got an unexpected keyword argument '{next(iter(kwargs))}'")
+    if len(args) > 1 and isinstance(args[-1], bool):
+        args = args[:-1]  # to(dtype, non_blocking) and to(other, non_blocking)
     if len(args) > 2:
         raise TypeError(f"to() takes at most 2 positional arguments ({len(args)} given)")
     if args and isinstance(args[0], Tensor):

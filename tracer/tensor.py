@@ -15,7 +15,6 @@ in the same registry.
 """
 from __future__ import annotations
 
-import sys
 import weakref
 from typing import Any
 
@@ -119,14 +118,16 @@ class Tensor:
         else:
             old = self._v
             # NOTE: a buffer shared with NumPy (og.from_numpy, .numpy()) is written in place, so
-            # the array sees the update as PyTorch's does; unless a recorded graph holds the old
-            # Val (refcount: this handle's and getrefcount's own), whose saved values must stay.
-            if getattr(old, "shared", None) is True and val.rec is None \
-                    and sys.getrefcount(old) <= 3 and old.data.shape == val.data.shape \
+            # the array sees the update as PyTorch's does; unless a recorded graph saved the old
+            # value for a gradient (then the tensor gets new memory and backward its values).
+            # The handle still gets a new Val: compiled steps rebind inputs by Val.
+            if getattr(old, "shared", None) is True and val.rec is None and old.rec is None \
+                    and not getattr(old, "saved", False) and old.data.shape == val.data.shape \
                     and old.data.dtype == val.data.dtype and old.data.flags.writeable:
                 np.copyto(old.data, val.data)
-            else:
-                self._v = val
+                val = Val(old.data)
+                val.shared, val.owner = True, _own_owner(self, old)
+            self._v = val
         self._version += 1
 
     def _assign(self, value: Tensor) -> None:
@@ -186,6 +187,11 @@ class Tensor:
             )
         if flag and self.dtype.kind != "f":
             raise RuntimeError(f"only floating point tensors can require gradients, got {self.dtype}")
+        if getattr(self._v, "shared", None) is True:
+            # Handles made by detach() share a NumPy-shared Val; the flag is this handle's only.
+            own = Val(self._v.data)
+            own.shared, own.owner = True, _own_owner(self, self._v)
+            self._v = own
         self._v.requires_grad = bool(flag)
         self._v.leaf = weakref.ref(self) if flag else None
         return self
@@ -274,9 +280,13 @@ class Tensor:
             # Traced, the value must stay connected to where it comes from (a parameter is an
             # input of the compiled step, not a constant baked in at trace time).
             return Tensor(emit("Identity", [self._v], differentiable=False)[0])
-        val = Val(self._v.data)
-        shared = getattr(self._v, "shared", None)
-        if shared is not None:  # the same buffer: shared with NumPy or the runner's, as this one
+        old = self._v
+        shared = getattr(old, "shared", None)
+        if shared is True and old.rec is None and not old.requires_grad:
+            # A buffer shared with NumPy: one Val, so a graph saving it protects both handles.
+            return Tensor(old)
+        val = Val(old.data)
+        if shared == "runner":  # the runner's buffer too: .numpy() must still copy
             val.shared = shared
         return Tensor(val)
 
@@ -389,6 +399,13 @@ class Tensor:
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | {m for m in METHODS if not m.startswith("__")})
+
+
+def _own_owner(t: Tensor, val: Val) -> weakref.ref | None:
+    """``val.owner`` when ``t`` is that owner (a tensor made by og.from_numpy), else None: a
+    handle made by detach() on the same buffer is not what the user made."""
+    owner = val.owner
+    return owner if owner is not None and owner() is t else None
 
 
 def _int_float(x: float) -> str:
