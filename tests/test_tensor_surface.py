@@ -299,6 +299,19 @@ def test_from_numpy_shares_memory_both_ways() -> None:
     assert i.dtype is og.int64
 
 
+def test_as_tensor_shares_numpy_memory_as_torch() -> None:
+    torch = pytest.importorskip("torch")
+    for dtype in (np.float32, np.float64, np.int64):
+        a, b = np.zeros(3, dtype), np.zeros(3, dtype)
+        t, tt = og.as_tensor(a), torch.as_tensor(b)
+        a[0] = b[0] = 1
+        assert t.tolist() == tt.tolist() == [1, 0, 0]
+    c = np.zeros(2, np.float32)
+    assert og.as_tensor(c, dtype=og.float64).dtype is og.float64  # a cast: a copy
+    og.as_tensor(c, dtype=og.float64).add_(1)
+    assert c.tolist() == [0.0, 0.0]
+
+
 def test_numpy_shares_memory_both_ways() -> None:
     torch = pytest.importorskip("torch")
     t, tt = og.ones(3), torch.ones(3)

@@ -446,4 +446,17 @@ def as_tensor(data: Any, dtype: Any = None, device: Any = None) -> Tensor:
         _device.check(device)
     if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
         return data
+    if isinstance(data, np.ndarray) and (dtype is None or data.dtype == np.dtype(dtype)) \
+            and data.dtype in _SHAREABLE \
+            and data.flags.c_contiguous and data.dtype.isnative:
+        # As PyTorch's: an array of a tensor dtype is shared, as og.from_numpy shares it.
+        val = Val(data)
+        val.shared = True
+        t = Tensor(val)
+        val.owner = weakref.ref(t)
+        return t
     return tensor(data, dtype=dtype)
+
+
+_SHAREABLE = frozenset(np.dtype(n) for n in ("float16", "float32", "float64", "int8", "int16",
+                                              "int32", "int64", "uint8", "bool"))
