@@ -409,6 +409,17 @@ def test_numpy_of_an_unrecorded_result_and_in_place_after_step() -> None:
     assert p.is_leaf and p.detach().tolist() == [2.0, 2.0]
 
 
+def test_batchnorm_running_stats_update_a_shared_buffer() -> None:
+    torch = pytest.importorskip("torch")
+    bn, tbn = og.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    mean, tmean = bn.running_mean.numpy(), tbn.running_mean.numpy()
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    bn(og.tensor(x))
+    tbn(torch.tensor(x))
+    assert mean.any()  # the array followed the update
+    np.testing.assert_allclose(mean, tmean, rtol=1e-5)
+
+
 def test_compiled_functions_read_a_shared_buffer_current_values() -> None:
     a = np.array([1.0, 2.0], dtype=np.float32)
     t = og.from_numpy(a)

@@ -116,19 +116,23 @@ class Tensor:
             self._set_leaf_data(val.data)
             return
         else:
-            old = self._v
-            # NOTE: a buffer shared with NumPy (og.from_numpy, .numpy()) is written in place, so
-            # the array sees the update as PyTorch's does; unless a recorded graph saved the old
-            # value for a gradient (then the tensor gets new memory and backward its values).
-            # The handle still gets a new Val: compiled steps rebind inputs by Val.
-            if getattr(old, "shared", None) is True and val.rec is None and old.rec is None \
-                    and not getattr(old, "saved", False) and old.data.shape == val.data.shape \
-                    and old.data.dtype == val.data.dtype and old.data.flags.writeable:
-                np.copyto(old.data, val.data)
-                val = Val(old.data)
-                val.shared, val.owner = True, _own_owner(self, old)
-            self._v = val
+            self._v = self._through(val)
         self._version += 1
+
+    def _through(self, val: Val) -> Val:
+        """``val`` as this handle's next value, written into the current buffer when that is
+        shared with NumPy (og.from_numpy, .numpy()), so the array sees the update as PyTorch's
+        does; unless a recorded graph saved the current value for a gradient (then the tensor
+        gets new memory, and backward the values it saved). The handle still gets a new Val:
+        compiled steps rebind their inputs by Val."""
+        old = self._v
+        if getattr(old, "shared", None) is True and val.rec is None and old.rec is None \
+                and not getattr(old, "saved", False) and old.data.shape == val.data.shape \
+                and old.data.dtype == val.data.dtype and old.data.flags.writeable:
+            np.copyto(old.data, val.data)
+            val = Val(old.data)
+            val.shared, val.owner = True, _own_owner(self, old)
+        return val
 
     def _assign(self, value: Tensor) -> None:
         """In-place update of a buffer (running statistics) by a computed value.
@@ -138,7 +142,7 @@ class Tensor:
         """
         if self._v.requires_grad:
             raise RuntimeError("in-place assignment to a tensor that requires grad")
-        self._v = value._v
+        self._v = self._through(value._v)
         self._version += 1
 
     @property
