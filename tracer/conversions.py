@@ -19,7 +19,7 @@ from .registry import op, out_writer
 from .tensor import Tensor, Val
 
 
-def _parse_to(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+def parse_to(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """(device, dtype) from ``to``'s three forms: (dtype), (device, dtype), (tensor)."""
     dev, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     if kwargs:
@@ -52,7 +52,7 @@ def to(self: Tensor, *args: Any, non_blocking: bool = False, copy: bool = False,
        **kwargs: Any) -> Tensor:
     """``t.to(dtype)``, ``t.to(device, dtype)``, ``t.to(other)``, as PyTorch's: ``self`` when
     nothing changes (unless ``copy=True``); a cast is recorded, so gradients flow through it."""
-    dev, dtype = _parse_to(args, dict(kwargs))
+    dev, dtype = parse_to(args, dict(kwargs))
     if dev is not None:
         _device.check(dev)  # nothing to move: every tensor lives where ops run
     if dtype is not None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..tracer import state
 from ..tracer.autograd import zero_grads
-from ..tracer.conversions import _parse_to
+from ..tracer.conversions import parse_to
 from ..tracer.device import check
 from ..tracer.dtypes import as_dtype
 from ..tracer.factories import generator
@@ -261,7 +261,7 @@ class Module:
         parameters and buffers are cast in place; a device is checked and moves nothing (one
         compute device per process, ``tracer/device.py``)."""
         kwargs.pop("non_blocking", None)
-        device, dtype = _parse_to(args, kwargs)
+        device, dtype = parse_to(args, kwargs)
         if device is not None:
             check(device)
         if dtype is None:
