@@ -5,6 +5,7 @@ The public front: tensor factories, ops, ``no_grad``, providers. Layers live in
 """
 from __future__ import annotations
 
+from . import accelerator, cuda
 from .inspection import inspect, summary
 from .random import Generator
 from .runtime import get_providers, set_providers
@@ -22,27 +23,40 @@ from .tracer import (
 from .tracer import registry as _registry
 from .tracer.autograd import inference_mode, is_inference_mode_enabled
 from .tracer.compile import compile
-from .tracer.factories import manual_seed
-from .tracer.ops import ShapeError
-from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
-from .tracer.values import (
+from .tracer.device import device
+from .tracer.dtypes import (
+    Size,
     bool_,
+    dtype,
     float16,
     float32,
     float64,
-    get_default_dtype,
     int8,
     int16,
     int32,
     int64,
-    set_default_dtype,
     uint8,
 )
+from .tracer.factories import manual_seed
+from .tracer.ops import ShapeError
+from .tracer.random_stream import get_rng_state, initial_seed, set_rng_state
+from .tracer.values import set_default_dtype
 
 bool = bool_
 float = float32
 double = float64
 long = int64
+half = float16
+short = int16
+int = int32  # torch.int is int32
+
+
+def get_default_dtype() -> dtype:
+    """The default floating-point dtype (``onnxgrad.float32`` unless ``set_default_dtype``)."""
+    from .tracer.dtypes import as_dtype
+    from .tracer.values import get_default_dtype as current
+
+    return as_dtype(current())
 
 __version__ = "0.1.0"
 
@@ -94,6 +108,8 @@ __all__ = [
     "uint8",
     "utils",
 ]
+# Devices and PyTorch's type objects (tracer/device.py, tracer/dtypes.py).
+__all__ += ["Size", "accelerator", "cuda", "device", "dtype", "half", "int", "short"]
 __all__.extend(_registry.names("og"))
 
 

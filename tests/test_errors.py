@@ -198,9 +198,9 @@ def test_op_off_the_gradient_path_needs_no_rule() -> None:
 # --------------------------------------------------------------------------- dtypes
 @pytest.mark.parametrize("make, error, pattern", [
     (lambda: og.ones(2, 3) @ og.ones(3, 2, dtype=og.float64), TypeError,
-     "same dtype, but got float32 and float64"),
+     "same dtype, but got onnxgrad.float32 and onnxgrad.float64"),
     (lambda: og.ones(2, 3, dtype=og.int64) @ og.ones(3, 2), TypeError,
-     "same dtype, but got int64 and float32"),
+     "same dtype, but got onnxgrad.int64 and onnxgrad.float32"),
     (lambda: og.tensor([1, 2]).__iadd__(0.5), TypeError,
      "result type Float can't be cast to the desired output type Long"),
     (lambda: og.tensor([True]).__iadd__(1), TypeError,

@@ -595,7 +595,7 @@ def _t(*shape: int, dtype: Any = np.float32) -> og.Tensor:
     (lambda: F.conv2d(_t(1, 3, 8, 8), _t(6, 3, 3, 3), _t(5)), og.ShapeError,
      r"bias must have shape \[6\].*got \[5\]"),
     (lambda: F.conv2d(_t(1, 3, 8, 8), _t(6, 3, 3, 3, dtype=np.float64)), TypeError,
-     r"input dtype float32 and weight dtype float64 differ"),
+     r"input dtype onnxgrad.float32 and weight dtype onnxgrad.float64 differ"),
     (lambda: F.conv2d(_t(1, 3, 8, 8), _t(6, 3, 3, 3), stride=2, padding="same"), ValueError,
      r"padding='same' is not supported for strided"),
     (lambda: F.conv2d(_t(1, 3, 8, 8), _t(6, 3, 3, 3), stride=0), ValueError, r"stride must be >= 1"),

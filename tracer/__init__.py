@@ -4,6 +4,7 @@ from __future__ import annotations
 # The op modules register their ops (tracer/registry.py) as they are imported.
 from . import (  # noqa: F401
     activations,
+    conversions,
     factories,
     math_ops,
     index_ops,

@@ -1,5 +1,10 @@
-"""Tensor factories (``og.zeros``, ``og.rand``...) and the global random generator
-(``og.manual_seed``)."""
+"""Tensor factories (``og.zeros``, ``og.rand``...), ``og.from_numpy`` and the global random
+generator (``og.manual_seed``).
+
+Every factory takes PyTorch's ``dtype=``, ``device=`` and ``requires_grad=``; ``device`` is checked
+(``tracer/device.py``: one compute device per process) only when given, so the default costs
+nothing.
+"""
 from __future__ import annotations
 
 import weakref
@@ -8,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from . import device as _device
 from . import ops, random_stream, state
 from .ops import _shape_args
 from .registry import op
@@ -27,7 +33,21 @@ def generator() -> np.random.Generator:
     return _rng
 
 
-def _make(array: np.ndarray, requires_grad: bool) -> Tensor:
+def _gen(generator: Any) -> np.random.Generator:
+    """The random generator a ``generator=`` argument names (default: og.manual_seed's)."""
+    if generator is None:
+        return _rng
+    if isinstance(generator, np.random.Generator):
+        return generator
+    inner = getattr(generator, "numpy_generator", None)  # an og.Generator-like object
+    if isinstance(inner, np.random.Generator):
+        return inner
+    raise TypeError(f"generator must be a NumPy Generator, got {type(generator).__name__}")
+
+
+def _make(array: np.ndarray, requires_grad: bool, device: Any = None) -> Tensor:
+    if device is not None:
+        _device.check(device)
     t = Tensor(Val(_contig(array)))
     t._v.owner = weakref.ref(t)
     if requires_grad:
@@ -40,32 +60,40 @@ def _dtype(dtype: Any) -> np.dtype:
 
 
 @op(og=True)
-def zeros(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _make(np.zeros(_shape_args(size), _dtype(dtype)), requires_grad)
+def zeros(*size: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+          layout: Any = None, pin_memory: bool = False) -> Tensor:
+    return _make(np.zeros(_shape_args(size), _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
-def ones(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return _make(np.ones(_shape_args(size), _dtype(dtype)), requires_grad)
+def ones(*size: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+         layout: Any = None, pin_memory: bool = False) -> Tensor:
+    return _make(np.ones(_shape_args(size), _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
-def full(size: Any, fill_value: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def full(size: Any, fill_value: Any, *, dtype: Any = None, device: Any = None,
+         requires_grad: bool = False, layout: Any = None,
+         pin_memory: bool = False) -> Tensor:
     if dtype is None and isinstance(fill_value, bool):
         dtype = np.bool_
     elif dtype is None and isinstance(fill_value, int):
         dtype = int64
-    return _make(np.full(_shape_args((size,)), fill_value, _dtype(dtype)), requires_grad)
+    if dtype is None and isinstance(fill_value, Tensor):
+        dtype = fill_value.dtype
+    return _make(np.full(_shape_args((size,)), fill_value, _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
-def zeros_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return zeros(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
+def zeros_like(t: Tensor, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+               memory_format: Any = None) -> Tensor:
+    return zeros(t.shape, dtype=dtype or t.dtype, device=device, requires_grad=requires_grad)
 
 
 @op(og=True)
-def ones_like(t: Tensor, dtype: Any = None, requires_grad: bool = False) -> Tensor:
-    return ones(t.shape, dtype=dtype or t.dtype, requires_grad=requires_grad)
+def ones_like(t: Tensor, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+              memory_format: Any = None) -> Tensor:
+    return ones(t.shape, dtype=dtype or t.dtype, device=device, requires_grad=requires_grad)
 
 
 def _traced_random(op: str, shape: tuple[int, ...], dtype: np.dtype, **attrs: Any) -> Tensor | None:
@@ -78,25 +106,41 @@ def _traced_random(op: str, shape: tuple[int, ...], dtype: np.dtype, **attrs: An
 
 
 @op(og=True)
-def rand(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def rand(*size: Any, generator: Any = None, dtype: Any = None, device: Any = None,
+         requires_grad: bool = False, layout: Any = None,
+         pin_memory: bool = False) -> Tensor:
+    if device is not None:
+        _device.check(device)
     dt, shape = _dtype(dtype), _shape_args(size)
     traced = None if requires_grad else _traced_random("RandomUniform", shape, dt)
     if traced is not None:
         return traced
-    return _make(_rng.random(shape, dtype=np.float64).astype(dt), requires_grad)
+    return _make(_gen(generator).random(shape, dtype=np.float64).astype(dt), requires_grad)
 
 
 @op(og=True)
-def randn(*size: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def randn(*size: Any, generator: Any = None, dtype: Any = None, device: Any = None,
+          requires_grad: bool = False, layout: Any = None,
+         pin_memory: bool = False) -> Tensor:
+    if device is not None:
+        _device.check(device)
     dt, shape = _dtype(dtype), _shape_args(size)
     traced = None if requires_grad else _traced_random("RandomNormal", shape, dt)
     if traced is not None:
         return traced
-    return _make(_rng.standard_normal(shape).astype(dt), requires_grad)
+    return _make(_gen(generator).standard_normal(shape).astype(dt), requires_grad)
 
 
 @op(og=True)
-def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None) -> Tensor:
+def randint(low: int, high: Any = None, size: Any = (), *, generator: Any = None,
+            dtype: Any = None, device: Any = None, requires_grad: bool = False,
+            layout: Any = None, pin_memory: bool = False) -> Tensor:
+    if device is not None:
+        _device.check(device)
+    if requires_grad:
+        raise RuntimeError("only floating point tensors can require gradients (randint)")
+    if not isinstance(high, (int, np.integer)) and high is not None and size == ():
+        high, size = None, high  # randint(high, size)
     if high is None:
         low, high = 0, low
     shape, dt = _shape_args((size,)), np.dtype(dtype or int64)
@@ -105,15 +149,201 @@ def randint(low: int, high: int | None = None, size: Any = (), dtype: Any = None
     if traced is not None:
         # floor(U[low, high)) is uniform over the integers low..high-1.
         return ops.to(Tensor(emit("Floor", [traced._v], differentiable=False)[0]), dt)
-    return _make(_rng.integers(low, high, size=shape, dtype=dt), False)
+    return _make(_gen(generator).integers(low, high, size=shape, dtype=dt), False)
 
 
 @op(og=True)
-def arange(start: Any, end: Any = None, step: Any = 1, dtype: Any = None,
-           requires_grad: bool = False) -> Tensor:
+def arange(start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, device: Any = None,
+           requires_grad: bool = False, layout: Any = None,
+         pin_memory: bool = False) -> Tensor:
+    if device is not None:
+        _device.check(device)
     if end is None:
         start, end = 0, start
     if dtype is None:
         is_int = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
         dtype = int64 if is_int else get_default_dtype()
     return _make(np.arange(start, end, step).astype(np.dtype(dtype)), requires_grad)
+
+
+# --------------------------------------------------------------------------- more factories
+def _float_dtype(dtype: Any) -> np.dtype:
+    return get_default_dtype() if dtype is None else np.dtype(dtype)
+
+
+def _check_steps(name: str, steps: Any) -> int:
+    if isinstance(steps, Tensor):
+        steps = steps.item()
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool):
+        raise TypeError(f"{name}(): argument 'steps' must be int, not {type(steps).__name__}")
+    if steps < 0:
+        raise RuntimeError("number of steps must be non-negative")
+    return int(steps)
+
+
+def _linspace_values(start: float, end: float, steps: int, dtype: np.dtype) -> np.ndarray:
+    """PyTorch's CPU kernel: the first half counts up from ``start`` and the second half down
+    from ``end`` (so both ends are exact), in the result's float type."""
+    work = dtype if dtype.kind == "f" else np.dtype(np.float64)
+    if steps == 0:
+        return np.zeros(0, work)
+    if steps == 1:
+        return np.full(1, start, work)
+    start_w, end_w = work.type(start), work.type(end)
+    step = (end_w - start_w) / work.type(steps - 1)
+    # NOTE: PyTorch's kernel is compiled with fused multiply-adds (start + step * i rounded once):
+    # a wider type computes the product and sum before the one rounding to the result's type.
+    wide = np.dtype(np.float64) if work.itemsize < 8 else np.dtype(np.longdouble)
+    i = np.arange(steps, dtype=wide)
+    half = steps // 2
+    low = wide.type(start_w) + wide.type(step) * i[:half]
+    high = wide.type(end_w) - wide.type(step) * (steps - 1 - i[half:])
+    return np.concatenate([low, high]).astype(work)
+
+
+@op(og=True)
+def linspace(start: Any, end: Any, steps: int, *, dtype: Any = None, device: Any = None,
+             requires_grad: bool = False, layout: Any = None) -> Tensor:
+    steps = _check_steps("linspace", steps)
+    dt = _float_dtype(dtype)
+    values = _linspace_values(float(start), float(end), steps, dt)
+    # NOTE: integer results truncate toward zero, as PyTorch's cast of the float values.
+    return _make(values.astype(dt), requires_grad, device)
+
+
+@op(og=True)
+def logspace(start: Any, end: Any, steps: int, base: float = 10.0, *, dtype: Any = None,
+             device: Any = None, requires_grad: bool = False, layout: Any = None) -> Tensor:
+    steps = _check_steps("logspace", steps)
+    dt = _float_dtype(dtype)
+    exponents = _linspace_values(float(start), float(end), steps, dt)
+    with np.errstate(over="ignore"):
+        values = np.power(np.float64(base), exponents.astype(np.float64))
+    return _make(values.astype(dt), requires_grad, device)
+
+
+@op(og=True)
+def eye(n: int, m: int | None = None, *, dtype: Any = None, device: Any = None,
+        requires_grad: bool = False, layout: Any = None) -> Tensor:
+    m = n if m is None else m
+    for name, value in (("n", n), ("m", m)):
+        if value < 0:
+            raise RuntimeError(f"{name} must be greater or equal to 0, got {value}")
+    return _make(np.eye(n, m, dtype=_dtype(dtype)), requires_grad, device)
+
+
+@op(og=True)
+def empty(*size: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+          layout: Any = None, pin_memory: bool = False, memory_format: Any = None) -> Tensor:
+    # NOTE: zeros, not uninitialized memory: the values of an uninitialized tensor are
+    # unspecified, and zeros make programs that read them by mistake deterministic.
+    return zeros(*size, dtype=dtype, device=device, requires_grad=requires_grad)
+
+
+def _like(t: Any, dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected a Tensor as input, got {type(t).__name__}")
+    return t.shape, np.dtype(t.dtype if dtype is None else dtype)
+
+
+@op(og=True)
+def empty_like(input: Tensor, *, dtype: Any = None, device: Any = None,
+               requires_grad: bool = False, layout: Any = None,
+               memory_format: Any = None) -> Tensor:
+    shape, dt = _like(input, dtype)
+    return zeros(shape, dtype=dt, device=device, requires_grad=requires_grad)
+
+
+@op(og=True)
+def full_like(input: Tensor, fill_value: Any, *, dtype: Any = None,
+              device: Any = None, requires_grad: bool = False, layout: Any = None,
+              memory_format: Any = None) -> Tensor:
+    shape, dt = _like(input, dtype)
+    return full(shape, fill_value, dtype=dt, device=device, requires_grad=requires_grad)
+
+
+def _random_like(name: str, input: Any, dtype: Any) -> tuple[tuple[int, ...], np.dtype]:
+    shape, dt = _like(input, dtype)
+    if dt.kind != "f":
+        torch_name = {"i": "Long", "u": "Byte", "b": "Bool"}.get(dt.kind, dt.name)
+        if dt == np.int32:
+            torch_name = "Int"
+        raise RuntimeError(f"\"{name}\" not implemented for '{torch_name}'")
+    return shape, dt
+
+
+@op(og=True)
+def rand_like(input: Tensor, *, dtype: Any = None, device: Any = None,
+              requires_grad: bool = False, layout: Any = None,
+              memory_format: Any = None) -> Tensor:
+    shape, dt = _random_like("check_uniform_bounds", input, dtype)
+    return rand(shape, dtype=dt, device=device, requires_grad=requires_grad)
+
+
+@op(og=True)
+def randn_like(input: Tensor, *, dtype: Any = None, device: Any = None,
+               requires_grad: bool = False, layout: Any = None,
+               memory_format: Any = None) -> Tensor:
+    shape, dt = _random_like("normal_kernel_cpu", input, dtype)
+    return randn(shape, dtype=dt, device=device, requires_grad=requires_grad)
+
+
+@op(og=True)
+def randint_like(input: Tensor, low: int = 0, high: int | None = None, *,
+                 dtype: Any = None, device: Any = None, requires_grad: bool = False,
+                 layout: Any = None, memory_format: Any = None) -> Tensor:
+    """``randint_like(input, high)`` or ``randint_like(input, low, high)``; the result has
+    ``input``'s dtype (floats hold whole numbers), as PyTorch's."""
+    shape, dt = _like(input, dtype)
+    if high is None:
+        low, high = 0, low
+    if low >= high:
+        raise RuntimeError(f"random_ expects 'from' to be less than 'to', but got "
+                           f"from={low} >= to={high}")
+    values = randint(low, high, shape, device=device)
+    out = ops.to(values, dt) if dt != np.int64 else values
+    if requires_grad:
+        out = _make(out._v.data, True)
+    return out
+
+
+@op(og=True)
+def randperm(n: int, *, generator: Any = None, dtype: Any = None, device: Any = None,
+             requires_grad: bool = False, layout: Any = None, pin_memory: bool = False) -> Tensor:
+    if n < 0:
+        raise RuntimeError(f"n must be non-negative, got{n}")
+    dt = int64 if dtype is None else np.dtype(dtype)
+    return _make(_gen(generator).permutation(n).astype(dt), requires_grad, device)
+
+
+# The dtypes from_numpy takes, by PyTorch's names in its message.
+_FROM_NUMPY = ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8",
+               "bool")
+
+
+@op(og=True)
+def from_numpy(ndarray: np.ndarray) -> Tensor:
+    """A tensor sharing ``ndarray``'s memory, as PyTorch's: writes to the array are seen by the
+    tensor, and in-place ops on the tensor (``add_``, ``copy_``, ``zero_``...) by the array.
+
+    The rule where memory cannot be shared: onnxgrad's data must be C-contiguous (ONNX Runtime
+    reads C order), so any other layout is refused like PyTorch's negative strides; an in-place
+    op on a tensor whose current value a recorded graph saved (an input of an op that requires
+    grad) gives the tensor new memory, so the gradient sees the values it saved and the array keeps
+    the old ones. Ops never write into their inputs otherwise.
+    """
+    if not isinstance(ndarray, np.ndarray):
+        raise TypeError(f"expected np.ndarray (got {type(ndarray).__name__})")
+    if ndarray.dtype.name not in _FROM_NUMPY:
+        raise TypeError(f"can't convert np.ndarray of type numpy.{ndarray.dtype.name}. The only "
+                        f"supported types are: {', '.join(_FROM_NUMPY)}.")
+    if not ndarray.flags.c_contiguous:
+        raise ValueError("og.from_numpy needs a C-contiguous array (onnxgrad keeps data in C "
+                         "order for ONNX Runtime); pass np.ascontiguousarray(a), which copies")
+    if not ndarray.dtype.isnative:
+        raise ValueError("og.from_numpy needs an array in the machine's byte order")
+    val = Val(ndarray)
+    val.shared = True
+    t = Tensor(val)
+    val.owner = weakref.ref(t)
+    return t

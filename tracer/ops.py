@@ -353,7 +353,7 @@ def identity(x: Tensor) -> Tensor:
     return _wrap(emit("Identity", [x._v])[0])
 
 
-@op(method=True)
+@op()  # the Tensor method ``to`` (devices, dtypes, other tensors) is in conversions.py
 def to(x: Tensor, dtype: Any) -> Tensor:
     dtype = np.dtype(dtype)
     if x.dtype == dtype:

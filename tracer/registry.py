@@ -25,6 +25,8 @@ each other.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -53,6 +55,7 @@ OPS: dict[str, OpDef] = {}
 METHODS: dict[str, Callable[..., Any]] = {}
 _ENTRIES: dict[str, dict[str, Callable[..., Any]]] = {ns: {} for ns in NAMESPACES}
 _inplace_variant: Callable[[Callable[..., Any], str], Callable[..., Any]] | None = None
+_out_writer: Callable[[str, Any, Any], Any] | None = None
 
 
 def _names(flag: Names, default: str) -> tuple[str, ...]:
@@ -80,7 +83,10 @@ def op(*, og: Names = False, functional: Names = False, method: Names = False,
         if spec.inplace and _inplace_variant is None:
             raise RuntimeError(f"op {op_name!r}: in-place names need inplace_variant first")
         # Everything is checked before anything is registered: a refused op leaves no trace.
-        claims = [(_ENTRIES[ns], ns, entry, fn) for ns in NAMESPACES
+        # og. functions take PyTorch's ``out=`` (one entry for all of the op's public names,
+        # so og.clip is og.clamp and F.relu is og.relu).
+        public_fn = _with_out(fn, spec.og[0]) if spec.og else fn
+        claims = [(_ENTRIES[ns], ns, entry, public_fn) for ns in NAMESPACES
                   for entry in getattr(spec, ns)]
         claims += [(METHODS, "Tensor method", attr, fn) for attr in spec.methods]
         claims += [(METHODS, "Tensor method", attr, _reflect(fn, attr))
@@ -110,6 +116,33 @@ def inplace_variant(make: Callable[[Callable[..., Any], str], Callable[..., Any]
     global _inplace_variant
     _inplace_variant = make
     return make
+
+
+def out_writer(write: Callable[[str, Any, Any], Any]) -> Callable[[str, Any, Any], Any]:
+    """Declare how ``out=`` is written: ``write(name, result, out) -> out`` (PyTorch's checks,
+    resizing, casting); ``tracer/conversions.py`` declares it once."""
+    global _out_writer
+    _out_writer = write
+    return write
+
+
+def _with_out(fn: Callable[..., Any], public: str) -> Callable[..., Any]:
+    """``fn`` taking PyTorch's ``out=``: the op computes as usual, then its result is written
+    into ``out`` (a tensor, or a tuple of them for ops returning several) and ``out`` returned.
+    Ops with an ``out`` parameter of their own are left as they are."""
+    try:
+        if "out" in inspect.signature(fn).parameters:
+            return fn
+    except (TypeError, ValueError):
+        return fn
+
+    @functools.wraps(fn)
+    def entry(*args: Any, out: Any = None, **kwargs: Any) -> Any:
+        if out is None:
+            return fn(*args, **kwargs)
+        return _out_writer(public, fn(*args, **kwargs), out)
+
+    return entry
 
 
 def namespace(ns: str) -> dict[str, Callable[..., Any]]:

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from . import device as _device
 from . import state
+from .dtypes import BY_NUMPY, Size
 from .registry import METHODS, OpMethod, bound_method
 
 # Re-exported: the recording core was defined here before it had its own module.
@@ -114,8 +116,23 @@ class Tensor:
             self._set_leaf_data(val.data)
             return
         else:
-            self._v = val
+            self._v = self._through(val)
         self._version += 1
+
+    def _through(self, val: Val) -> Val:
+        """``val`` as this handle's next value, written into the current buffer when that is
+        shared with NumPy (og.from_numpy, .numpy()), so the array sees the update as PyTorch's
+        does; unless a recorded graph saved the current value for a gradient (then the tensor
+        gets new memory, and backward the values it saved). The handle still gets a new Val:
+        compiled steps rebind their inputs by Val."""
+        old = self._v
+        if getattr(old, "shared", None) is True and val.rec is None and old.rec is None \
+                and not getattr(old, "saved", False) and old.data.shape == val.data.shape \
+                and old.data.dtype == val.data.dtype and old.data.flags.writeable:
+            np.copyto(old.data, val.data)
+            val = Val(old.data)
+            val.shared, val.owner = True, _own_owner(self, old)
+        return val
 
     def _assign(self, value: Tensor) -> None:
         """In-place update of a buffer (running statistics) by a computed value.
@@ -125,19 +142,29 @@ class Tensor:
         """
         if self._v.requires_grad:
             raise RuntimeError("in-place assignment to a tensor that requires grad")
-        self._v = value._v
+        self._v = self._through(value._v)
         self._version += 1
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._v.data.shape)
+    def shape(self) -> Size:
+        return Size(self._v.data.shape)
 
     def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
+        return Size(self._v.data.shape) if dim is None else self._v.data.shape[dim]
 
     @property
-    def dtype(self) -> np.dtype:
-        return self._v.data.dtype
+    def dtype(self):
+        """The element type, an ``og.dtype`` (``onnxgrad.float32``) equal to the NumPy dtype."""
+        return BY_NUMPY[self._v.data.dtype]
+
+    @property
+    def device(self) -> _device.device:
+        """Where this tensor's ops run: the process's compute device (``tracer/device.py``)."""
+        return _device.current()
+
+    @property
+    def is_cuda(self) -> bool:
+        return _device.current().type == "cuda"
 
     @property
     def ndim(self) -> int:
@@ -164,6 +191,11 @@ class Tensor:
             )
         if flag and self.dtype.kind != "f":
             raise RuntimeError(f"only floating point tensors can require gradients, got {self.dtype}")
+        if getattr(self._v, "shared", None) is True:
+            # Handles made by detach() share a NumPy-shared Val; the flag is this handle's only.
+            own = Val(self._v.data)
+            own.shared, own.owner = True, _own_owner(self, self._v)
+            self._v = own
         self._v.requires_grad = bool(flag)
         self._v.leaf = weakref.ref(self) if flag else None
         return self
@@ -214,12 +246,25 @@ class Tensor:
         return self.permute(list(reversed(range(self.ndim))))
 
     # ----------------------------------------------------------------- values
-    def numpy(self) -> np.ndarray:
+    def numpy(self, *, force: bool = False) -> np.ndarray:
+        """The tensor's buffer itself, shared as PyTorch's: writes through either side are seen
+        by the other (see ``og.from_numpy`` for where they cannot be).
+
+        ``force=True`` returns a copy, and is allowed on a tensor that requires grad.
+        """
         _check_traceable(".numpy()")
+        if force:
+            return np.array(self._v.data, copy=True)
         if self.requires_grad:
-            raise RuntimeError("Can't call numpy() on a tensor that requires grad. "
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
                                "Use tensor.detach().numpy() instead.")
-        return self._v.data
+        val = self._v
+        if getattr(val, "shared", None) == "runner":
+            # NOTE: an optimizer's or compiled step's double-buffered state: the runner
+            # rewrites this buffer two steps on, so the caller gets a snapshot.
+            return np.array(val.data, copy=True)
+        val.shared = True
+        return val.data
 
     def item(self) -> Any:
         _check_traceable(".item()")
@@ -271,7 +316,15 @@ class Tensor:
             # Traced, the value must stay connected to where it comes from (a parameter is an
             # input of the compiled step, not a constant baked in at trace time).
             return Tensor(emit("Identity", [self._v], differentiable=False)[0])
-        return Tensor(Val(self._v.data))
+        old = self._v
+        shared = getattr(old, "shared", None)
+        if shared is True and old.rec is None and not old.requires_grad:
+            # A buffer shared with NumPy: one Val, so a graph saving it protects both handles.
+            return Tensor(old)
+        val = Val(old.data)
+        if shared == "runner":  # the runner's buffer too: .numpy() must still copy
+            val.shared = shared
+        return Tensor(val)
 
     def detach_(self) -> Tensor:
         """Detach in place: the tensor becomes a leaf that does not require grad."""
@@ -392,6 +445,13 @@ class Tensor:
         return sorted(set(super().__dir__()) | {m for m in METHODS if not m.startswith("__")})
 
 
+def _own_owner(t: Tensor, val: Val) -> weakref.ref | None:
+    """``val.owner`` when ``t`` is that owner (a tensor made by og.from_numpy), else None: a
+    handle made by detach() on the same buffer is not what the user made."""
+    owner = val.owner
+    return owner if owner is not None and owner() is t else None
+
+
 def _int_float(x: float) -> str:
     if np.isnan(x):
         return "nan"
@@ -408,8 +468,11 @@ def _numpy_typed(data: Any) -> bool:
     return isinstance(data, (np.ndarray, np.generic, Tensor))
 
 
-def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
+def tensor(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
+           pin_memory: bool = False) -> Tensor:
     """A new leaf tensor from Python data, NumPy arrays or tensors (data is copied)."""
+    if device is not None:
+        _device.check(device)
     if isinstance(data, Tensor):
         array = np.array(data._v.data, copy=True)
     else:
@@ -431,7 +494,22 @@ def tensor(data: Any, dtype: Any = None, requires_grad: bool = False) -> Tensor:
     return t
 
 
-def as_tensor(data: Any, dtype: Any = None) -> Tensor:
+def as_tensor(data: Any, dtype: Any = None, device: Any = None) -> Tensor:
+    if device is not None:
+        _device.check(device)
     if isinstance(data, Tensor) and (dtype is None or data.dtype == np.dtype(dtype)):
         return data
+    if isinstance(data, np.ndarray) and (dtype is None or data.dtype == np.dtype(dtype)) \
+            and data.dtype in _SHAREABLE \
+            and data.flags.c_contiguous and data.dtype.isnative:
+        # As PyTorch's: an array of a tensor dtype is shared, as og.from_numpy shares it.
+        val = Val(data)
+        val.shared = True
+        t = Tensor(val)
+        val.owner = weakref.ref(t)
+        return t
     return tensor(data, dtype=dtype)
+
+
+_SHAREABLE = frozenset(np.dtype(n) for n in ("float16", "float32", "float64", "int8", "int16",
+                                              "int32", "int64", "uint8", "bool"))

@@ -77,8 +77,12 @@ class Record:
 class Val:
     """An immutable value: eager data plus how it was made."""
 
-    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner",
-                 "__weakref__")
+    # NOTE: ``shared`` and ``saved`` are left unset (read with getattr) so making a Val costs
+    # nothing more. ``shared``: True once its buffer is shared with NumPy (og.from_numpy,
+    # .numpy()), "runner" for a double-buffered runner state buffer (tracer/views.py). ``saved``:
+    # True once a record that gradients flow through reads it (in-place ops must not overwrite it).
+    __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner", "shared",
+                 "saved", "__weakref__")
 
     def __init__(self, data: np.ndarray, rec: Record | None = None, index: int = 0,
                  requires_grad: bool = False, const: bool = False):
@@ -155,6 +159,10 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
     if requires_grad or state.active_trace() is not None:
         rec = Record(op, attrs, key, inputs, outs)
         rec.grad = requires_grad
+        if requires_grad:
+            for v in inputs:
+                if v is not None:
+                    v.saved = True
         return [
             Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
         ]

@@ -54,3 +54,4 @@ class RunnerViews:
         self._given[name] = ref
         if self.shared:
             self._handed.setdefault(name, []).append(ref)
+            val.shared = "runner"  # .numpy() gives a snapshot: this buffer is rewritten

@@ -10,6 +10,9 @@ import numpy as np
 
 from ..tracer import state
 from ..tracer.autograd import zero_grads
+from ..tracer.conversions import parse_to
+from ..tracer.device import check
+from ..tracer.dtypes import as_dtype
 from ..tracer.factories import generator
 from ..tracer.ops import ShapeError
 from ..tracer.tensor import Tensor, Val, _contig, get_default_dtype
@@ -254,9 +257,21 @@ class Module:
             p.requires_grad_(requires_grad)
         return self
 
-    def to(self, dtype: Any) -> Module:
-        """Cast floating-point parameters and buffers to ``dtype`` (in place, like PyTorch)."""
-        dtype = np.dtype(dtype)
+    def to(self, *args: Any, **kwargs: Any) -> Module:
+        """``to(dtype)``, ``to(device, dtype)``, ``to(tensor)``, as PyTorch's: floating-point
+        parameters and buffers are cast in place; a device is checked and moves nothing (one
+        compute device per process, ``tracer/device.py``)."""
+        kwargs.pop("non_blocking", None)
+        device, dtype = parse_to(args, kwargs)
+        if device is not None:
+            check(device)
+        if dtype is None:
+            return self
+        dtype = as_dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError("nn.Module.to only accepts floating point or complex dtypes, but got "
+                            f"desired dtype={dtype}")
+        dtype = dtype.dtype
         for t in {id(t): t for t in self._state_tensors().values()}.values():
             if t.dtype.kind == "f":
                 t._set_leaf_data(t._v.data.astype(dtype))
@@ -264,6 +279,15 @@ class Module:
 
     def double(self) -> Module:
         return self.to(np.float64)
+
+    def half(self) -> Module:
+        return self.to(np.float16)
+
+    def cpu(self) -> Module:
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None) -> Module:
+        return self.to("cuda" if device is None else device)
 
     def float(self) -> Module:
         return self.to(np.float32)
