@@ -387,7 +387,7 @@ class Tensor:
             body = np.array2string(data, separator=", ", prefix=prefix)
         extras = []
         if data.dtype not in (get_default_dtype(), int64, bool_):
-            extras.append(f"dtype={data.dtype}")
+            extras.append(f"dtype=onnxgrad.{data.dtype}")
         if self._v.rec is not None and self._v.requires_grad:
             extras.append(f"grad_fn=<{self.grad_fn.name()}>")
         elif self._v.requires_grad:
