@@ -664,6 +664,65 @@ def equal(input: Tensor, other: Tensor) -> bool:
         return bool(all(eq(input, other)).item())
 
 
+# --------------------------------------------------------------------------- logical, bitwise
+def _logical(op_type: str, a: Any, b: Any) -> Tensor:
+    a, b = _tensor(a), _tensor(b)
+    _check_broadcast(op_type.lower(), a.shape, b.shape)
+    return _wrap(emit(op_type, [_val(a, np.dtype(np.bool_)), _val(b, np.dtype(np.bool_))], differentiable=False)[0])
+
+
+@op(og=True, method=True)
+def logical_and(input: Tensor, other: Any) -> Tensor:
+    return _logical("And", input, other)
+
+
+@op(og=True, method=True)
+def logical_or(input: Tensor, other: Any) -> Tensor:
+    return _logical("Or", input, other)
+
+
+@op(og=True, method=True)
+def logical_xor(input: Tensor, other: Any) -> Tensor:
+    return _logical("Xor", input, other)
+
+
+def _bitwise(name: str, op_type: str, a: Any, b: Any) -> Tensor:
+    dtype = result_type(a, b)
+    if dtype.kind not in "biu":
+        kind = _name(dtype).capitalize()
+        raise NotImplementedError(f'"{name}_cpu" not implemented for \'{kind}\'; bitwise '
+                                  f"ops take bool or integer tensors{_where()}")
+    a, b = _tensor(a), _tensor(b)
+    _check_broadcast(name, a.shape, b.shape)
+    onnx_op = op_type if dtype.kind == "b" else "Bitwise" + op_type  # BitwiseAnd: opset 18
+    return _wrap(emit(onnx_op, [_val(a, dtype), _val(b, dtype)], differentiable=False)[0])
+
+
+@op(og=True, method=("bitwise_and", "__and__"), reflected="__rand__")
+def bitwise_and(input: Tensor, other: Any) -> Tensor:
+    return _bitwise("bitwise_and", "And", input, other)
+
+
+@op(og=True, method=("bitwise_or", "__or__"), reflected="__ror__")
+def bitwise_or(input: Tensor, other: Any) -> Tensor:
+    return _bitwise("bitwise_or", "Or", input, other)
+
+
+@op(og=True, method=("bitwise_xor", "__xor__"), reflected="__rxor__")
+def bitwise_xor(input: Tensor, other: Any) -> Tensor:
+    return _bitwise("bitwise_xor", "Xor", input, other)
+
+
+@op(og=True, method=("bitwise_not", "__invert__"))
+def bitwise_not(input: Tensor) -> Tensor:
+    """``~x``: logical not of bools, two's-complement not of integers (as PyTorch)."""
+    if input.dtype.kind not in "biu":
+        kind = _name(input.dtype).capitalize()
+        raise NotImplementedError(f'"bitwise_not_cpu" not implemented for \'{kind}\'{_where()}')
+    onnx_op = "Not" if input.dtype.kind == "b" else "BitwiseNot"
+    return _wrap(emit(onnx_op, [input._v], differentiable=False)[0])
+
+
 # --------------------------------------------------------------------------- in-place variants
 for _fn, _names in (
     (floor, ("floor_",)), (ceil, ("ceil_",)), (round, ("round_",)), (trunc, ("trunc_", "fix_")),
@@ -672,7 +731,9 @@ for _fn, _names in (
     (log1p, ("log1p_",)), (expm1, ("expm1_",)), (fmod, ("fmod_",)),
     (remainder, ("remainder_", "__imod__")), (floor_divide, ("floor_divide_", "__ifloordiv__")),
     (clamp, ("clamp_", "clip_")), (clamp_min, ("clamp_min_",)), (clamp_max, ("clamp_max_",)),
-    (nan_to_num, ("nan_to_num_",)),
+    (nan_to_num, ("nan_to_num_",)), (bitwise_and, ("bitwise_and_", "__iand__")),
+    (bitwise_or, ("bitwise_or_", "__ior__")), (bitwise_xor, ("bitwise_xor_", "__ixor__")),
+    (logical_not, ("logical_not_",)), (bitwise_not, ("bitwise_not_",)),
 ):
     for _n in _names:
         _inplace(_fn, _n)

@@ -273,7 +273,7 @@ def ge(a: Any, b: Any) -> Tensor:
     return _compare("GreaterOrEqual", a, b)
 
 
-@op(method=("logical_not", "__invert__"))
+@op(og=True, method="logical_not")
 def logical_not(a: Tensor) -> Tensor:
     if a.dtype != np.bool_:
         a = to(a, np.bool_)
