@@ -373,9 +373,10 @@ class Tensor:
 
                 body = np.array2string(data, separator=", ", prefix=prefix,
                                        formatter={"float_kind": fmt})
-            elif big or small:  # PyTorch switches to scientific notation
-                body = np.array2string(data, separator=", ", prefix=prefix,
-                                       formatter={"float_kind": lambda x: f"{x:.4e}"})
+            elif big or small:  # PyTorch switches to scientific notation, right-aligned
+                sci_width = max((len(f"{x:.4e}") for x in data.ravel()), default=0)
+                body = np.array2string(data, separator=", ", prefix=prefix, formatter={
+                    "float_kind": lambda x: f"{x:.4e}".rjust(sci_width)})
             else:
                 body = np.array2string(data, separator=", ", prefix=prefix, precision=4,
                                        floatmode="fixed", suppress_small=False)

@@ -38,6 +38,9 @@ class Parameter(Tensor):
     def __repr__(self) -> str:
         return "Parameter containing:\n" + super().__repr__()
 
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
 
 _calls: list[tuple[Module, str]] = []  # the modules being called, with their qualified paths
 
