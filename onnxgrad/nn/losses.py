@@ -245,7 +245,9 @@ def _class_layout(what: str, input: Tensor, target: Tensor) -> tuple[Tensor, Ten
     if target.ndim == 0 or target.shape[0] != input.shape[0]:
         got = target.shape[0] if target.ndim else "none (0-D target)"
         raise ShapeError(f"{what}: Expected input batch_size ({input.shape[0]}) to match target "
-                         f"batch_size ({got}){_where()}")
+                         f"batch_size ({got}): input [N, C] or [N, C, d1...] takes target [N] "
+                         f"or [N, d1...], got {_fmt(input.shape)} and {_fmt(target.shape)}"
+                         f"{_where()}")
     expected = (input.shape[0],) + input.shape[2:]
     if target.shape != expected:
         raise ShapeError(f"{what}: expected target of shape {_fmt(expected)} for input of shape "
