@@ -21,12 +21,20 @@ def _index(i: Any, n: int, what: str) -> int:
     return i + n if i < 0 else i
 
 
-def _tensor_line(key: Any, value: Any) -> str:
-    """PyTorch's line for one entry of a parameter container's repr."""
+_TYPENAMES = {"float32": "FloatTensor", "float64": "DoubleTensor", "float16": "HalfTensor",
+              "int64": "LongTensor", "int32": "IntTensor", "int16": "ShortTensor",
+              "int8": "CharTensor", "uint8": "ByteTensor", "bool": "BoolTensor"}
+
+
+def _tensor_line(key: Any, value: Any, typename: bool = False) -> str:
+    """PyTorch's line for one entry of a parameter container's repr (ParameterList shows the
+    dtype, ParameterDict the tensor type name, as PyTorch's two reprs do)."""
     if isinstance(value, Tensor):
         size = "x".join(str(d) for d in value.shape)
         kind = "Parameter" if isinstance(value, Parameter) else "Tensor"
-        return f"  ({key}): {kind} containing: [onnxgrad.{value.dtype} of size {size}]"
+        dtype = _TYPENAMES.get(str(value.dtype), str(value.dtype)) if typename \
+            else str(value.dtype)
+        return f"  ({key}): {kind} containing: [onnxgrad.{dtype} of size {size}]"
     return f"  ({key}): Object of type: {type(value).__name__}"
 
 
@@ -323,7 +331,7 @@ class ParameterDict(Module):
             self[key] = value
 
     def extra_repr(self) -> str:
-        return "\n".join(_tensor_line(k, p) for k, p in self.items())
+        return "\n".join(_tensor_line(k, p, typename=True) for k, p in self.items())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("ParameterDict should not be called.")

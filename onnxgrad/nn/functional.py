@@ -135,11 +135,13 @@ def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = Fals
 def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
     """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
 
-    NOTE: ``exp(min(x, 0))``, so the unused branch cannot overflow into a 0 * inf gradient.
+    NOTE: the exponential of a select (0 where x > 0), so the unused branch cannot overflow into
+    a 0 * inf gradient; a select, not ``min(x, 0)``, whose gradient at the tie x = 0 is halved.
     """
     _check_input("elu", input)
-    negative = ops.mul(ops.sub(ops.exp(ops.minimum(input, 0.0)), 1.0), float(alpha))
-    out = ops.where(ops.gt(input, 0.0), input, negative)
+    positive = ops.gt(input, 0.0)
+    negative = ops.mul(ops.sub(ops.exp(ops.where(positive, 0.0, input)), 1.0), float(alpha))
+    out = ops.where(positive, input, negative)
     return _maybe_inplace("elu", input, out, inplace)
 
 
