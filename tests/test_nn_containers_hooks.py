@@ -174,6 +174,40 @@ def test_sequential_and_children_traversal_match_pytorch() -> None:
     assert seen == theirs_seen
 
 
+def test_sequential_editing_matches_pytorch() -> None:
+    def build(lib):
+        seq = lib.nn.Sequential(lib.nn.Linear(2, 3), lib.nn.ReLU())
+        seq.append(lib.nn.Linear(3, 3))
+        seq.extend([lib.nn.Tanh(), lib.nn.Linear(3, 1)])
+        seq.insert(1, lib.nn.Sigmoid())
+        seq.insert(-1, lib.nn.ELU())
+        seq[0] = lib.nn.Linear(2, 3, bias=False)
+        del seq[2]
+        return seq
+
+    ours, theirs = _both(build)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours[1:3]) == repr(theirs[1:3])
+    assert type(ours.pop(-1)).__name__ == type(theirs.pop(-1)).__name__ == "Linear"
+    assert repr(ours) == repr(theirs)
+
+
+def test_reset_parameters_redraws_within_pytorchs_bounds() -> None:
+    lin, conv, bn = nn.Linear(20, 30), nn.Conv2d(3, 4, 3), nn.BatchNorm1d(3)
+    before = lin.weight.detach().numpy().copy()
+    lin.reset_parameters()
+    conv.reset_parameters()
+    after = lin.weight.detach().numpy()
+    assert not np.array_equal(before, after) and np.abs(after).max() <= 1 / np.sqrt(20)
+    assert np.abs(lin.bias.detach().numpy()).max() <= 1 / np.sqrt(20)
+    assert np.abs(conv.bias.detach().numpy()).max() <= 1 / np.sqrt(27)
+    bn(og.randn(4, 3) * 3 + 2)
+    bn.reset_parameters()
+    assert (bn.running_mean.numpy() == 0).all() and (bn.running_var.numpy() == 1).all()
+    assert bn.num_batches_tracked.item() == 0 and bn.num_batches_tracked.dtype == np.int64
+
+
 def test_zero_grad_and_requires_grad_() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
     model(og.ones(1, 2)).sum().backward()

@@ -15,6 +15,7 @@ from ..tracer.factories import generator
 from ..tracer.ops import ShapeError
 from ..tracer.tensor import Tensor, Val, _contig, get_default_dtype
 from . import functional as F
+from . import init
 
 
 class Parameter(Tensor):
@@ -474,6 +475,15 @@ def _kaiming_uniform_a_sqrt5(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
     return _uniform(shape, 1.0 / math.sqrt(fan_in) if fan_in else 0.0)
 
 
+def _reset_weight_and_bias(weight: Tensor, bias: Tensor | None) -> None:
+    """Linear's and Conv's ``reset_parameters``, as PyTorch's."""
+    init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in, _ = init._calculate_fan_in_and_fan_out(weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        init.uniform_(bias, -bound, bound)
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(x) for x in v)
 
@@ -494,6 +504,10 @@ class Linear(Module):
         self.weight = Parameter(_kaiming_uniform_a_sqrt5((out_features, in_features), in_features))
         self.bias = (Parameter(_uniform((out_features,), 1 / math.sqrt(in_features)))
                      if bias else None)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's init again: kaiming_uniform_(a=sqrt(5)), bias U(+-1/sqrt(fan_in))."""
+        _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -524,6 +538,9 @@ class Conv2d(Module):
         fan_in = shape[1] * shape[2] * shape[3]
         self.weight = Parameter(_kaiming_uniform_a_sqrt5(shape, fan_in))
         self.bias = Parameter(_uniform((out_channels,), 1 / math.sqrt(fan_in))) if bias else None
+
+    def reset_parameters(self) -> None:
+        _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
@@ -568,6 +585,19 @@ class _BatchNorm(Module):
 
     def _check_input_dim(self, x: Tensor) -> None:
         raise NotImplementedError
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            init.zeros_(self.running_mean)
+            init.ones_(self.running_var)
+            init.zeros_(self.num_batches_tracked)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
@@ -720,6 +750,47 @@ class Sequential(Module):
 
     def __iter__(self) -> Iterator[Module]:
         return iter(self._modules.values())
+
+    def __setitem__(self, idx: int, module: Module) -> None:
+        key = list(self._modules)[idx]
+        self.add_module(key, module)
+
+    def __delitem__(self, idx: int | slice) -> None:
+        keys = list(self._modules)
+        for key in keys[idx] if isinstance(idx, slice) else [keys[idx]]:
+            del self._modules[key]
+        state.structure_changed()
+        # PyTorch renumbers what is left, names included: "0", "1"...
+        kept = list(self._modules.values())
+        self._modules.clear()
+        for i, m in enumerate(kept):
+            self.add_module(str(i), m)
+
+    def append(self, module: Module) -> Sequential:
+        self.add_module(str(len(self)), module)
+        return self
+
+    def extend(self, sequential: Any) -> Sequential:
+        for layer in sequential:
+            self.append(layer)
+        return self
+
+    def insert(self, index: int, module: Module) -> Sequential:
+        n = len(self._modules)
+        if not -n <= index <= n:
+            raise IndexError(f"Index out of range: {index}")
+        index = index + n if index < 0 else index
+        layers = list(self._modules.values())
+        layers.insert(index, module)
+        self._modules.clear()
+        for i, m in enumerate(layers):
+            self.add_module(str(i), m)
+        return self
+
+    def pop(self, key: int | slice) -> Module:
+        v = self[key]
+        del self[key]
+        return v
 
     def forward(self, x: Any) -> Any:
         for layer in self._modules.values():
