@@ -149,6 +149,23 @@ def test_regression_losses(name, extra, reduction, dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", ["mse_loss", "l1_loss", "huber_loss"])
+def test_elementwise_weight(name: str, reduction: str, dtype) -> None:
+    x = _rng().standard_normal((4, 5)).astype(dtype) * 2
+    t = _rng(1).standard_normal((4, 5)).astype(dtype)
+    w = _rng(2).uniform(0.1, 2.0, (4, 5)).astype(dtype)
+
+    def fn(lib):
+        return lambda x, t, w: getattr(lib.nn.functional, name)(x, t, reduction=reduction,
+                                                                weight=w)
+
+    _compare(fn(og), fn(torch), [x, t, w], [True, True, True], dtype)
+    with pytest.raises(ValueError, match="Weights and input must have the same size"):
+        getattr(nn.functional, name)(og.tensor(x), og.tensor(t), weight=og.ones(5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
 def test_bce_loss(weighted, reduction, dtype) -> None:
     x = _rng().uniform(0.02, 0.98, (4, 3)).astype(dtype)

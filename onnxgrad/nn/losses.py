@@ -61,6 +61,22 @@ def _reduce(loss: Tensor, reduction: str, what: str) -> Tensor:
     return loss
 
 
+def _elementwise_weight(loss: Tensor, weight: Tensor | None, reduction: str, what: str,
+                        by_weight: bool = True) -> Tensor:
+    """PyTorch 2.13's ``weight`` of mse/l1/huber losses: shaped as the input, and the mean
+    divides by the weights' sum (huber's by the element count)."""
+    if weight is None:
+        return _reduce(loss, reduction, what)
+    _check_reduction(reduction, what)
+    _check_tensor(what, "weight", weight)
+    if weight.shape != loss.shape:
+        raise ValueError(f"{what}: Weights and input must have the same size.{_where()}")
+    loss = loss * weight
+    if reduction == "mean" and by_weight:
+        return ops.sum(loss) / ops.sum(weight)
+    return _reduce(loss, reduction, what)
+
+
 def _check_tensor(what: str, name: str, t: Any) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{what}: {name} must be a Tensor, got {type(t).__name__}{_where()}")
@@ -83,19 +99,21 @@ def _check_float(what: str, name: str, t: Tensor) -> None:
 # --------------------------------------------------------------------------- regression losses
 @op(functional=True)
 def mse_loss(input: Tensor, target: Tensor, size_average: bool | None = None,
-             reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+             reduce: bool | None = None, reduction: str = "mean",
+             weight: Tensor | None = None) -> Tensor:
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _check_pair("mse_loss", input, target)
     diff = input - target
-    return _reduce(diff * diff, reduction, "mse_loss")
+    return _elementwise_weight(diff * diff, weight, reduction, "mse_loss")
 
 
 @op(functional=True)
 def l1_loss(input: Tensor, target: Tensor, size_average: bool | None = None,
-            reduce: bool | None = None, reduction: str = "mean") -> Tensor:
+            reduce: bool | None = None, reduction: str = "mean",
+            weight: Tensor | None = None) -> Tensor:
     reduction = _legacy_reduction(size_average, reduce, reduction)
     _check_pair("l1_loss", input, target)
-    return _reduce(ops.abs(input - target), reduction, "l1_loss")
+    return _elementwise_weight(ops.abs(input - target), weight, reduction, "l1_loss")
 
 
 @op(functional=True)
@@ -130,9 +148,7 @@ def huber_loss(input: Tensor, target: Tensor, reduction: str = "mean", delta: fl
     dist = ops.abs(diff)
     loss = ops.where(ops.le(dist, float(delta)), diff * diff * 0.5,
                      (dist - 0.5 * delta) * float(delta))
-    if weight is not None:
-        loss = loss * weight
-    return _reduce(loss, reduction, what)
+    return _elementwise_weight(loss, weight, reduction, what, by_weight=False)
 
 
 # --------------------------------------------------------------------------- binary losses
