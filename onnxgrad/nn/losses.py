@@ -326,6 +326,16 @@ def _nll(what: str, logp: Tensor, target: Tensor, weight: Tensor | None, ignore_
     rows, labels = _class_layout(what, logp, target)
     labels = ops.to(labels, np.int64)
     _check_class_range(labels, classes, ignore_index)
+    if state.active_trace() is None and not (labels._v.data == ignore_index).any():
+        # Eager, every label kept (checked in range above): no masks, fewer single-op runs.
+        picked = ops.reshape(ops.gather(rows, 1, ops.unsqueeze(labels, 1)), [-1])
+        w = None if weight is None else ops.gather(weight, 0, labels)
+        loss = -picked if w is None else -(picked * w)
+        if reduction == "none":
+            return ops.reshape(loss, list(out_shape))
+        if reduction == "sum":
+            return ops.sum(loss)
+        return ops.mean(loss) if w is None else ops.sum(loss) / ops.sum(w)
     keep = ops.ne(labels, ignore_index)
     # An ignored label picks class 0, multiplied by 0 below. So does a label out of range in a
     # compiled step, where the check output reports it after the run (an out-of-range index
