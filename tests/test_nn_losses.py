@@ -324,3 +324,18 @@ def test_label_out_of_range_in_training_step(tmp_path) -> None:
         step(x, np.array([3, 0]))
     for k, v in step.state_dict().items():
         np.testing.assert_array_equal(np.asarray(v), before[k])
+
+
+def test_label_check_reports_the_first_bad_label_of_a_large_batch() -> None:
+    model = nn.Linear(2, 3)
+    step = og.compile(lambda x, y: nn.functional.cross_entropy(model(x), y))
+    x = og.rand(100, 2)
+    labels = np.zeros(100, np.int64)
+    step(x, og.tensor(labels))
+    labels[70], labels[90] = 9, -4
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        step(x, og.tensor(labels))
+    labels[70] = -100  # the ignore_index: fine; the next bad one is reported
+    with pytest.raises(IndexError, match="Target -4 is out of bounds"):
+        step(x, og.tensor(labels))
+    assert step.traces == 1

@@ -22,7 +22,7 @@ from ..tracer import ops, state
 from ..tracer.compile import add_check
 from ..tracer.ops import ShapeError, _fmt, _where
 from ..tracer.registry import op
-from ..tracer.tensor import Tensor
+from ..tracer.tensor import Tensor, Val
 from .modules import Module
 
 __all__ = [
@@ -286,9 +286,14 @@ def _check_class_range(target: Tensor, classes: int, ignore_index: int) -> None:
     with state.no_grad():
         in_range = ops.mul(ops.ge(target, 0), ops.lt(target, classes))  # bool * bool: and
         bad = ops.mul(ops.ne(target, ignore_index), ops.logical_not(in_range))
+        # The first bad label, when there is one. NOTE: selects and reductions, not ArgMax and a
+        # GatherElements over the batch, which onnx's ReferenceEvaluator runs with np.choose
+        # (at most 64 choices).
+        count = target.shape[0]
+        positions = Tensor(Val(np.arange(count, dtype=np.int64), const=True))
+        first = ops.amin(ops.where(bad, positions, count))
+        value = ops.sum(ops.where(ops.eq(positions, first), target, 0))
         flags = ops.to(bad, np.int64)
-        first = ops.argmax(flags, 0, keepdim=True)  # the first bad label, when there is one
-        value = ops.gather(target, 0, first)
         where = _where()
 
         def report(outputs: list[np.ndarray]) -> str | None:
