@@ -129,6 +129,12 @@ class StepRunner:
         self.runs += 1
         return results
 
+    def undo(self) -> None:
+        """Forget the last run's state updates (a failed check): the next run reads the state
+        the last one read, which it only read."""
+        self.parity = 1 - self.parity
+        self.runs -= 1
+
 
 def _c_order(array: np.ndarray) -> np.ndarray:
     """C-contiguous without copying when it already is, keeping 0-d arrays 0-d."""

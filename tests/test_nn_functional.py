@@ -24,6 +24,7 @@ from onnxgrad.tracer.autograd import backward, gradient_model
 from onnxgrad.tracer.tensor import emit
 from opcheck import (
     OpCase,
+    arg,
     case,
     check_onnx_model,
     fixed,
@@ -222,6 +223,112 @@ CASES += [
 ]
 
 
+
+# ------------------------------------------------------------------ issue 11: losses, activations
+def np_softplus(x, beta=1.0, threshold=20.0):
+    return np.where(beta * x > threshold, x, np.log1p(np.exp(beta * x)) / beta)
+
+
+def np_xlogy(t):
+    return np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+
+
+def np_weighted_nll(logp, t, w, ignore, reduction):
+    """PyTorch's nll_loss over [N, C, d...] with class weights and an ignored label."""
+    rows = np.moveaxis(logp, 1, -1).reshape(-1, logp.shape[1])
+    flat = t.reshape(-1)
+    keep = flat != ignore
+    safe = np.where(keep, flat, 0)
+    wt = w[safe] * keep
+    loss = -rows[np.arange(len(flat)), safe] * wt
+    if reduction == "none":
+        return loss.reshape(t.shape)
+    return loss.sum() / wt.sum() if reduction == "mean" else loss.sum()
+
+
+def np_smoothed_ce(x, t, w, ignore, eps, reduction):
+    logp = np_log_softmax(x, 1)
+    nll = np_weighted_nll(logp, t, w, ignore, reduction)
+    smooth = -(logp * w.reshape(1, -1, *([1] * (x.ndim - 2)))).sum(1) * (t != ignore)
+    if reduction == "mean":
+        smooth = smooth.sum() / (w[np.where(t != ignore, t, 0)] * (t != ignore)).sum()
+    elif reduction == "sum":
+        smooth = smooth.sum()
+    return (1 - eps) * nll + smooth * eps / x.shape[1]
+
+
+LOSS_W = np.array([0.5, 2.0, 1.0, 1.5], dtype=np.float32)
+
+
+def _w(x: og.Tensor, n: int = 4) -> og.Tensor:
+    return og.tensor(LOSS_W[:n].astype(x.dtype))  # the VJP check runs in float64
+
+
+ND_TARGET = np.array([[2, 0, 3], [1, 1, 0]])
+PROBS = np.array([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]], dtype=np.float32)
+for _r in ("mean", "sum", "none"):
+    CASES += [
+        case(f"cross_entropy/weight-ignore-nd-{_r}",
+             lambda x, t, r=_r: F.cross_entropy(x, t, _w(x), ignore_index=1,
+                                                reduction=r),
+             lambda x, t, r=_r: np_weighted_nll(np_log_softmax(x, 1), t, LOSS_W, 1, r),
+             (2, 4, 3), index(ND_TARGET)),
+        case(f"cross_entropy/smoothing-{_r}",
+             lambda x, t, r=_r: F.cross_entropy(x, t, _w(x), ignore_index=0,
+                                                reduction=r, label_smoothing=0.2),
+             lambda x, t, r=_r: np_smoothed_ce(x, t, LOSS_W, 0, 0.2, r), (5, 4), index(TARGET)),
+        case(f"cross_entropy/probabilities-{_r}",
+             lambda x, t, r=_r: F.cross_entropy(x, t, reduction=r),
+             lambda x, t, r=_r: np_reduce(-(np_log_softmax(x, 1) * t).sum(1), r),
+             (2, 3), fixed(PROBS)),
+        case(f"smooth_l1_loss/{_r}", lambda x, t, r=_r: F.smooth_l1_loss(x, t, reduction=r,
+                                                                         beta=0.5),
+             lambda x, t, r=_r: np_reduce(np.where(np.abs(x - t) < 0.5, (x - t) ** 2,
+                                                   np.abs(x - t) - 0.25), r),
+             (2, 3), fixed(REG_TARGET), avoid=KINKS + tuple(REG_TARGET.reshape(-1) + 0.5)
+             + tuple(REG_TARGET.reshape(-1) - 0.5)),
+        case(f"huber_loss/{_r}", lambda x, t, r=_r: F.huber_loss(x, t, reduction=r, delta=0.5),
+             lambda x, t, r=_r: np_reduce(np.where(np.abs(x - t) <= 0.5, 0.5 * (x - t) ** 2,
+                                                   0.5 * (np.abs(x - t) - 0.25)), r),
+             (2, 3), fixed(REG_TARGET), avoid=tuple(REG_TARGET.reshape(-1) + 0.5)
+             + tuple(REG_TARGET.reshape(-1) - 0.5)),
+        case(f"binary_cross_entropy/{_r}",
+             lambda x, t, r=_r: F.binary_cross_entropy(x, t, reduction=r),
+             lambda x, t, r=_r: np_reduce(-(t * np.log(x) + (1 - t) * np.log(1 - x)), r),
+             arg(2, 3, low=0.1, high=0.9), arg(2, 3, low=0.0, high=1.0)),
+        case(f"bce_with_logits/{_r}",
+             lambda x, t, r=_r: F.binary_cross_entropy_with_logits(
+                 x, t, pos_weight=og.tensor(np.array([1.0, 2.0, 0.5], x.dtype)), reduction=r),
+             lambda x, t, r=_r: np_reduce(
+                 -(np.array([1.0, 2.0, 0.5], x.dtype) * t * np.log(1 / (1 + np.exp(-x)))
+                   + (1 - t) * np.log(1 - 1 / (1 + np.exp(-x)))), r),
+             arg(2, 3, low=-4, high=4), arg(2, 3, low=0.0, high=1.0)),
+        case(f"kl_div/{_r}", lambda x, t, r=_r: F.kl_div(x, t, reduction=r),
+             lambda x, t, r=_r: np_reduce(np_xlogy(t) - t * x, r),
+             arg(2, 3, low=-3, high=0), pos(2, 3, low=0.1, high=1.0)),
+    ]
+CASES += [
+    case("kl_div/batchmean-log-target",
+         lambda x, t: F.kl_div(x, t, reduction="batchmean", log_target=True),
+         lambda x, t: (np.exp(t) * (t - x)).sum() / 2, arg(2, 3, low=-3, high=0),
+         arg(2, 3, low=-3, high=0)),
+    case("nll_loss/weight-4d", lambda x, t: F.nll_loss(x, t, _w(x, 3)),
+         lambda x, t: np_weighted_nll(x, t, LOSS_W[:3], -100, "mean"), (2, 3, 2, 2),
+         index(np.array([[[0, 1], [2, 2]], [[1, 0], [0, 2]]]))),
+    case("leaky_relu", lambda x: F.leaky_relu(x, 0.2), lambda x: np.where(x > 0, x, 0.2 * x),
+         (2, 3), avoid=(0.0,)),
+    case("elu", lambda x: F.elu(x, 0.7), lambda x: np.where(x > 0, x, 0.7 * np.expm1(x)),
+         (2, 3), avoid=(0.0,)),
+    case("softplus", F.softplus, np_softplus, arg(2, 3, low=-4, high=4)),
+    case("softplus/beta-threshold", lambda x: F.softplus(x, 2.0, 3.0),
+         lambda x: np_softplus(x, 2.0, 3.0), arg(2, 3, low=-4, high=4), avoid=(1.5,)),
+    case("softsign", F.softsign, lambda x: x / (1 + np.abs(x)), (2, 3), avoid=(0.0,)),
+    case("tanhshrink", F.tanhshrink, lambda x: x - np.tanh(x), (2, 3)),
+    case("prelu", F.prelu, lambda x, w: np.where(x > 0, x, w.reshape(1, 3, 1) * x),
+         (2, 3, 2), (3,), avoid=(0.0,)),
+]
+
+
 test_forward, test_vjp, test_runtimes, test_ids_are_unique = table_tests(CASES)
 
 
@@ -367,7 +474,8 @@ def _t(*shape: int) -> og.Tensor:
     (lambda: F.nll_loss(_t(2, 3), og.tensor([0, -1])), IndexError, "out of bounds"),
     (lambda: F.nll_loss(_t(2, 3), _t(2)), TypeError, "class indices"),
     (lambda: F.nll_loss(_t(2, 3), og.tensor([0, 1, 2])), og.ShapeError, r"\[N, C\]"),
-    (lambda: F.cross_entropy(_t(2, 3), _t(2, 3)), TypeError, "float dtype"),
+    # A float target shaped as the input is class probabilities (PyTorch's); others are errors.
+    (lambda: F.cross_entropy(_t(2, 3), _t(2)), og.ShapeError, "class indices must be integers"),
     (lambda: F.batch_norm(_t(1, 3), None, None, training=True), ValueError, "more than 1"),
     (lambda: F.batch_norm(_t(2, 3), None, None, training=False), ValueError, "running_mean"),
     (lambda: F.batch_norm(_t(3), None, None, training=True), og.ShapeError, "2-D"),

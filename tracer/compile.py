@@ -61,6 +61,7 @@ class Trace:
         self.grad_state: dict[int, Tensor] = {}  # id(accumulated .grad tensor) -> its parameter
         self.cleared: set[int] = set()  # tensors whose .grad the step cleared (zero_grad)
         self.names: dict[int, str] = {}  # id(state tensor) -> its input name (rng.offset)
+        self.checks: list[tuple[list[Val], Callable[[list[np.ndarray]], str | None], type]] = []
 
     def _remember(self, t: Tensor) -> None:
         if id(t) not in self.initial:
@@ -162,7 +163,8 @@ class Program:
                  scalars: dict[str, tuple[Callable[[], Any], np.dtype]],
                  created: dict[str, tuple[Any, Tensor, str]],
                  owned: dict[str, tuple[Any, Tensor, str]] | None = None,
-                 followed: dict[str, Tensor] | None = None, cleared: Sequence[Tensor] = ()):
+                 followed: dict[str, Tensor] | None = None, cleared: Sequence[Tensor] = (),
+                 checks: Sequence[tuple[list[str], Callable[..., str | None], type]] = ()):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -179,6 +181,7 @@ class Program:
         self.owned = owned or {}    # state input name -> (optimizer, parameter, key)
         self.followed = followed or {}  # input name -> the tensor whose .grad it is
         self.cleared = list(cleared)  # tensors whose .grad the step sets to None (zero_grad)
+        self.checks = list(checks)  # (output names, report, error type): see add_check
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
@@ -212,6 +215,11 @@ class Program:
         for name, (getter, dtype) in self.scalars.items():
             feeds[name] = np.asarray(getter(), dtype=dtype)
         results = runner.run(feeds)
+        for names, report, error in self.checks:
+            message = report([results[n] for n in names])
+            if message is not None:
+                runner.undo()  # as an eager error: the failed step changes no state
+                raise error(message)
         for name, t in self.updated.items():
             t._set_leaf_data(runner.current(name))  # no copy: the tensor views the live buffer
             views.hand_out(name, t._v)
@@ -323,7 +331,11 @@ class CompiledFunction:
         if version != self._identity_version:
             modes = tuple(m.training for root in self._modules for m in root.modules())
             tensors = [t for root in self._modules for t in root._state_tensors().values()]
-            self._identity = (modes, tuple(id(t) for t in tensors))
+            # Forward hooks run while tracing: registering or removing one retraces.
+            hooks = tuple((tuple(vars(m).get("_forward_pre_hooks", ())),
+                           tuple(vars(m).get("_forward_hooks", ())))
+                          for root in self._modules for m in root.modules())
+            self._identity = (modes, tuple(id(t) for t in tensors), hooks)
             self._identity_tensors = tensors
             self._identity_modules = [m for root in self._modules for m in root.modules()]
             self._identity_version = version
@@ -461,6 +473,12 @@ class CompiledFunction:
                 roots.append(g._v)
                 root_names.append(f"grad.{names[tid]}")
                 grads[f"grad.{names[tid]}"] = t
+        checks: list[tuple[list[str], Callable[..., str | None], type]] = []
+        for i, (values, report, error) in enumerate(trace.checks):
+            check_names = [f"check.{i}.{j}" for j in range(len(values))]
+            roots.extend(values)
+            root_names.extend(check_names)
+            checks.append((check_names, report, error))
         # Gradients made before the call (an eager backward) that the step reads (an optimizer
         # step, clipping): inputs fed from the tensor's .grad at every call, not constants; one
         # the step also writes is state, ``grad.<name>`` -> ``grad.<name>.new``, as PyTorch's
@@ -553,7 +571,8 @@ class CompiledFunction:
         cleared = [t for tid, (t, g) in trace.grads_before.items()
                    if g is not None and grads_after.get(tid) is None]
         return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created, owned, followed, cleared)
+                       updated, readonly, grads, scalars, created, owned, followed, cleared,
+                       checks)
 
     def keep_last(self) -> None:
         """Drop every program but the last one run (and the runtime buffers it holds)."""
@@ -632,6 +651,18 @@ class CompiledFunction:
         if self.last is None:
             raise RuntimeError("the compiled function has not been traced yet; call it once")
         return self.last.model
+
+
+def add_check(values: Sequence[Tensor], report: Callable[[list[np.ndarray]], str | None],
+              error: type[Exception]) -> None:
+    """Inside a compiled step, a check of the data that the graph itself computes (a label out of
+    range): ``values`` become outputs of the step, handed to ``report`` after every run; a message
+    raises ``error`` and the run's state updates are discarded. Data-dependent checks cannot be
+    guards: the trace is reused for new values. Outside a trace, nothing (eager callers check
+    the values themselves)."""
+    trace = state.active_trace()
+    if isinstance(trace, Trace):
+        trace.checks.append(([t._v for t in values], report, error))
 
 
 def compile(fn: Any) -> CompiledFunction:

@@ -2,14 +2,18 @@
 
 Its entries are the ops declared ``@op(functional=True)``: single ops in ``tracer/ops.py``
 (``relu``, ``softmax``, ``linear``, ``dropout``...) and ``tracer/nnops.py`` (``conv2d``, pooling),
-and the compositions defined here (``batch_norm``, the losses). Nothing here has gradient code of
-its own (DESIGN decision 2): every function emits ONNX nodes and autodiff differentiates those.
+and the compositions defined here (``batch_norm``) and in ``losses.py`` (the losses). Nothing
+here has gradient code of its own (DESIGN decision 2): every function emits ONNX nodes and
+autodiff differentiates those.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from ..tracer import nnops, ops, registry, state
+from ..tracer import factories, nnops, ops, registry
+from ..tracer.activations import _check_input, _maybe_inplace
 from ..tracer.registry import op
 from ..tracer.state import no_grad, recording_as
 from ..tracer.tensor import Tensor
@@ -58,69 +62,138 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     return nnops.batch_normalization(x, weight, bias, mean, var, eps)
 
 
-# --------------------------------------------------------------------------- losses
-def _reduce(loss: Tensor, reduction: str, what: str) -> Tensor:
-    if reduction == "mean":
-        return ops.mean(loss)
-    if reduction == "sum":
-        return ops.sum(loss)
-    if reduction == "none":
-        return loss
-    raise ValueError(f"{what}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+# --------------------------------------------------------------------------- channel dropout
+def _channel_dropout(what: str, x: Tensor, p: float, training: bool, batched: bool) -> Tensor:
+    """Zero whole channels: one mask value per (sample, channel), scaled by 1 / (1 - p).
 
-
-def _check_pair(what: str, input: Tensor, target: Tensor) -> None:
-    if input.shape != target.shape:
-        raise ops.ShapeError(f"{what}: input shape {list(input.shape)} and target shape "
-                             f"{list(target.shape)} differ{ops._where()}")
-
-
-@op(functional=True)
-def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    _check_pair("mse_loss", input, target)
-    diff = input - target
-    return _reduce(diff * diff, reduction, "mse_loss")
+    NOTE: the mask is ``rand >= p`` from onnxgrad's factories, so a compiled step draws it with an
+    ONNX ``RandomUniform`` node each run, and eager code from ``og.manual_seed``'s generator.
+    """
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}"
+                         f"{ops._where()}")
+    if not training or p == 0:
+        return x
+    if p == 1:
+        return ops.mul(x, 0.0)
+    channel_dims = 2 if batched else 1
+    shape = list(x.shape[:channel_dims]) + [1] * (x.ndim - channel_dims)
+    keep = ops.ge(factories.rand(*shape, dtype=x.dtype), float(p))
+    return ops.mul(x, ops.mul(ops.to(keep, x.dtype), 1.0 / (1.0 - p)))
 
 
 @op(functional=True)
-def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    _check_pair("l1_loss", input, target)
-    return _reduce(ops.abs(input - target), reduction, "l1_loss")
+def dropout1d(input: Tensor, p: float = 0.5, training: bool = True,
+              inplace: bool = False) -> Tensor:
+    """``torch.nn.functional.dropout1d``: [N, C, L] or unbatched [C, L]."""
+    _check_input("dropout1d", input)
+    if input.ndim not in (2, 3):
+        raise ops.ShapeError(f"dropout1d: Expected 2D or 3D input, but received a {input.ndim}D "
+                             f"input. Note that dropout1d exists to provide channel-wise dropout "
+                             f"on inputs with 1 spatial dimension, a channel dimension, and an "
+                             f"optional batch dimension (i.e. 2D or 3D inputs).{ops._where()}")
+    out = _channel_dropout("dropout1d", input, p, training, batched=input.ndim == 3)
+    return _maybe_inplace("dropout1d", input, out, inplace) if out is not input else out
 
 
 @op(functional=True)
-def nll_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    """Negative log-likelihood of class indices ``target`` under log-probabilities ``input``."""
-    if not isinstance(target, Tensor) or target.dtype.kind not in "iu":
-        dtype = target.dtype if isinstance(target, Tensor) else type(target).__name__
-        raise TypeError(f"nll_loss: target must be a tensor of class indices (int64), got "
-                        f"{dtype}; for probabilities use another loss{ops._where()}")
-    if input.ndim != 2 or target.shape != input.shape[:1]:
-        raise ops.ShapeError(f"nll_loss: expected input [N, C] and target [N], got "
-                             f"{list(input.shape)} and {list(target.shape)}{ops._where()}")
-    _check_class_range(target, input.shape[1])
-    picked = ops.gather(input, 1, ops.unsqueeze(ops.to(target, np.int64), 1))
-    return _reduce(-ops.reshape(picked, [input.shape[0]]), reduction, "nll_loss")
+def dropout2d(input: Tensor, p: float = 0.5, training: bool = True,
+              inplace: bool = False) -> Tensor:
+    """``torch.nn.functional.dropout2d``: [N, C, H, W]; a 3-D input is taken as [N, C, L] with a
+    warning, as PyTorch does."""
+    _check_input("dropout2d", input)
+    if input.ndim not in (3, 4):
+        warnings.warn(f"dropout2d: Received a {input.ndim}-D input to dropout2d, which is "
+                      f"deprecated and will result in an error in a future release. To retain "
+                      f"the behavior and silence this warning, please use dropout instead. Note "
+                      f"that dropout2d exists to provide channel-wise dropout on inputs with 2 "
+                      f"spatial dimensions, a channel dimension, and an optional batch dimension "
+                      f"(i.e. 3D or 4D inputs).", UserWarning, stacklevel=3)
+    if input.ndim == 3:
+        warnings.warn("dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
+                      "1D dropout behavior is desired - input is interpreted as shape (N, C, L), "
+                      "where C is the channel dim. This behavior will change in a future release "
+                      "to interpret the input as one without a batch dimension, i.e. shape "
+                      "(C, H, W). To maintain the 1D channel-wise dropout behavior, please "
+                      "switch to using dropout1d instead.", UserWarning, stacklevel=3)
+    out = _channel_dropout("dropout2d", input, p, training, batched=input.ndim >= 2)
+    return _maybe_inplace("dropout2d", input, out, inplace) if out is not input else out
 
 
-def _check_class_range(target: Tensor, classes: int) -> None:
-    if state.active_trace() is not None:
-        return  # values are per-call data then; ONNX Runtime's GatherElements bounds-checks
-    data = target._v.data
-    bad = (data < 0) | (data >= classes)
-    if bad.any():
-        raise IndexError(f"Target {int(data[bad].reshape(-1)[0])} is out of bounds: class indices "
-                         f"must be in [0, {classes}){ops._where()}")
+# --------------------------------------------------------------------------- activations
+# Compositions of existing ops (no gradient code); each picks the select that gives PyTorch's
+# gradient at the kink (x = 0).
+@op(functional=True)
+def leaky_relu(input: Tensor, negative_slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """``x`` where ``x > 0``, else ``negative_slope * x`` (gradient ``negative_slope`` at 0)."""
+    _check_input("leaky_relu", input)
+    out = ops.where(ops.gt(input, 0.0), input, ops.mul(input, float(negative_slope)))
+    return _maybe_inplace("leaky_relu", input, out, inplace)
 
 
 @op(functional=True)
-def cross_entropy(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-    """``nll_loss(log_softmax(input, 1), target)`` for class-index targets."""
-    if isinstance(target, Tensor) and target.dtype.kind == "f":
-        raise TypeError(f"cross_entropy: target has float dtype {target.dtype}; onnxgrad's "
-                        f"cross_entropy takes class indices (int64){ops._where()}")
-    return nll_loss(ops.log_softmax(input, 1), target, reduction)
+def elu(input: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``.
 
+    NOTE: the exponential of a select (0 where x > 0), so the unused branch cannot overflow into
+    a 0 * inf gradient; a select, not ``min(x, 0)``, whose gradient at the tie x = 0 is halved.
+    """
+    _check_input("elu", input)
+    positive = ops.gt(input, 0.0)
+    negative = ops.mul(ops.sub(ops.exp(ops.where(positive, 0.0, input)), 1.0), float(alpha))
+    out = ops.where(positive, input, negative)
+    return _maybe_inplace("elu", input, out, inplace)
+
+
+@op(functional=True)
+def softplus(input: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    """``log(1 + exp(beta x)) / beta``, linear where ``beta x > threshold``.
+
+    NOTE: written ``m + log(exp(-m) + exp(z - m))`` with ``m = max(z, 0)``: it cannot overflow and
+    the gradient of ``m`` cancels, so the gradient is sigmoid(z) everywhere, 1/2 at 0 included.
+    """
+    _check_input("softplus", input)
+    z = ops.mul(input, float(beta)) if beta != 1 else input
+    m = ops.relu(z)
+    soft = ops.add(m, ops.log(ops.add(ops.exp(ops.neg(m)), ops.exp(ops.sub(z, m)))))
+    if beta != 1:
+        soft = ops.div(soft, float(beta))
+    return ops.where(ops.gt(z, float(threshold)), input, soft)
+
+
+@op(functional=True)
+def softsign(input: Tensor) -> Tensor:
+    """``x / (1 + |x|)``."""
+    _check_input("softsign", input)
+    return ops.div(input, ops.add(ops.abs(input), 1.0))
+
+
+@op(functional=True)
+def tanhshrink(input: Tensor) -> Tensor:
+    """``x - tanh(x)``."""
+    _check_input("tanhshrink", input)
+    return ops.sub(input, ops.tanh(input))
+
+
+@op(functional=True)
+def prelu(input: Tensor, weight: Tensor) -> Tensor:
+    """``x`` where ``x > 0``, else ``weight * x``, one weight per channel (dim 1) or one for all."""
+    _check_input("prelu", input)
+    _check_input("prelu", weight)
+    count = int(np.prod(weight.shape))
+    if count == 1:
+        w = ops.reshape(weight, [])
+    else:
+        if input.ndim < 2 or input.shape[1] != count:
+            raise ops.ShapeError(f"prelu: mismatch of parameter numbers and input channel size: "
+                                 f"{count} weights for input of shape {list(input.shape)}"
+                                 f"{ops._where()}")
+        w = ops.reshape(weight, [1, count] + [1] * (input.ndim - 2))
+    return ops.where(ops.gt(input, 0.0), input, ops.mul(input, w))
+
+
+# The losses (their modules too) live in losses.py; importing it registers them.
+from . import losses as _losses  # noqa: F401
 
 # Every entry declared @op(functional=True), here and in the tracer's op modules.
 globals().update(registry.namespace("functional"))

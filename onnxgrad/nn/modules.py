@@ -1,9 +1,10 @@
 """``Module`` and the layers of ``onnxgrad.nn``, with PyTorch's names, defaults and init."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from ..tracer.factories import generator
 from ..tracer.ops import ShapeError
 from ..tracer.tensor import Tensor, Val, _contig, get_default_dtype
 from . import functional as F
+from . import init
 
 
 class Parameter(Tensor):
@@ -45,6 +47,27 @@ class Parameter(Tensor):
 _calls: list[tuple[Module, str]] = []  # the modules being called, with their qualified paths
 
 
+class RemovableHandle:
+    """What ``register_forward_hook`` returns: ``remove()`` unregisters the hook (PyTorch's
+    ``torch.utils.hooks.RemovableHandle``, also a context manager)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, hooks: OrderedDict) -> None:
+        self.hooks_dict_ref = hooks
+        self.id = next(RemovableHandle._ids)
+
+    def remove(self) -> None:
+        if self.hooks_dict_ref.pop(self.id, None) is not None:
+            state.structure_changed()
+
+    def __enter__(self) -> RemovableHandle:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 class Module:
     """Base class of layers and models, like ``torch.nn.Module``."""
 
@@ -54,6 +77,8 @@ class Module:
         object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "_modules", OrderedDict())
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_forward_hooks", OrderedDict())
+        object.__setattr__(self, "_forward_pre_hooks", OrderedDict())
 
     # ----------------------------------------------------------------- registration
     def __setattr__(self, name: str, value: Any) -> None:
@@ -125,19 +150,90 @@ class Module:
         self._parameters[name] = param
 
     def add_module(self, name: str, module: Module | None) -> None:
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"{type(module).__module__}.{type(module).__qualname__} is not a "
+                            f"Module subclass")
+        if not isinstance(name, str):
+            raise TypeError(f"module name should be a string. Got {type(name).__name__}")
+        if "." in name:
+            raise KeyError(f'module name can\'t contain ".", got: {name}')
         state.structure_changed()
         self._modules[name] = module
 
+    def register_module(self, name: str, module: Module | None) -> None:
+        self.add_module(name, module)
+
+    # ----------------------------------------------------------------- hooks
+    def register_forward_pre_hook(self, hook: Callable[..., Any], *, prepend: bool = False,
+                                  with_kwargs: bool = False) -> RemovableHandle:
+        """``hook(module, args)`` before each forward (``hook(module, args, kwargs)`` with
+        ``with_kwargs``); a value it returns replaces the arguments, as in PyTorch.
+
+        NOTE: in a compiled function hooks run while tracing, like the forward they wrap;
+        registering or removing one retraces.
+        """
+        return self._add_hook("_forward_pre_hooks", hook, prepend, with_kwargs)
+
+    def register_forward_hook(self, hook: Callable[..., Any], *, prepend: bool = False,
+                              with_kwargs: bool = False,
+                              always_call: bool = False) -> RemovableHandle:
+        """``hook(module, args, output)`` after each forward (``hook(module, args, kwargs,
+        output)`` with ``with_kwargs``); a value it returns replaces the output, as in PyTorch.
+        ``always_call``: it runs even when the forward raises."""
+        return self._add_hook("_forward_hooks", hook, prepend, with_kwargs, always_call)
+
+    def _add_hook(self, table: str, hook: Callable[..., Any], prepend: bool, with_kwargs: bool,
+                  always_call: bool = False) -> RemovableHandle:
+        hooks = self.__dict__.setdefault(table, OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = (hook, with_kwargs, always_call)
+        if prepend:
+            hooks.move_to_end(handle.id, last=False)
+        state.structure_changed()  # compiled functions retrace with the new hooks
+        return handle
+
+    def _forward_with_hooks(self, args: tuple, kwargs: dict) -> Any:
+        for hook, with_kwargs, _ in list(self.__dict__.get("_forward_pre_hooks", {}).values()):
+            if with_kwargs:
+                found = hook(self, args, kwargs)
+                if found is not None:
+                    if not (isinstance(found, tuple) and len(found) == 2):
+                        raise RuntimeError("forward pre-hook must return None or a tuple of "
+                                           f"(new_args, new_kwargs), but got {found}.")
+                    args, kwargs = found
+            else:
+                found = hook(self, args)
+                if found is not None:
+                    args = found if isinstance(found, tuple) else (found,)
+        hooks = list(self.__dict__.get("_forward_hooks", {}).values())
+        try:
+            result = self.forward(*args, **kwargs)
+        except Exception:
+            for hook, with_kwargs, always_call in hooks:
+                if always_call:
+                    try:
+                        hook(self, args, kwargs, None) if with_kwargs else hook(self, args, None)
+                    except Exception:  # noqa: BLE001, S110  (the forward's error is the one to see)
+                        pass
+            raise
+        for hook, with_kwargs, _ in hooks:
+            found = hook(self, args, kwargs, result) if with_kwargs else hook(self, args, result)
+            if found is not None:
+                result = found
+        return result
+
     # ----------------------------------------------------------------- traversal
-    def named_modules(self, prefix: str = "", memo: set | None = None
-                      ) -> Iterator[tuple[str, Module]]:
+    def named_modules(self, memo: set | None = None, prefix: str = "",
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, Module]]:
+        """PyTorch's signature and order; ``memo`` holds the modules already seen."""
         memo = set() if memo is None else memo
         stack: list[tuple[str, Module]] = [(prefix, self)]
         while stack:  # NOTE: iterative, so very deep models cannot hit the recursion limit
             path, module = stack.pop()
-            if id(module) in memo:
-                continue
-            memo.add(id(module))
+            if remove_duplicate:
+                if module in memo:
+                    continue
+                memo.add(module)
             yield path, module
             children = [(f"{path}.{n}" if path else n, m)
                         for n, m in module._modules.items() if m is not None]
@@ -158,27 +254,63 @@ class Module:
         for _, m in self.named_children():
             yield m
 
-    def _named(self, table: str, prefix: str, recurse: bool) -> Iterator[tuple[str, Tensor]]:
+    def _named(self, table: str, prefix: str, recurse: bool, remove_duplicate: bool = True
+               ) -> Iterator[tuple[str, Tensor]]:
         seen: set[int] = set()
-        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        modules = (self.named_modules(prefix=prefix, remove_duplicate=remove_duplicate)
+                   if recurse else [(prefix, self)])
         for path, module in modules:
             for name, t in getattr(module, table).items():
-                if t is None or id(t) in seen:
+                if t is None or (remove_duplicate and id(t) in seen):
                     continue
                 seen.add(id(t))
                 yield (f"{path}.{name}" if path else name), t
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True
-                         ) -> Iterator[tuple[str, Parameter]]:
-        yield from self._named("_parameters", prefix, recurse)
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Parameter]]:
+        yield from self._named("_parameters", prefix, recurse, remove_duplicate)
 
     def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True
-                      ) -> Iterator[tuple[str, Tensor]]:
-        yield from self._named("_buffers", prefix, recurse)
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        yield from self._named("_buffers", prefix, recurse, remove_duplicate)
+
+    def get_submodule(self, target: str) -> Module:
+        """The submodule at dotted path ``target`` (``""`` is this module), PyTorch's errors."""
+        if target == "":
+            return self
+        module: Module = self
+        for item in target.split("."):
+            if not hasattr(module, item):
+                raise AttributeError(f"{type(module).__name__} has no attribute `{item}`")
+            module = getattr(module, item)
+            if not isinstance(module, Module):
+                raise AttributeError(  # noqa: TRY004  (PyTorch's error type)
+                    f"`{item}` is not an nn.Module")
+        return module
+
+    def get_parameter(self, target: str) -> Parameter:
+        module_path, _, name = target.rpartition(".")
+        module = self.get_submodule(module_path)
+        if not hasattr(module, name):
+            raise AttributeError(f"{type(module).__name__} has no attribute `{name}`")
+        param = getattr(module, name)
+        if not isinstance(param, Parameter):
+            raise AttributeError(  # noqa: TRY004  (PyTorch's error type)
+                f"`{name}` is not an nn.Parameter")
+        return param
+
+    def get_buffer(self, target: str) -> Tensor:
+        module_path, _, name = target.rpartition(".")
+        module = self.get_submodule(module_path)
+        if not hasattr(module, name):
+            raise AttributeError(f"{type(module).__name__} has no attribute `{name}`")
+        if name not in module._buffers:
+            raise AttributeError(f"`{name}` is not a buffer")
+        return module._buffers[name]
 
     def buffers(self, recurse: bool = True) -> Iterator[Tensor]:
         for _, b in self.named_buffers(recurse=recurse):
@@ -326,7 +458,7 @@ class Module:
         _calls.append((self, path))
         state.push_module(path)
         try:
-            return self.forward(*args, **kwargs)
+            return self._forward_with_hooks(args, kwargs)
         except ShapeError as exc:
             if getattr(exc, "_layer_named", False):
                 raise
@@ -371,6 +503,15 @@ def _kaiming_uniform_a_sqrt5(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
     return _uniform(shape, 1.0 / math.sqrt(fan_in) if fan_in else 0.0)
 
 
+def _reset_weight_and_bias(weight: Tensor, bias: Tensor | None) -> None:
+    """Linear's and Conv's ``reset_parameters``, as PyTorch's."""
+    init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in, _ = init._calculate_fan_in_and_fan_out(weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        init.uniform_(bias, -bound, bound)
+
+
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, (int, np.integer)) else tuple(int(x) for x in v)
 
@@ -391,6 +532,10 @@ class Linear(Module):
         self.weight = Parameter(_kaiming_uniform_a_sqrt5((out_features, in_features), in_features))
         self.bias = (Parameter(_uniform((out_features,), 1 / math.sqrt(in_features)))
                      if bias else None)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's init again: kaiming_uniform_(a=sqrt(5)), bias U(+-1/sqrt(fan_in))."""
+        _reset_weight_and_bias(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -422,6 +567,9 @@ class Conv2d(Module):
         self.weight = Parameter(_kaiming_uniform_a_sqrt5(shape, fan_in))
         self.bias = Parameter(_uniform((out_channels,), 1 / math.sqrt(fan_in))) if bias else None
 
+    def reset_parameters(self) -> None:
+        _reset_weight_and_bias(self.weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
@@ -440,13 +588,15 @@ class Conv2d(Module):
         return s
 
 
-class BatchNorm2d(Module):
+class _BatchNorm(Module):
+    """The batch norms' shared code; each subclass checks its input's rank."""
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  bias: bool = True) -> None:
         if momentum is None:
-            raise ValueError("BatchNorm2d(momentum=None) (a cumulative moving average) is not "
-                             "supported; pass a float momentum such as 0.1")
+            raise ValueError(f"{type(self).__name__}(momentum=None) (a cumulative moving average) "
+                             f"is not supported; pass a float momentum such as 0.1")
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
@@ -461,9 +611,24 @@ class BatchNorm2d(Module):
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
 
+    def _check_input_dim(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            init.zeros_(self.running_mean)
+            init.ones_(self.running_var)
+            init.zeros_(self.num_batches_tracked)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4:
-            raise ShapeError(f"expected 4D input (got {x.ndim}D input)")
+        self._check_input_dim(x)
         if x.shape[1] != self.num_features:
             raise ShapeError(f"expected {self.num_features} channels, got input of shape "
                              f"{list(x.shape)}")
@@ -480,6 +645,20 @@ class BatchNorm2d(Module):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, bias={self.bias is not None}, "
                 f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Over [N, C] or [N, C, L]: statistics per channel, as ``BatchNorm2d``."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.ndim not in (2, 3):
+            raise ShapeError(f"expected 2D or 3D input (got {x.ndim}D input)")
+
+
+class BatchNorm2d(_BatchNorm):
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ShapeError(f"expected 4D input (got {x.ndim}D input)")
 
 
 class ReLU(Module):
@@ -549,18 +728,34 @@ class Flatten(Module):
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
-class Dropout(Module):
+class _DropoutNd(Module):
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
         if not 0 <= p <= 1:
             raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
         self.p, self.inplace = p, inplace  # inplace only shows in the repr, as in ReLU
 
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}"
+
+
+class Dropout(_DropoutNd):
     def forward(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.p, self.training)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}"
+
+class Dropout1d(_DropoutNd):
+    """Zeroes whole channels of [N, C, L] (or [C, L]) input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout1d(x, self.p, self.training)
+
+
+class Dropout2d(_DropoutNd):
+    """Zeroes whole channels of [N, C, H, W] (or [N, C, L], as PyTorch) input."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout2d(x, self.p, self.training)
 
 
 class Sequential(Module):
@@ -583,6 +778,47 @@ class Sequential(Module):
 
     def __iter__(self) -> Iterator[Module]:
         return iter(self._modules.values())
+
+    def __setitem__(self, idx: int, module: Module) -> None:
+        key = list(self._modules)[idx]
+        self.add_module(key, module)
+
+    def __delitem__(self, idx: int | slice) -> None:
+        keys = list(self._modules)
+        for key in keys[idx] if isinstance(idx, slice) else [keys[idx]]:
+            del self._modules[key]
+        state.structure_changed()
+        # PyTorch renumbers what is left, names included: "0", "1"...
+        kept = list(self._modules.values())
+        self._modules.clear()
+        for i, m in enumerate(kept):
+            self.add_module(str(i), m)
+
+    def append(self, module: Module) -> Sequential:
+        self.add_module(str(len(self)), module)
+        return self
+
+    def extend(self, sequential: Any) -> Sequential:
+        for layer in sequential:
+            self.append(layer)
+        return self
+
+    def insert(self, index: int, module: Module) -> Sequential:
+        n = len(self._modules)
+        if not -n <= index <= n:
+            raise IndexError(f"Index out of range: {index}")
+        index = index + n if index < 0 else index
+        layers = list(self._modules.values())
+        layers.insert(index, module)
+        self._modules.clear()
+        for i, m in enumerate(layers):
+            self.add_module(str(i), m)
+        return self
+
+    def pop(self, key: int | slice) -> Module:
+        v = self[key]
+        del self[key]
+        return v
 
     def forward(self, x: Any) -> Any:
         for layer in self._modules.values():

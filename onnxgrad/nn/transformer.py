@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..tracer.factories import generator
 from ..tracer.ops import ShapeError
 from ..tracer.tensor import Tensor, Val, get_default_dtype
 from . import functional as F
+from .containers import ModuleList
 from .modules import Dropout, Linear, Module, Parameter
 
 
@@ -29,34 +30,6 @@ def _xavier_uniform(shape: tuple[int, int]) -> np.ndarray:
     fan_out, fan_in = shape
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     return generator().uniform(-bound, bound, size=shape).astype(get_default_dtype())
-
-
-class ModuleList(Module):
-    """``torch.nn.ModuleList``: children named ``0``, ``1``..."""
-
-    def __init__(self, modules: Iterable[Module] | None = None) -> None:
-        super().__init__()
-        for m in modules or ():
-            self.append(m)
-
-    def append(self, module: Module) -> ModuleList:
-        self.add_module(str(len(self._modules)), module)
-        return self
-
-    def extend(self, modules: Iterable[Module]) -> ModuleList:
-        for m in modules:
-            self.append(m)
-        return self
-
-    def __getitem__(self, i: int | slice) -> Any:
-        items = list(self._modules.values())
-        return ModuleList(items[i]) if isinstance(i, slice) else items[i]
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[Module]:
-        return iter(self._modules.values())
 
 
 class LayerNorm(Module):
