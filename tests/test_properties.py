@@ -8,6 +8,7 @@ and float64. Examples per property are kept to CI time (``ONNXGRAD_HYPOTHESIS_EX
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -272,3 +273,39 @@ def test_squeeze_of_a_0d_tensor_is_a_no_op_as_in_pytorch() -> None:
     assert tuple(x.squeeze(0).shape) == tuple(x.squeeze(-1).shape) == ()
     with pytest.raises(IndexError, match="out of range"):
         x.squeeze(1)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(0, 14), min_size=0, max_size=3).map(tuple),
+       scale=st.integers(-6, 9), kind=st.sampled_from(["float", "integral", "int", "bool",
+                                                       "special", "float64"]),
+       seed=st.integers(0, 2**16))
+def test_printing_matches_pytorch(shape: Any, scale: int, kind: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape) * 10.0**scale
+    if kind == "integral":
+        a = np.round(a)
+    elif kind == "int":
+        a = np.round(a).clip(-1e12, 1e12).astype(np.int64)
+    elif kind == "bool":
+        a = a > 0
+    elif kind == "special" and a.size:
+        a.ravel()[rng.integers(0, a.size, 2)] = [np.nan, np.inf]
+    a = a.astype(np.float64 if kind == "float64" else a.dtype if a.dtype.kind in "bi"
+                 else np.float32)
+    assert _unwrapped(repr(og.tensor(a))) == _unwrapped(repr(torch.tensor(a)))
+
+
+def _unwrapped(text: str) -> str:
+    """The repr with the library's name normalised, and suffixes joined to their line:
+    ``onnxgrad.float64`` is 3 characters longer than ``torch.float64``, so the same rule may
+    put the suffix on the next line in one library and not in the other."""
+    return re.sub(r",\n *(dtype=|size=|grad_fn=|requires_grad=)", r", \1",
+                  text.replace("onnxgrad.", "torch."))
+
+
+def test_printing_summarizes_large_tensors_as_pytorch() -> None:
+    rng = np.random.default_rng(0)
+    for a in (np.arange(2000, dtype=np.float32) * 1e-3, rng.standard_normal((40, 50)),
+              rng.integers(0, 100, (3, 400, 2))):
+        assert _unwrapped(repr(og.tensor(a))) == _unwrapped(repr(torch.tensor(a)))

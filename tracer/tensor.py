@@ -23,6 +23,7 @@ import numpy as np
 from . import device as _device
 from . import state
 from .dtypes import BY_NUMPY, Size
+from .printing import add_suffixes, tensor_body
 from .registry import METHODS, OpMethod, bound_method
 
 # Re-exported: the recording core was defined here before it had its own module.
@@ -62,7 +63,7 @@ def _check_traceable(what: str) -> None:
 class Tensor:
     """A torch-like eager tensor backed by NumPy data and recorded as ONNX nodes."""
 
-    __slots__ = ("_v", "_grad", "_name", "_version", "_alias_of", "__weakref__")
+    __slots__ = ("__weakref__", "_alias_of", "_grad", "_name", "_v", "_version")
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
 
     def __init__(self, val: Val):
@@ -359,41 +360,19 @@ class Tensor:
     def __repr__(self) -> str:
         data = self._v.data
         prefix = "tensor("
-        if data.dtype.kind == "f":
-            finite = data[np.isfinite(data)].astype(np.float64)  # float16 would overflow at 1e8
-            integral = finite.size == 0 or bool(np.all(finite == np.round(finite)))
-            big = finite.size and np.max(np.abs(finite)) >= 1e8
-            small = finite.size and 0 < np.min(np.abs(finite[finite != 0]), initial=np.inf) < 1e-4
-            if integral and not big:
-                # Right-aligned to the widest finite element, as PyTorch: tensor([-12.,  65.])
-                width = max((len(_int_float(x)) for x in finite), default=0)
-
-                def fmt(x: float) -> str:
-                    return _int_float(x).rjust(width)
-
-                body = np.array2string(data, separator=", ", prefix=prefix,
-                                       formatter={"float_kind": fmt})
-            elif big or small:  # PyTorch switches to scientific notation, right-aligned
-                sci_width = max((len(f"{x:.4e}") for x in data.ravel()), default=0)
-                body = np.array2string(data, separator=", ", prefix=prefix, formatter={
-                    "float_kind": lambda x: f"{x:.4e}".rjust(sci_width)})
-            else:
-                body = np.array2string(data, separator=", ", prefix=prefix, precision=4,
-                                       floatmode="fixed", suppress_small=False)
-        elif data.dtype == bool_:
-            width = 5 if (~data).any() else 4
-            body = np.array2string(data, separator=", ", prefix=prefix,
-                                   formatter={"bool": lambda x: str(bool(x)).rjust(width)})
-        else:
-            body = np.array2string(data, separator=", ", prefix=prefix)
+        body = tensor_body(data, len(prefix))
         extras = []
-        if data.dtype not in (get_default_dtype(), int64, bool_):
+        if data.size == 0 and data.shape != (0,):
+            extras.append(f"size={tuple(data.shape)}")
+        # An empty tensor shows any dtype but the default float: nothing to infer it from.
+        implied = (get_default_dtype(),) if data.size == 0 else (get_default_dtype(), int64, bool_)
+        if data.dtype not in implied:
             extras.append(f"dtype=onnxgrad.{data.dtype}")
         if self._v.rec is not None and self._v.requires_grad:
             extras.append(f"grad_fn=<{self.grad_fn.name()}>")
         elif self._v.requires_grad:
             extras.append("requires_grad=True")
-        return prefix + body + "".join(", " + e for e in extras) + ")"
+        return add_suffixes(prefix + body, extras, len(prefix))
 
     __str__ = __repr__
 
@@ -461,13 +440,6 @@ def _own_owner(t: Tensor, val: Val) -> weakref.ref | None:
     owner = val.owner
     return owner if owner is not None and owner() is t else None
 
-
-def _int_float(x: float) -> str:
-    if np.isnan(x):
-        return "nan"
-    if np.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{int(x)}."
 
 
 def _numpy_typed(data: Any) -> bool:
