@@ -46,3 +46,30 @@ def test_a_failing_kernel_prints_nothing_and_raises_onnxgrads_words() -> None:
     assert "MatMul(bool[1, 1], bool[1, 1]) at <string>:6" in result.stdout
     assert "ONNX Runtime has no kernel for bool inputs" in result.stdout
     assert "ONNXRuntimeError" not in result.stdout and "INVALID_GRAPH" not in result.stdout
+
+
+def test_a_kept_state_dict_is_a_consistent_snapshot_across_compiled_steps() -> None:
+    # Parameters live in double-buffered runner memory; a state_dict() or detach() taken
+    # between steps must stay the values it was taken at (documented), never the live values of
+    # a later step, nor values one step stale.
+    model = og.nn.Linear(2, 1)
+    opt = og.optim.SGD(model.parameters(), lr=0.1)
+
+    @og.compile
+    def step(x):
+        opt.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    x = og.ones(4, 2)
+    step(x)
+    kept = model.state_dict()
+    detached = model.bias.detach()
+    twice = detached.detach()
+    at = model.bias.item()
+    for _ in range(4):
+        step(x)
+        assert model.bias.item() != at
+        assert kept["bias"].item() == detached.item() == twice.item() == at

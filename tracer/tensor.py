@@ -325,6 +325,9 @@ class Tensor:
         val = Val(old.data)
         if shared == "runner":  # the runner's buffer too: .numpy() must still copy
             val.shared = shared
+            from .views import alias  # noqa: PLC0415  (views imports this module)
+
+            alias(old, val)
         return Tensor(val)
 
     def detach_(self) -> Tensor:

@@ -15,6 +15,22 @@ import numpy as np
 from .tensor import Tensor, Val
 
 
+# Which runner buffer (its views and name) each handed-out Val wraps, so that a Val made from it
+# later (``detach()``, ``state_dict()``) is protected too (:func:`alias`).
+_SOURCES: weakref.WeakKeyDictionary[Val, tuple[RunnerViews, str]] = weakref.WeakKeyDictionary()
+
+
+def alias(source: Val, val: Val) -> None:
+    """``val`` wraps the same runner buffer as ``source``: it gets its private copy before the
+    runner rewrites the buffer, as ``source`` does (a kept ``state_dict()`` stays the snapshot
+    it was, never the live values of a later step nor a mix)."""
+    owner = _SOURCES.get(source)
+    if owner is not None:
+        views, name = owner
+        views._handed.setdefault(name, []).append(weakref.ref(val))
+        _SOURCES[val] = owner
+
+
 class RunnerViews:
     """Which Vals were handed out for each runner buffer name, and whether a tensor was edited."""
 
@@ -55,3 +71,4 @@ class RunnerViews:
         if self.shared:
             self._handed.setdefault(name, []).append(ref)
             val.shared = "runner"  # .numpy() gives a snapshot: this buffer is rewritten
+            _SOURCES[val] = (self, name)
