@@ -14,7 +14,6 @@ import numpy as np
 
 from .tensor import Tensor, Val
 
-
 # Which runner buffer (its views and name) each handed-out Val wraps, so that a Val made from it
 # later (``detach()``, ``state_dict()``) is protected too (:func:`alias`).
 _SOURCES: weakref.WeakKeyDictionary[Val, tuple[RunnerViews, str]] = weakref.WeakKeyDictionary()
