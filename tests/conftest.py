@@ -1,7 +1,10 @@
 """Test-wide setup: every model that reaches ONNX Runtime is checked as standard ONNX."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import onnx
 import pytest
@@ -33,3 +36,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _remove is not None:
         _remove()
         _remove = None
+
+
+@pytest.fixture
+def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A folder no file can be created in (simulated for root, whom permissions do not stop)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real_open = os.open
+
+        def deny(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and Path(path).parent == folder:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", deny)
+    yield folder
+    folder.chmod(0o755)

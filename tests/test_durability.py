@@ -7,7 +7,6 @@ write into that folder; the CLI reports each of these in one line with exit code
 """
 from __future__ import annotations
 
-import errno
 import io
 import os
 import signal
@@ -16,7 +15,6 @@ import sys
 import textwrap
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -112,23 +110,6 @@ def test_missing_file_and_folder_are_named(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- bad targets
-@pytest.fixture
-def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder no file can be created in (simulated for root, whom permissions do not stop)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real_open = os.open
-
-        def deny(path, flags, *args, **kwargs):
-            if flags & os.O_CREAT and Path(path).parent == folder:
-                raise PermissionError(errno.EACCES, "Permission denied", str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", deny)
-    yield folder
-    folder.chmod(0o755)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".npz"])

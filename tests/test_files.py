@@ -159,23 +159,6 @@ def test_a_failed_fsync_removes_the_temp_file(tmp_path: Path,
     assert names(tmp_path) == ["t.bin"] and target.read_bytes() == b"old"
 
 
-@pytest.fixture
-def read_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A folder no file can be created in (simulated for root, whom permissions do not stop)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real_open = os.open
-
-        def deny(path, flags, *args, **kwargs):
-            if flags & os.O_CREAT and Path(path).parent == folder:
-                raise PermissionError(errno.EACCES, "Permission denied", str(path))
-            return real_open(path, flags, *args, **kwargs)
-
-        monkeypatch.setattr(os, "open", deny)
-    yield folder
-    folder.chmod(0o755)
 
 
 def test_a_read_only_folder_gives_an_error_naming_the_target(read_only: Path) -> None:
