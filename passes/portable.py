@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..runtime.metadata import MODULE, ORIGIN, SOURCE
+from .rules.nn import resolve_pads
 
 #: The lowest opset the portable export tries (LayerNormalization and the ops onnxgrad emits
 #: exist from it on).
@@ -114,22 +115,9 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 def _spatial_pads(attrs: dict[str, Any], size: Sequence[int], kernel: Sequence[int],
                   strides: Sequence[int], dilations: Sequence[int], node: onnx.NodeProto
                   ) -> tuple[list[int], list[int]]:
-    """Begin and end pads, resolving the deprecated ``auto_pad``."""
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    rank = len(size)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for n, k, s, d in zip(size, kernel, strides, dilations):
-            total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
-            small = total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
-            end.append(total - begin[-1])
-        return begin, end
-    if auto_pad == "VALID":
-        return [0] * rank, [0] * rank
-    pads = list(attrs.get("pads", [0] * (2 * rank)))
-    return pads[:rank], pads[rank:]
+    """Begin and end pads, resolving the deprecated ``auto_pad`` (as the gradient rules do)."""
+    return resolve_pads(attrs.get("auto_pad", b"NOTSET"), attrs.get("pads"), size, kernel,
+                        strides, dilations)
 
 
 # --------------------------------------------------------------------------- the rewrites

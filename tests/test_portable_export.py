@@ -141,7 +141,9 @@ def test_portable_ops_avoid_what_other_runtimes_lack(exported: dict[str, Path]) 
     ops = {n.op_type for n in portable.graph.node}
     assert not ops & {"Col2Im", "CastLike", "BatchNormalization"}
     pools = [n for n in portable.graph.node if n.op_type == "MaxPool"]
-    assert pools and all(len(n.output) == 1 for n in pools)
+    # (with gradients, max_pool2d pools a NaN-as-inf key only for its Indices, which the
+    # portable rewrite computes without MaxPool: no pool may be left with two outputs)
+    assert all(len(n.output) == 1 for n in pools)
     # Rewritten nodes keep the origin and module of the node they replace (inspection).
     origins = {p.value for n in portable.graph.node for p in n.metadata_props
                if p.key == "onnxgrad.origin"}

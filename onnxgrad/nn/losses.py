@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ..tracer import ops, state
+from ..tracer import index_ops, ops, state
 from ..tracer.compile import add_check
 from ..tracer.ops import ShapeError, _fmt, _where
 from ..tracer.registry import op
-from ..tracer.tensor import Tensor, Val
+from ..tracer.tensor import Tensor
 from .modules import Module
 
 __all__ = [
@@ -289,9 +289,11 @@ def _check_class_range(target: Tensor, classes: int, ignore_index: int) -> None:
         # The first bad label, when there is one. NOTE: selects and reductions, not ArgMax and a
         # GatherElements over the batch, which onnx's ReferenceEvaluator runs with np.choose
         # (at most 64 choices).
-        count = target.shape[0]
-        positions = Tensor(Val(np.arange(count, dtype=np.int64), const=True))
-        first = ops.amin(ops.where(bad, positions, count))
+        # Positions computed from the labels, not a constant arange: the graph then holds no
+        # batch-sized constant (an export with dynamic_batch=True stays valid at any size).
+        ones = ops.add(ops.mul(ops.to(target, np.int64), 0), 1)
+        positions = ops.sub(index_ops.cumsum(ones, 0), 1)
+        first = ops.amin(ops.where(bad, positions, 2**62))
         value = ops.sum(ops.where(ops.eq(positions, first), target, 0))
         flags = ops.to(bad, np.int64)
         where = _where()

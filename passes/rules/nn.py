@@ -147,8 +147,16 @@ class ConvGeometry:
 
 def _explicit_pads(node, size, kernel, strides, dilations):
     """``pads`` as (begin, end), resolving the deprecated ``auto_pad`` of imported models."""
-    rank = len(size)
     auto_pad = attr(node, "auto_pad", "NOTSET")
+    pads = attr(node, "pads", None)
+    begin, end = resolve_pads(auto_pad, pads, size, kernel, strides, dilations)
+    return tuple(begin), tuple(end)
+
+
+def resolve_pads(auto_pad: str | bytes, pads: list[int] | None, size, kernel, strides,
+                 dilations) -> tuple[list[int], list[int]]:
+    """Begin and end pads of a convolution or pooling, ``auto_pad`` (deprecated) resolved."""
+    rank = len(size)
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -158,11 +166,11 @@ def _explicit_pads(node, size, kernel, strides, dilations):
             small = total // 2
             begin.append(small if auto_pad == "SAME_UPPER" else total - small)
             end.append(total - begin[-1])
-        return tuple(begin), tuple(end)
+        return begin, end
     if auto_pad == "VALID":
-        return (0,) * rank, (0,) * rank
-    pads = list(attr(node, "pads", [0] * (2 * rank)))
-    return tuple(pads[:rank]), tuple(pads[rank:])
+        return [0] * rank, [0] * rank
+    pads = list(pads if pads is not None else [0] * (2 * rank))
+    return pads[:rank], pads[rank:]
 
 
 def conv_geometry(node) -> ConvGeometry:
