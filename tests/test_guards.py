@@ -348,3 +348,29 @@ def test_tensors_inside_list_and_dict_arguments_are_inputs_not_constants() -> No
     assert f.traces == 1
     names = [i.name for i in f.last.model.graph.input]
     assert names[:3] == ["xs.0", "xs.1", "d.b"]
+
+
+GC_RUNS = {"n": 0}
+
+
+def test_garbage_collector_callbacks_are_not_part_of_the_program() -> None:
+    # The interpreter calls gc callbacks (hypothesis installs one) at any point of a trace;
+    # what they read and change is not what the compiled function computes.
+    import gc
+
+    def callback(phase, info):
+        GC_RUNS["n"] += 1
+
+    def churn(x):
+        for _ in range(50):
+            gc.collect(0)
+        return (x * 2).sum()
+
+    gc.callbacks.append(callback)
+    try:
+        f = og.compile(churn)
+        assert f(og.ones(3)).item() == 6.0
+        assert f(og.ones(3)).item() == 6.0
+    finally:
+        gc.callbacks.remove(callback)
+    assert f.traces == 1 and GC_RUNS["n"] > 0

@@ -20,6 +20,7 @@ Python, so the change would happen once instead of at every call.
 from __future__ import annotations
 
 import dis
+import gc
 import logging
 import os
 import sys
@@ -59,6 +60,14 @@ def _function_of(code: types.CodeType, caller: types.FrameType) -> Any:
         if getattr(fn, "__code__", None) is code:
             return fn
     return None
+
+
+def _asynchronous(frame: types.FrameType) -> bool:
+    """A call the interpreter made on its own, not the program: a garbage-collector callback
+    (hypothesis installs one) or a finalizer."""
+    code = frame.f_code
+    return code.co_name == "__del__" or any(
+        getattr(cb, "__code__", None) is code for cb in gc.callbacks)
 
 
 def _package(frame: types.FrameType) -> str:
@@ -245,7 +254,7 @@ class CallRecorder:
             if not self._program:  # the traced function itself
                 self._program.add(frame)
             elif parent in self._program and (_is_user(frame) or _package(frame).startswith(
-                    _CALLERS)):
+                    _CALLERS)) and not _asynchronous(frame):
                 self._program.add(frame)
                 code = frame.f_code
                 if _is_user(frame) and code not in self._values._codes:
