@@ -184,3 +184,27 @@ def test_bool_matmul_raises_onnxgrads_error():
 def test_mixed_dtype_matmul_raises():
     with pytest.raises(TypeError, match="same dtype"):
         og.ones(2, 2) @ og.ones(2, 2, dtype=og.int64)
+
+
+def test_a_batch_of_zero_gives_a_nan_loss_and_zero_gradients_as_pytorch() -> None:
+    # Eagerly and in a compiled step (whose in-graph label check sees no labels at all).
+    model = og.nn.Sequential(og.nn.Linear(4, 3))
+    x, y = og.zeros(0, 4), og.tensor(np.zeros(0, np.int64))
+    loss = og.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert np.isnan(loss.item())
+    assert model[0].weight.grad.abs().sum().item() == 0.0
+    assert model[0].bias.grad.tolist() == [0.0, 0.0, 0.0]
+    opt = og.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().numpy().copy()
+
+    @og.compile
+    def step(x, y):
+        opt.zero_grad()
+        loss = og.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    assert np.isnan(step(x, y).item()) and np.isnan(step(x, y).item())
+    np.testing.assert_array_equal(model[0].weight.detach().numpy(), before)

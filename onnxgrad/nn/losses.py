@@ -22,7 +22,7 @@ from ..tracer import index_ops, ops, state
 from ..tracer.compile import add_check
 from ..tracer.ops import ShapeError, _fmt, _where
 from ..tracer.registry import op
-from ..tracer.tensor import Tensor
+from ..tracer.tensor import Tensor, Val
 from .modules import Module
 
 __all__ = [
@@ -293,7 +293,8 @@ def _check_class_range(target: Tensor, classes: int, ignore_index: int) -> None:
         # batch-sized constant (an export with dynamic_batch=True stays valid at any size).
         ones = ops.add(ops.mul(ops.to(target, np.int64), 0), 1)
         positions = ops.sub(index_ops.cumsum(ones, 0), 1)
-        first = ops.amin(ops.where(bad, positions, 2**62))
+        never = Tensor(Val(np.asarray([2**62], np.int64), const=True))  # a batch of 0 too
+        first = ops.amin(ops.cat([ops.where(bad, positions, 2**62), never]))
         value = ops.sum(ops.where(ops.eq(positions, first), target, 0))
         flags = ops.to(bad, np.int64)
         where = _where()

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..builder import dims
 from . import attr, const_ints, rule
+from .shape import zeros_of
 
 
 def _axes(node) -> list[int]:
@@ -37,11 +38,20 @@ def _shape(b, x):
     return b.op("Shape", x)
 
 
+def _expand(b, g, x):
+    """``g`` broadcast to ``x``'s shape. NOTE: an empty ``x`` (a batch of 0) gets zeros of its
+    shape directly: ONNX Runtime's Expand of a [1] gradient to a shape holding 0 gives [1]."""
+    d = dims(x)
+    if d is not None and 0 in d:
+        return zeros_of(b, x)
+    return b.op("Expand", g, _shape(b, x))
+
+
 @rule("ReduceSum")
 def reduce_sum(b, node, grads, needs):
     x = node.inputs[0]
     g = _restore(b, node, grads[0], _axes(node))
-    return [b.op("Expand", g, _shape(b, x))] + _no_axes_grad(node)
+    return [_expand(b, g, x)] + _no_axes_grad(node)
 
 
 @rule("ReduceMean")
@@ -56,7 +66,7 @@ def reduce_mean(b, node, grads, needs):
         g = b.op("Div", g, b.op("Cast", size, to=x.dtype))
     else:
         g = b.op("Div", g, b.const_like(count, x))
-    return [b.op("Expand", g, _shape(b, x))] + _no_axes_grad(node)
+    return [_expand(b, g, x)] + _no_axes_grad(node)
 
 
 @rule("ReduceMax", "ReduceMin")
