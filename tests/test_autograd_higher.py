@@ -224,15 +224,21 @@ def test_create_graph_through_an_op_without_second_order_rule_names_it(monkeypat
         og.autograd.grad(g.sum(), x)
 
 
-def test_create_graph_through_gather_names_scatter() -> None:
-    if "ScatterElements" in RULES:
-        pytest.skip("ScatterElements has a gradient rule now: gather is twice differentiable")
-    x = og.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
-    y = x.gather(1, og.tensor([[1, 0], [0, 0]]))
-    (g,) = og.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(NoGradientRule, match="create_graph through GatherElements is not "
-                                             "supported: no gradient rule for ScatterElements"):
-        og.autograd.grad(g.sum(), x)
+def test_gather_is_twice_differentiable_as_in_pytorch() -> None:
+    # GatherElements' gradient is a ScatterElements, which has a rule of its own.
+    torch = pytest.importorskip("torch")
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    index = np.array([[1, 0], [0, 0]])
+    x = og.tensor(a, requires_grad=True)
+    y = x.gather(1, og.tensor(index))
+    (g,) = og.autograd.grad((y * y * y).sum(), x, create_graph=True)
+    (h,) = og.autograd.grad(g.sum(), x)
+    xt = torch.tensor(a, requires_grad=True)
+    yt = xt.gather(1, torch.tensor(index))
+    (gt,) = torch.autograd.grad((yt * yt * yt).sum(), xt, create_graph=True)
+    (ht,) = torch.autograd.grad(gt.sum(), xt)
+    np.testing.assert_allclose(g.detach().numpy(), gt.detach().numpy())
+    np.testing.assert_allclose(h.numpy(), ht.numpy())
 
 
 # --------------------------------------------------------------------------- compiled

@@ -292,8 +292,6 @@ def test_hooks_in_compiled_steps_match_eager_and_retrace() -> None:
         og.manual_seed(0)
         net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
         opt = og.optim.SGD(net.parameters(), lr=0.1)
-        seen: list = []
-
         def step(x):
             opt.zero_grad()
             loss = net(x).sum()
@@ -305,7 +303,7 @@ def test_hooks_in_compiled_steps_match_eager_and_retrace() -> None:
         x = og.tensor(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
         losses = [fn(x).item()]
         handle = net[1].register_forward_hook(lambda m, a, o: o * 0.5)
-        net[0].register_forward_pre_hook(lambda m, a: seen.append(1))
+        net[0].register_forward_pre_hook(lambda m, a: (a[0] * 2.0,))
         losses += [fn(x).item(), fn(x).item()]
         handle.remove()
         losses.append(fn(x).item())
@@ -314,6 +312,16 @@ def test_hooks_in_compiled_steps_match_eager_and_retrace() -> None:
         return losses
 
     np.testing.assert_allclose(run(True), run(False), rtol=1e-5)
+
+
+def test_a_hook_with_python_side_effects_is_refused_in_a_compiled_step() -> None:
+    # Compiled calls run no Python: a hook that counts calls would count traces, not calls.
+    net = nn.Sequential(nn.Linear(3, 1))
+    seen: list = []
+    net[0].register_forward_pre_hook(lambda m, a: seen.append(1))
+    step = og.compile(lambda x: net(x).sum())
+    with pytest.raises(og.TraceError, match=r"changed the Python value\(s\) \['seen"):
+        step(og.ones(2, 3))
 
 
 # --------------------------------------------------------------------------- BatchNorm1d, dropout

@@ -68,17 +68,16 @@ def test_import_block_is_swapped(program: Path) -> None:
 
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.stem)
-def test_runs_on_onnxgrad(program: Path, tmp_path: Path) -> None:
-    assert run(onnxgrad_imports(program.read_text()), tmp_path).strip()
-
-
-@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.stem)
-def test_prints_pytorchs_numbers(program: Path, tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    (tmp_path / "torch").mkdir()
+def test_runs_on_onnxgrad_and_prints_pytorchs_numbers(program: Path, tmp_path: Path) -> None:
     (tmp_path / "og").mkdir()
-    expected = run(program.read_text(), tmp_path / "torch")
     got = run(onnxgrad_imports(program.read_text()), tmp_path / "og")
+    assert got.strip()
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pytest.skip("PyTorch is not installed: the program ran, its numbers are not compared")
+    (tmp_path / "torch").mkdir()
+    expected = run(program.read_text(), tmp_path / "torch")
     want_text, want = normalized(expected)
     got_text, have = normalized(got)
     assert got_text == want_text

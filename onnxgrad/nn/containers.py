@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from ..tracer.tensor import Tensor
 from .modules import Module, Parameter
 
@@ -32,8 +34,8 @@ def _tensor_line(key: Any, value: Any, typename: bool = False) -> str:
     if isinstance(value, Tensor):
         size = "x".join(str(d) for d in value.shape)
         kind = "Parameter" if isinstance(value, Parameter) else "Tensor"
-        dtype = _TYPENAMES.get(str(value.dtype), str(value.dtype)) if typename \
-            else str(value.dtype)
+        name = np.dtype(value.dtype).name  # float32 (og.dtype prints onnxgrad.float32)
+        dtype = _TYPENAMES.get(name, name) if typename else name
         return f"  ({key}): {kind} containing: [onnxgrad.{dtype} of size {size}]"
     return f"  ({key}): Object of type: {type(value).__name__}"
 
