@@ -218,6 +218,24 @@ def register_hook(tensor: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Re
     return RemovableHandle(table, key)
 
 
+_POST_BACKWARD: dict[int, Callable[[list[Tensor]], None]] = {}
+
+
+def register_post_backward_hook(hook: Callable[[list[Tensor]], None]) -> RemovableHandle:
+    """``hook(leaves)`` runs after each eager ``backward`` has accumulated every ``.grad``, with the
+    leaves that received a gradient (the place where DistributedDataParallel averages gradients
+    across processes, as PyTorch's reducer does before ``backward`` returns). Traced backwards
+    (inside ``og.compile``) and ``og.autograd.grad`` do not call it."""
+    key = next(_hook_ids)
+    _POST_BACKWARD[key] = hook
+    return RemovableHandle(_POST_BACKWARD, key)
+
+
+def _after_backward(leaves: list[Tensor]) -> None:
+    for hook in list(_POST_BACKWARD.values()):
+        hook(leaves)
+
+
 def retain_grad(tensor: Tensor) -> None:
     """``Tensor.retain_grad``: a non-leaf keeps its ``.grad`` after backward (no-op on leaves)."""
     if not tensor.requires_grad:
@@ -481,16 +499,21 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             for rec in walk.records:
                 rec.freed = True
                 rec.inputs = ()
+        if _POST_BACKWARD:
+            _after_backward([t for t in (wrt_leaves[k].leaf() for k in plan.kept)
+                             if t is not None])
         return
     seed_vals = _seed_vals(tensors, grad_tensors, seeds)
     found = _replay_gradients([t._v for t in tensors], seed_vals, wrt_leaves,
                               create_graph=create_graph)
+    reached: list[Tensor] = []
     for leaf, g in zip(wrt_leaves, found):
         if g is None:
             continue
         tensor = leaf.leaf()
         if tensor is None:
             continue
+        reached.append(tensor)
         g = _leaf_hooked(tensor, g)
         if trace is not None:
             trace.accumulate(tensor, g)
@@ -502,6 +525,8 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             tensor._grad = Tensor(Val(tensor._grad._v.data + g.data))
     if not retain_graph and trace is None:
         _free([t._v for t in tensors])
+    if _POST_BACKWARD and trace is None:
+        _after_backward(reached)
 
 
 def _seed_vals(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None,
