@@ -275,3 +275,37 @@ def test_ddp_single_process_trains_and_compiles_as_the_module(group: None) -> No
             step(x)
     np.testing.assert_allclose(model.weight.detach().numpy(), ref.weight.detach().numpy(),
                                rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- onnxgrad launch
+def test_launch_runs_the_script_on_n_processes(tmp_path: Path) -> None:
+    _mpiexec()
+    from onnxgrad.__main__ import main
+
+    script = tmp_path / "hello.py"
+    script.write_text("import sys\n"
+                      "import onnxgrad.distributed as dist\n"
+                      "dist.init_process_group()\n"
+                      "r, n = dist.get_rank(), dist.get_world_size()\n"
+                      "open(sys.argv[1] + f'/rank{r}.txt', 'w').write(f'{r} {n} {sys.argv[2:]}')\n")
+    assert main(["launch", "-n", "2", str(script), str(tmp_path), "--lr", "0.1"]) == 0
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.txt").read_text() == f"{r} 2 ['--lr', '0.1']"
+
+
+def test_launch_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from onnxgrad.__main__ import main
+
+    script = tmp_path / "s.py"
+    script.write_text("")
+    assert main(["launch", "-n", "2", str(tmp_path / "missing.py")]) == 2
+    assert "missing.py: no such file" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mpi4py" else find_spec(name, *a))
+    assert main(["launch", "-n", "2", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert "mpi4py is not installed" in err and "onnxgrad[distributed]" in err
