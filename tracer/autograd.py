@@ -224,8 +224,9 @@ _POST_BACKWARD: dict[int, Callable[[list[Tensor]], None]] = {}
 def register_post_backward_hook(hook: Callable[[list[Tensor]], None]) -> RemovableHandle:
     """``hook(leaves)`` runs after each eager ``backward`` has accumulated every ``.grad``, with the
     leaves that received a gradient (the place where DistributedDataParallel averages gradients
-    across processes, as PyTorch's reducer does before ``backward`` returns). Traced backwards
-    (inside ``og.compile``) and ``og.autograd.grad`` do not call it."""
+    across processes, as PyTorch's reducer does before ``backward`` returns). A backward traced
+    by ``og.compile`` calls it too, with the leaves it differentiates (the gradients are graph
+    values then: a hook that cannot be recorded raises); ``og.autograd.grad`` does not."""
     key = next(_hook_ids)
     _POST_BACKWARD[key] = hook
     return RemovableHandle(_POST_BACKWARD, key)
@@ -489,6 +490,8 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             and not (hooked and trace is not None):
         if trace is not None:
             trace.backward(tensors, seeds)
+            if _POST_BACKWARD:
+                _after_backward([t for t in (v.leaf() for v in wrt_leaves) if t is not None])
             return
         plan = cached(("backward", walk.key), lambda: _build_plan(walk), len(walk.records))
         results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
@@ -525,7 +528,7 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             tensor._grad = Tensor(Val(tensor._grad._v.data + g.data))
     if not retain_graph and trace is None:
         _free([t._v for t in tensors])
-    if _POST_BACKWARD and trace is None:
+    if _POST_BACKWARD:
         _after_backward(reached)
 
 

@@ -120,14 +120,10 @@ class DistributedDataParallel(Module):
 
     # ----------------------------------------------------------------- calling
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        if state.active_trace() is not None and self.world_size > 1:
-            # NOTE: ONNX has no collective op, so a compiled step cannot average gradients
-            # yet; training on without averaging would silently diverge the replicas.
-            raise TraceError("og.compile: a step using DistributedDataParallel with "
-                             f"{self.world_size} processes is not supported yet (ONNX has no "
-                             "collective operators and splitting the step at the gradient "
-                             "all-reduce is not implemented); run the step eagerly")
-        if self.module.training and self.broadcast_buffers and self.world_size > 1:
+        # NOTE: not while og.compile traces: a compiled call runs only its graph, which
+        # cannot hold a collective (ONNX has none).
+        if self.module.training and self.broadcast_buffers and self.world_size > 1 \
+                and state.active_trace() is None:
             self._broadcast([b for b in self.module.buffers() if b is not None])
         object.__setattr__(self, "_sync_pending", self.require_backward_grad_sync
                            and state.grad_enabled())
@@ -154,6 +150,13 @@ class DistributedDataParallel(Module):
         if not any(id(p) in reached for p in params):
             return  # a backward of something else (this model's forward is still pending)
         object.__setattr__(self, "_sync_pending", False)
+        if state.active_trace() is not None and self.world_size > 1:
+            # NOTE: ONNX has no collective op and the compiled step is not split at the
+            # all-reduce yet; compiling on without averaging would silently diverge the replicas.
+            raise TraceError("og.compile: a training step using DistributedDataParallel with "
+                             f"{self.world_size} processes is not supported yet (the gradient "
+                             "all-reduce cannot be part of a compiled step); run the step "
+                             "eagerly, or compile only the forward")
         self.reduce_gradients(params)
 
     def reduce_gradients(self, params: list[Tensor] | None = None) -> None:
