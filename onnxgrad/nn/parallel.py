@@ -11,6 +11,7 @@ per parameter.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -78,7 +79,8 @@ class DistributedDataParallel(Module):
         extra = {"dim": dim, "broadcast_buffers": broadcast_buffers,
                  "bucket_cap_bytes": int(cap * 2**20), "require_backward_grad_sync": True,
                  "_collectives": dist.get_collectives(), "_sync_pending": False,
-                 "_handle": None, "reduce_count": 0}
+                 "_handle": None, "reduce_count": 0, "reduce_seconds": 0.0,
+                 "reduce_bytes": 0, "bucket_count": 0}
         for name, value in extra.items():
             # Plain attributes: not parameters, and no retrace of compiled steps when they change.
             object.__setattr__(self, name, value)
@@ -166,18 +168,25 @@ class DistributedDataParallel(Module):
             params = [p for p in self.module.parameters() if p.requires_grad]
         if self.world_size == 1:
             return
-        for bucket in _buckets(params, self.bucket_cap_bytes):
+        start = time.perf_counter()
+        buckets = _buckets(params, self.bucket_cap_bytes)
+        for bucket in buckets:
             flat = np.concatenate([
                 (p._grad._v.data if p._grad is not None
                  else np.zeros_like(p._v.data)).reshape(-1) for p in bucket])
             self._collectives.all_reduce(flat, "avg")
+            object.__setattr__(self, "reduce_bytes", self.reduce_bytes + flat.nbytes)
             offset = 0
             for p in bucket:
                 n = p._v.data.size
                 if p._grad is not None:
                     p._grad = Tensor(Val(flat[offset:offset + n].reshape(p._v.data.shape)))
                 offset += n
+        # Counters for benchmarks/distributed.py: rounds, time in them, payload, buckets.
         object.__setattr__(self, "reduce_count", self.reduce_count + 1)
+        object.__setattr__(self, "bucket_count", len(buckets))
+        object.__setattr__(self, "reduce_seconds",
+                           self.reduce_seconds + time.perf_counter() - start)
 
     def __del__(self) -> None:
         handle = self.__dict__.get("_handle")
