@@ -216,6 +216,26 @@ def test_compiled_ddp_step_refuses_with_several_processes(ranks: list[dict]) -> 
         np.testing.assert_allclose(saved["compiled_forward"], saved["eager_forward"], rtol=1e-6)
 
 
+MISMATCH = textwrap.dedent('''
+    import onnxgrad as og
+    import onnxgrad.distributed as dist
+
+    dist.init_process_group()
+    width = 4 if dist.get_rank() == 0 else 5
+    try:
+        og.nn.parallel.DistributedDataParallel(og.nn.Linear(3, width))
+    except RuntimeError as exc:
+        print(f"rank {dist.get_rank()}: {exc}", flush=True)
+''')
+
+
+def test_mismatched_models_are_named_on_every_rank(tmp_path: Path) -> None:
+    done = _launch(tmp_path, MISMATCH, 2, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for r in range(2):
+        assert f"rank {r}: DDP expects same model across all ranks" in done.stdout
+
+
 def test_a_failing_rank_ends_the_job(tmp_path: Path) -> None:
     done = _launch(tmp_path, FAILING, 2, timeout=60)
     assert done.returncode != 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,7 @@ class DistributedDataParallel(Module):
         for name, value in extra.items():
             # Plain attributes: not parameters, and no retrace of compiled steps when they change.
             object.__setattr__(self, name, value)
+        self._verify_same_model()
         self._sync_module_states()
         me = weakref.ref(self)
 
@@ -98,6 +100,25 @@ class DistributedDataParallel(Module):
     @property
     def world_size(self) -> int:
         return self._collectives.world_size
+
+    def _verify_same_model(self) -> None:
+        """Every rank must wrap the same parameters (count, shapes, dtypes): checked with one
+        all_gather, so all ranks raise together instead of hanging in a mismatched all-reduce."""
+        if self.world_size == 1:
+            return
+        params = list(self.module.named_parameters())
+        layout = ";".join(f"{k}:{tuple(p.shape)}:{p._v.data.dtype}" for k, p in params)
+        mine = np.array([len(params), zlib.crc32(layout.encode())], dtype=np.int64)
+        every = self._collectives.all_gather(mine)
+        for rank, (count, digest) in enumerate(every.tolist()):
+            if count != len(params):
+                raise RuntimeError(f"DDP expects same model across all ranks, but Rank "
+                                   f"{self._collectives.rank} has {len(params)} params, while "
+                                   f"rank {rank} has inconsistent {count} params.")
+            if digest != int(mine[1]):
+                raise RuntimeError(f"DDP expects same model across all ranks, but rank "
+                                   f"{self._collectives.rank} and rank {rank} have parameters "
+                                   f"of different names, shapes or dtypes")
 
     def _sync_module_states(self) -> None:
         """Every process takes rank 0's parameters and buffers (one broadcast per dtype)."""
