@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     dist.init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     B, STEPS = 4, 4
-    saved = {"world": np.array(world)}
+    saved = {"world": np.array(world), "out": np.array(out)}
 
     def mlp(seed):
         og.manual_seed(seed)
@@ -65,6 +65,9 @@ WORKER = textwrap.dedent('''
             saved[f"{name}.ddp.{k}"] = p.detach().numpy()
             saved[f"{name}.ref.{k}"] = q.detach().numpy()
         saved[f"{name}.reduce_count"] = np.array(ddp.reduce_count)
+        if rank == 0:  # state is replicated: rank 0 writes, any world size resumes
+            og.save(ddp.module.state_dict(), f"{out}/{name}.ckpt")
+        dist.barrier()
 
     # no_sync: two micro-batches accumulated locally, averaged at the second backward.
     ddp = og.nn.parallel.DistributedDataParallel(mlp(rank))
@@ -175,6 +178,14 @@ def test_ddp_equals_one_process_at_combined_batch(ranks: list[dict], opt: str) -
             # Replicas are identical, bit for bit (same averaged gradients, same update).
             np.testing.assert_array_equal(saved[k], ranks[0][k], err_msg=k)
         assert int(saved[f"{opt}.reduce_count"]) == 4  # one all-reduce round per step
+
+
+def test_checkpoint_from_several_ranks_resumes_in_one_process(ranks: list[dict]) -> None:
+    ckpt = Path(str(ranks[0]["out"])) / "sgd.ckpt"
+    model = og.nn.Sequential(og.nn.Linear(5, 8), og.nn.Tanh(), og.nn.Linear(8, 3))
+    model.load_state_dict(og.load(ckpt))
+    for k, p in model.named_parameters():
+        np.testing.assert_array_equal(p.detach().numpy(), ranks[1][f"sgd.ddp.{k}"], err_msg=k)
 
 
 def test_ddp_no_sync_accumulates_then_averages(ranks: list[dict]) -> None:
