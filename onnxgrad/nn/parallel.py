@@ -54,16 +54,20 @@ class DistributedDataParallel(Module):
     local batch statistics (as DDP without SyncBatchNorm); with ``broadcast_buffers`` (the
     default) rank 0's buffers are copied to every process at each training forward.
 
-    NOTE: a parameter that got no gradient on this process in a backward keeps ``grad=None``
-    (its zeros still enter the average, so other ranks' gradients are divided by the full world
-    size, as PyTorch's ``find_unused_parameters``).
+    ``device_ids``, ``output_device``, ``process_group`` (only the default group exists),
+    ``find_unused_parameters``, ``check_reduction``, ``gradient_as_bucket_view`` and
+    ``static_graph`` are accepted for PyTorch's signature and change nothing.
+
+    NOTE: a parameter that got no gradient on this process in a backward keeps ``grad=None``;
+    zeros stand for it in the average, so the ranks that have a gradient for it divide by the
+    full world size.
     """
 
     def __init__(self, module: Module, device_ids: Any = None, output_device: Any = None,
                  dim: int = 0, broadcast_buffers: bool = True, process_group: Any = None,
                  bucket_cap_mb: float | None = None, find_unused_parameters: bool = False,
                  check_reduction: bool = False, gradient_as_bucket_view: bool = False,
-                 static_graph: bool = False, **kwargs: Any) -> None:
+                 static_graph: bool = False) -> None:
         from .. import distributed as dist
 
         super().__init__()
