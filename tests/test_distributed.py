@@ -351,3 +351,37 @@ def test_launch_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert main(["launch", "-n", "2", str(script)]) == 2
     err = capsys.readouterr().err
     assert "mpi4py is not installed" in err and "onnxgrad[distributed]" in err
+
+
+# --------------------------------------------------------------------------- after-backward hook
+def test_post_backward_hook_sees_the_leaves_of_every_backward_path() -> None:
+    from onnxgrad.tracer.autograd import register_post_backward_hook
+
+    seen: list[list[int]] = []
+    w = og.tensor([1.0, 2.0], requires_grad=True)
+    b = og.tensor([0.5], requires_grad=True)
+    unused = og.tensor([3.0], requires_grad=True)
+    ids = {id(w): "w", id(b): "b", id(unused): "unused"}
+    handle = register_post_backward_hook(lambda leaves: seen.append(
+        sorted(ids[id(t)] for t in leaves if id(t) in ids)))
+    try:
+        (w * 2 + b).sum().backward()  # the session path
+        assert seen == [["b", "w"]] and w.grad.tolist() == [2.0, 2.0]
+        (w * w).sum().backward(create_graph=True)  # the replay path
+        assert seen[-1] == ["w"]
+        y = w * 3
+        y.retain_grad()  # a non-leaf's gradient: replay path too
+        y.sum().backward()
+        assert seen[-1] == ["w"]
+
+        def step(x: og.Tensor) -> og.Tensor:
+            loss = (x * b).sum()
+            loss.backward()
+            return loss
+
+        og.compile(step)(og.tensor([1.0, 1.0]))  # traced: called while tracing, not after
+        assert seen[-1] == ["b"] and len(seen) == 4
+    finally:
+        handle.remove()
+    (w * 2).sum().backward()
+    assert len(seen) == 4  # removed

@@ -237,6 +237,12 @@ def _after_backward(leaves: list[Tensor]) -> None:
         hook(leaves)
 
 
+def _leaf_tensors(vals: Iterable[Val]) -> list[Tensor]:
+    """The live tensors of leaf Vals (a leaf whose tensor was dropped has none)."""
+    tensors = (v.leaf() if v.leaf is not None else None for v in vals)
+    return [t for t in tensors if t is not None]
+
+
 def retain_grad(tensor: Tensor) -> None:
     """``Tensor.retain_grad``: a non-leaf keeps its ``.grad`` after backward (no-op on leaves)."""
     if not tensor.requires_grad:
@@ -491,7 +497,7 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
         if trace is not None:
             trace.backward(tensors, seeds)
             if _POST_BACKWARD:
-                _after_backward([t for t in (v.leaf() for v in wrt_leaves) if t is not None])
+                _after_backward(_leaf_tensors(wrt_leaves))
             return
         plan = cached(("backward", walk.key), lambda: _build_plan(walk), len(walk.records))
         results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
@@ -503,8 +509,7 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
                 rec.freed = True
                 rec.inputs = ()
         if _POST_BACKWARD:
-            _after_backward([t for t in (wrt_leaves[k].leaf() for k in plan.kept)
-                             if t is not None])
+            _after_backward(_leaf_tensors(wrt_leaves[k] for k in plan.kept))
         return
     seed_vals = _seed_vals(tensors, grad_tensors, seeds)
     found = _replay_gradients([t._v for t in tensors], seed_vals, wrt_leaves,
