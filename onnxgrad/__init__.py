@@ -115,7 +115,7 @@ __all__.extend(_registry.names("og"))
 
 def __getattr__(name: str):
     # Submodules load on first use (og.nn, og.optim, og.models), keeping `import onnxgrad` light.
-    if name in ("nn", "optim", "models", "utils", "autograd"):
+    if name in ("nn", "optim", "models", "utils", "autograd", "distributed"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -218,6 +218,31 @@ def register_hook(tensor: Tensor, hook: Callable[[Tensor], Tensor | None]) -> Re
     return RemovableHandle(table, key)
 
 
+_POST_BACKWARD: dict[int, Callable[[list[Tensor]], None]] = {}
+
+
+def register_post_backward_hook(hook: Callable[[list[Tensor]], None]) -> RemovableHandle:
+    """``hook(leaves)`` runs after each eager ``backward`` has accumulated every ``.grad``, with the
+    leaves that received a gradient (the place where DistributedDataParallel averages gradients
+    across processes, as PyTorch's reducer does before ``backward`` returns). A backward traced
+    by ``og.compile`` calls it too, with the leaves it differentiates (the gradients are graph
+    values then: a hook that cannot be recorded raises); ``og.autograd.grad`` does not."""
+    key = next(_hook_ids)
+    _POST_BACKWARD[key] = hook
+    return RemovableHandle(_POST_BACKWARD, key)
+
+
+def _after_backward(leaves: list[Tensor]) -> None:
+    for hook in list(_POST_BACKWARD.values()):
+        hook(leaves)
+
+
+def _leaf_tensors(vals: Iterable[Val]) -> list[Tensor]:
+    """The live tensors of leaf Vals (a leaf whose tensor was dropped has none)."""
+    tensors = (v.leaf() if v.leaf is not None else None for v in vals)
+    return [t for t in tensors if t is not None]
+
+
 def retain_grad(tensor: Tensor) -> None:
     """``Tensor.retain_grad``: a non-leaf keeps its ``.grad`` after backward (no-op on leaves)."""
     if not tensor.requires_grad:
@@ -471,6 +496,8 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             and not (hooked and trace is not None):
         if trace is not None:
             trace.backward(tensors, seeds)
+            if _POST_BACKWARD:
+                _after_backward(_leaf_tensors(wrt_leaves))
             return
         plan = cached(("backward", walk.key), lambda: _build_plan(walk), len(walk.records))
         results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
@@ -481,16 +508,20 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             for rec in walk.records:
                 rec.freed = True
                 rec.inputs = ()
+        if _POST_BACKWARD:
+            _after_backward(_leaf_tensors(wrt_leaves[k] for k in plan.kept))
         return
     seed_vals = _seed_vals(tensors, grad_tensors, seeds)
     found = _replay_gradients([t._v for t in tensors], seed_vals, wrt_leaves,
                               create_graph=create_graph)
+    reached: list[Tensor] = []
     for leaf, g in zip(wrt_leaves, found):
         if g is None:
             continue
         tensor = leaf.leaf()
         if tensor is None:
             continue
+        reached.append(tensor)
         g = _leaf_hooked(tensor, g)
         if trace is not None:
             trace.accumulate(tensor, g)
@@ -502,6 +533,8 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             tensor._grad = Tensor(Val(tensor._grad._v.data + g.data))
     if not retain_graph and trace is None:
         _free([t._v for t in tensors])
+    if _POST_BACKWARD:
+        _after_backward(reached)
 
 
 def _seed_vals(tensors: Sequence[Tensor], grad_tensors: Sequence[Any] | None,

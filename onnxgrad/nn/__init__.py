@@ -1,7 +1,7 @@
 """``onnxgrad.nn``: modules and layers with PyTorch's names, defaults and initialisation."""
 from __future__ import annotations
 
-from . import functional, init, utils
+from . import functional, init, parallel, utils
 from .activation_layers import (
                                 ELU,
                                 Conv1d,
@@ -74,5 +74,5 @@ __all__ = [
     "ParameterDict", "ParameterList", "ReLU", "ReLU6", "Sequential", "SiLU", "Sigmoid",
     "SmoothL1Loss", "Softmax", "Softplus", "Softsign", "Tanh", "Tanhshrink",
     "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer", "Upsample",
-    "functional", "init", "utils",
+    "functional", "init", "parallel", "utils",
 ]

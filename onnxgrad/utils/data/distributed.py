@@ -21,17 +21,24 @@ class DistributedSampler(Sampler[T_co]):
     rank gets ``ceil(len / num_replicas)`` samples; with it, the tail is dropped. The shuffle is
     seeded with ``seed + epoch`` (call :meth:`set_epoch` each epoch), identical on every rank.
 
-    NOTE: onnxgrad has no distributed package yet, so ``num_replicas`` and ``rank`` cannot be
-    read from a process group: pass both.
+    ``num_replicas`` and ``rank`` default to the default process group's world size and rank
+    (``onnxgrad.distributed.init_process_group()``); without a group, pass both.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
         if num_replicas is None or rank is None:
+            from ... import distributed as dist
+
+            if dist.is_initialized():
+                num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
+                rank = dist.get_rank() if rank is None else rank
+        if num_replicas is None or rank is None:
             missing = " and ".join(n for n, v in (("num_replicas", num_replicas), ("rank", rank))
                                    if v is None)
-            raise RuntimeError(f"DistributedSampler: pass {missing} explicitly; onnxgrad has no "
-                               f"distributed package (torch.distributed) to read them from")
+            raise RuntimeError(f"DistributedSampler: pass {missing} explicitly, or call "
+                               f"onnxgrad.distributed.init_process_group() first to read them "
+                               f"from the process group")
         if rank >= num_replicas or rank < 0:
             raise ValueError(f"Invalid rank {rank}, rank should be in the interval "
                              f"[0, {num_replicas - 1}]")

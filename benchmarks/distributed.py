@@ -1,0 +1,151 @@
+"""Data-parallel (DDP) cost on this machine, and a projection to many machines.
+
+    python benchmarks/distributed.py              # MLP and resnet18, 1 and 2 processes
+    python benchmarks/distributed.py --model mlp  # one model
+
+The driver launches itself under ``mpiexec -n 1`` and ``-n 2`` (the ``distributed`` extra). Each
+run trains eagerly with ``DistributedDataParallel`` at a fixed batch per process (weak scaling)
+and reports, from rank 0: the median step time, the all-reduce time per step and its share of
+the step, the bytes all-reduced per step and the bucket count. Scaling efficiency from 1 to 2
+processes is (samples/s with 2) / (2 x samples/s with 1).
+
+The projection to N machines on a 10 Gb/s network uses a ring all-reduce, which sends
+2 (N - 1) / N times the gradient bytes per process, plus a latency of 2 (N - 1) hops of 50 us,
+with no overlap of the reduction and the computation (the eager DDP does not overlap yet):
+efficiency(N) = t_step / (t_step + t_allreduce(N)), t_step the 1-process step time.
+
+NOTE: this machine has 2 cores, so 2 processes also share the cores that 1 process used with
+two threads: the measured 1 -> 2 efficiency mixes communication with core contention (about 50%
+at best for a compute-bound step). Each process's ONNX Runtime gets cores / N threads that do
+not spin (see _share_cores); with ONNX Runtime's defaults the MLP's 2-process step measured
+156 ms instead of 8.5 ms.
+
+Measured here (2 cores, 10 steps, medians):
+    mlp 784-256-256-10, batch 64/process, 1.03 MiB of gradients in 1 bucket: 1 process 3.1 ms;
+        2 processes 8.5 ms, all-reduce 4.8 ms (57%); 1 -> 2 efficiency 37%;
+        projected 59% at 8 machines, 28% at 64
+    resnet18 at 3x32x32, batch 8/process, 42.65 MiB in 2 buckets: 1 process 135 ms;
+        2 processes 305 ms, all-reduce 52 ms (17%, mostly waiting for the slower rank);
+        1 -> 2 efficiency 44%; projected 68% at 8 machines, 64% at 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NETWORK_BYTES_PER_S = 10e9 / 8
+HOP_LATENCY_S = 50e-6
+
+
+def worker(model_name: str, steps: int) -> None:
+    import numpy as np
+
+    import onnxgrad as og
+    import onnxgrad.distributed as dist
+    import onnxgrad.nn.functional as F
+
+    dist.init_process_group()
+    _share_cores(dist.get_world_size())
+    og.manual_seed(0)
+    if model_name == "mlp":
+        net = og.nn.Sequential(og.nn.Linear(784, 256), og.nn.ReLU(), og.nn.Linear(256, 256),
+                               og.nn.ReLU(), og.nn.Linear(256, 10))
+        shape, batch = (784,), 64
+    else:
+        from onnxgrad.models import resnet18
+
+        net = resnet18(num_classes=10)
+        shape, batch = (3, 32, 32), 8
+    model = og.nn.parallel.DistributedDataParallel(net)
+    opt = og.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(dist.get_rank())
+    x = og.tensor(rng.standard_normal((batch, *shape)).astype(np.float32))
+    y = og.tensor(rng.integers(0, 10, batch))
+    times = []
+    for i in range(steps + 2):
+        if i == 2:  # the first steps build sessions
+            model.reduce_seconds, model.reduce_bytes, model.reduce_count = 0.0, 0, 0
+        dist.barrier()
+        start = time.perf_counter()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        rounds = max(model.reduce_count, 1)
+        print(json.dumps({
+            "world": dist.get_world_size(), "batch": batch, "step_s": statistics.median(times),
+            "allreduce_s": model.reduce_seconds / rounds,
+            "bytes": model.reduce_bytes // rounds, "buckets": model.bucket_count,
+            "param_bytes": sum(p.numel() * 4 for p in model.parameters())}), flush=True)
+    dist.destroy_process_group()
+
+
+def _share_cores(world: int) -> None:
+    """Each process gets its share of the cores and ONNX Runtime threads that sleep when idle.
+
+    NOTE: by default every process's ONNX Runtime uses all cores and its threads spin after each
+    run; two such processes on 2 cores starve each other (the rank that waits in the all-reduce
+    spins against the one still computing).
+    """
+    from onnxgrad.runtime import session
+
+    original = session.session_options
+
+    def options(**kwargs):  # type: ignore[no-untyped-def]
+        opts = original(**kwargs)
+        opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // world)
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return opts
+
+    session.session_options = options
+
+
+def launch(model_name: str, n: int, steps: int) -> dict:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // n)))
+    done = subprocess.run([str(mpiexec), "-n", str(n), sys.executable, __file__, "--worker",
+                           model_name, "--steps", str(steps)], capture_output=True, text=True,
+                          check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def project(step_s: float, grad_bytes: int, n: int) -> float:
+    t_reduce = 2 * (n - 1) / n * grad_bytes / NETWORK_BYTES_PER_S + 2 * (n - 1) * HOP_LATENCY_S
+    return step_s / (step_s + t_reduce)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["mlp", "resnet18", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--worker", choices=["mlp", "resnet18"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps)
+        return
+    for name in (["mlp", "resnet18"] if args.model == "all" else [args.model]):
+        one, two = launch(name, 1, args.steps), launch(name, 2, args.steps)
+        efficiency = (2 * two["batch"] / two["step_s"]) / (2 * one["batch"] / one["step_s"])
+        print(f"{name}: batch {one['batch']} per process; gradients "
+              f"{one['param_bytes'] / 2**20:.2f} MiB")
+        print(f"  1 process : step {one['step_s'] * 1e3:8.2f} ms")
+        print(f"  2 processes: step {two['step_s'] * 1e3:8.2f} ms, all-reduce "
+              f"{two['allreduce_s'] * 1e3:.2f} ms ({two['allreduce_s'] / two['step_s']:.1%} of "
+              f"the step), {two['bytes'] / 2**20:.2f} MiB in {two['buckets']} bucket(s) per step")
+        print(f"  scaling efficiency 1 -> 2 processes (this machine): {efficiency:.1%}")
+        for n in (8, 64):
+            print(f"  projected efficiency at {n} machines, 10 Gb/s ring all-reduce: "
+                  f"{project(one['step_s'], two['bytes'], n):.1%}")
+
+
+if __name__ == "__main__":
+    main()
