@@ -17,7 +17,7 @@ efficiency(N) = t_step / (t_step + t_allreduce(N)), t_step the 1-process step ti
 NOTE: this machine has 2 cores, so 2 processes also share the cores that 1 process used with
 two threads: the measured 1 -> 2 efficiency mixes communication with core contention (about 50%
 at best for a compute-bound step). Each process's ONNX Runtime gets cores / N threads that do
-not spin (see _share_cores); with ONNX Runtime's defaults the MLP's 2-process step measured
+not spin (runtime/session.py does so under an MPI launcher); with ONNX Runtime's defaults the MLP's 2-process step measured
 156 ms instead of 8.5 ms.
 
 Measured here (2 cores, 10 steps, medians):
@@ -51,7 +51,6 @@ def worker(model_name: str, steps: int) -> None:
     import onnxgrad.nn.functional as F
 
     dist.init_process_group()
-    _share_cores(dist.get_world_size())
     og.manual_seed(0)
     if model_name == "mlp":
         net = og.nn.Sequential(og.nn.Linear(784, 256), og.nn.ReLU(), og.nn.Linear(256, 256),
@@ -86,27 +85,6 @@ def worker(model_name: str, steps: int) -> None:
             "bytes": model.reduce_bytes // rounds, "buckets": model.bucket_count,
             "param_bytes": sum(p.numel() * 4 for p in model.parameters())}), flush=True)
     dist.destroy_process_group()
-
-
-def _share_cores(world: int) -> None:
-    """Each process gets its share of the cores and ONNX Runtime threads that sleep when idle.
-
-    NOTE: by default every process's ONNX Runtime uses all cores and its threads spin after each
-    run; two such processes on 2 cores starve each other (the rank that waits in the all-reduce
-    spins against the one still computing).
-    """
-    from onnxgrad.runtime import session
-
-    original = session.session_options
-
-    def options(**kwargs):  # type: ignore[no-untyped-def]
-        opts = original(**kwargs)
-        opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // world)
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return opts
-
-    session.session_options = options
 
 
 def launch(model_name: str, n: int, steps: int) -> dict:

@@ -7,6 +7,7 @@ when the ``distributed`` extra (mpi4py and an MPI launcher) is not installed.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -385,3 +386,18 @@ def test_post_backward_hook_sees_the_leaves_of_every_backward_path() -> None:
         handle.remove()
     (w * 2).sum().backward()
     assert len(seen) == 4  # removed
+
+
+def test_processes_started_together_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under mpiexec each process's ONNX Runtime gets cores / local ranks threads that do not
+    # spin (runtime/session.py); outside a launcher, ONNX Runtime's defaults.
+    from onnxgrad.runtime import session
+
+    monkeypatch.delenv("MPI_LOCALNRANKS", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    assert session.processes_on_this_machine() == 1
+    assert session.session_options().intra_op_num_threads == 0  # ORT's default: all cores
+    monkeypatch.setenv("MPI_LOCALNRANKS", "2")
+    opts = session.session_options()
+    assert opts.intra_op_num_threads == max(1, (os.cpu_count() or 1) // 2)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
