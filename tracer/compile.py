@@ -16,7 +16,7 @@ import functools
 import inspect as pyinspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -436,7 +436,7 @@ class CompiledFunction:
                created_state: list[tuple[Any, Tensor, str, Tensor]]) -> Program:
         names = _state_names(trace)
         out_tree, out_tensors = _flatten(result)
-        data_inputs = list(_tensor_leaves(inputs))
+        data_inputs = [t for t, _ in _tensor_leaves(inputs, "")]
         data_names = _data_names(self._arg_names, inputs)
         # An argument named like an output, a hyperparameter or a state input gets a prefix.
         reserved = {*names.values(), *trace.scalars, "output",
@@ -714,17 +714,17 @@ def _fresh_inputs(a: Any) -> Any:
     return a
 
 
-def _tensor_leaves(a: Any, name: str = "") -> Any:
-    """The tensors in ``a`` in ``_split_args``'s order, as (tensor) or with ``name`` given,
-    (tensor, its input name: ``xs.0``, ``batch.image``)."""
+def _tensor_leaves(a: Any, name: str) -> Iterator[tuple[Tensor, str]]:
+    """The tensors in ``a`` in ``_split_args``'s order, each with its input name (``xs.0``,
+    ``batch.image``)."""
     if isinstance(a, Tensor):
-        yield (a, name) if name else a
+        yield a, name
     elif isinstance(a, (list, tuple)):
         for i, x in enumerate(a):
-            yield from _tensor_leaves(x, f"{name}.{i}" if name else "")
+            yield from _tensor_leaves(x, f"{name}.{i}")
     elif type(a) is dict:
         for k, v in a.items():
-            yield from _tensor_leaves(v, f"{name}.{k}" if name else "")
+            yield from _tensor_leaves(v, f"{name}.{k}")
 
 
 def _data_names(arg_names: list[str], inputs: list[Any]) -> list[str]:

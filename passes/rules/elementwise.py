@@ -110,11 +110,14 @@ def cos(b, node, grads, needs):
     return [b.op("Mul", grads[0], b.op("Neg", b.op("Sin", node.inputs[0])))]
 
 
+def one_minus_square(b, x):
+    """``1 - x*x``: tanh's derivative from its output, and asin/acos/atanh's from their input."""
+    return b.op("Sub", b.const_like(1, x), b.op("Mul", x, x))
+
+
 @rule("Tanh", same_shape=True)
 def tanh(b, node, grads, needs):
-    out = node.outputs[0]
-    one = b.const_like(1, out)
-    return [b.op("Mul", grads[0], b.op("Sub", one, b.op("Mul", out, out)))]
+    return [b.op("Mul", grads[0], one_minus_square(b, node.outputs[0]))]
 
 
 @rule("Sigmoid", same_shape=True)

@@ -7,6 +7,7 @@ import onnx_ir as ir
 
 from ..builder import np_dtype
 from . import rule
+from .elementwise import one_minus_square
 from .reduce import _axes, _no_axes_grad, _restore, _shape
 from .shape import zeros_of
 
@@ -20,10 +21,6 @@ def _float32_between_casts(b, op_type: str, x: ir.Value) -> ir.Value:
     return b.op("Cast", b.op(op_type, f32), to=ir.DataType.DOUBLE)
 
 
-def _one_minus_square(b, x):
-    return b.op("Sub", b.const_like(1, x), b.op("Mul", x, x))
-
-
 @rule("Tan", same_shape=True)
 def tan(b, node, grads, needs):
     out = node.outputs[0]
@@ -34,13 +31,13 @@ def tan(b, node, grads, needs):
 @rule("Asin", same_shape=True)
 def asin(b, node, grads, needs):
     x = node.inputs[0]
-    return [b.op("Div", grads[0], b.op("Sqrt", _one_minus_square(b, x)))]
+    return [b.op("Div", grads[0], b.op("Sqrt", one_minus_square(b, x)))]
 
 
 @rule("Acos", same_shape=True)
 def acos(b, node, grads, needs):
     x = node.inputs[0]
-    return [b.op("Neg", b.op("Div", grads[0], b.op("Sqrt", _one_minus_square(b, x))))]
+    return [b.op("Neg", b.op("Div", grads[0], b.op("Sqrt", one_minus_square(b, x))))]
 
 
 @rule("Atan", same_shape=True)
@@ -76,7 +73,7 @@ def acosh(b, node, grads, needs):
 @rule("Atanh", same_shape=True)
 def atanh(b, node, grads, needs):
     x = node.inputs[0]
-    return [b.op("Div", grads[0], _one_minus_square(b, x))]
+    return [b.op("Div", grads[0], one_minus_square(b, x))]
 
 
 @rule("Sign", "Floor", "Ceil", "Round", same_shape=True)
