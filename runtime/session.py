@@ -1,6 +1,6 @@
-"""ONNX Runtime sessions: providers, options, and the one bounded session cache.
+"""ONNX Runtime sessions: providers, options, and the bounded session caches.
 
-The cache holds what eager code runs again and again: single-node kernels (``run_node``) and
+The caches hold what eager code runs again and again: single-node kernels (``run_node``) and
 ``backward``'s gradient plans. Compiled steps and the eager optimizer own their sessions through
 their :class:`~onnxgrad.runtime.step.StepRunner` (its state buffers live as long as the step).
 """
@@ -47,7 +47,8 @@ def set_providers(providers: Sequence[str]) -> None:
         raise ValueError("set_providers needs at least one execution provider")
     global _providers
     _providers = list(providers)
-    _cache.clear()  # sessions made for other providers
+    _kernels.clear()  # sessions made for other providers
+    _plans.clear()
 
 
 def processes_on_this_machine() -> int:
@@ -60,8 +61,15 @@ def processes_on_this_machine() -> int:
     return 1
 
 
-def session_options(*, level: str = "extended") -> ort.SessionOptions:
+def session_options(*, level: str = "extended", spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False``: the session's threads sleep as soon as a run ends. Right for
+    single-node kernels: eager code runs a different kernel next, whose own threads are the
+    ones that work, so spinning ones only take cores from it (measured: 2-core load average
+    in the hundreds during the test suite); and a session whose threads spin takes ~30 ms to
+    destroy (a cache eviction) against ~1.5 ms."""
     opts = ort.SessionOptions()
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     local = processes_on_this_machine()
     if local > 1:
         # NOTE: each process gets its share of the cores, and threads that sleep when idle: by
@@ -101,36 +109,42 @@ def add_model_check(check: ModelCheck) -> Callable[[], None]:
     return lambda: _model_checks.remove(check)
 
 
-def make_session(model: onnx.ModelProto | bytes, *, level: str = "extended") -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | bytes, *, level: str = "extended",
+                 spinning: bool = True) -> ort.InferenceSession:
     if _model_checks:
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
         for check in _model_checks.copy():  # a check may remove itself
             check(proto)
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, session_options(level=level), providers=get_providers())
+    return ort.InferenceSession(data, session_options(level=level, spinning=spinning),
+                                providers=get_providers())
 
 
 _MISSING = object()
 
 
 class _LRU(OrderedDict):
-    """Least recently used entries go first once their total weight passes ``capacity``."""
+    """Least recently used entries go first once their total weight passes ``capacity`` or
+    their number passes ``max_entries``."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, max_entries: int):
         super().__init__()
         self.capacity = capacity
+        self.max_entries = max_entries
         self.weight = 0
 
-    def get_or_make(self, key: Any, make: Callable[[], Any], weight: int = 1) -> Any:
+    def get_or_make(self, key: Any, make: Callable[[], Any],
+                    weight: Callable[[], int] = lambda: 1) -> Any:
         entry = self.get(key, _MISSING)
         if entry is not _MISSING:
             self.move_to_end(key)
             return entry[0]
         # make() runs outside any `except KeyError`, so its errors don't chain a KeyError context.
         value = make()
-        self[key] = (value, weight)
-        self.weight += weight
-        while self.weight > self.capacity and len(self) > 1:
+        w = weight()
+        self[key] = (value, w)
+        self.weight += w
+        while (self.weight > self.capacity or len(self) > self.max_entries) and len(self) > 1:
             _, (_, w) = self.popitem(last=False)
             self.weight -= w
         return value
@@ -140,19 +154,33 @@ class _LRU(OrderedDict):
         self.weight = 0
 
 
-# NOTE: weighed in nodes, so that a few large gradient plans (a resnet18 backward is ~600 nodes)
-# cannot crowd out thousands of single-node kernels, nor hundreds of them exhaust memory.
-_cache = _LRU(50_000)
+#: The native memory one cached session holds beyond its tensors (measured: ~290 KiB for a
+#: single-node kernel with its thread pool, ~400 KiB for a small gradient plan).
+SESSION_BYTES = 384 << 10
+
+# NOTE: two bounds, in estimated bytes of native memory (a session's own cost plus the tensors its
+# memory arena keeps) and in entries. Kernels are made per rank, not per size, so eager code needs
+# a few hundred; gradient plans are made per shape (every batch size makes one), so they have
+# their own smaller bound: eager code with varying shapes keeps its RSS flat once it is reached
+# (it grew ~0.4-2.5 MiB per new shape without bound), and the few plans a training loop reuses
+# stay. The latest entry is always kept, however large.
+_kernels = _LRU(capacity=512 << 20, max_entries=4096)
+_plans = _LRU(capacity=1 << 30, max_entries=32)
 
 
-def cached(key: Any, make: Callable[[], Any], nodes: int = 1) -> Any:
-    """The cached value for ``key`` (a session, or a plan holding one), made by ``make()`` when
-    missing; ``nodes`` is the size of its graph, what the cache's bound counts."""
-    return _cache.get_or_make(key, make, nodes)
+def cached(key: Any, make: Callable[[], Any]) -> Any:
+    """The cached single-node kernel for ``key``, made by ``make()`` when missing."""
+    return _kernels.get_or_make(key, make, lambda: SESSION_BYTES)
+
+
+def cached_plan(key: Any, make: Callable[[], Any], data_bytes: Callable[[], int]) -> Any:
+    """The cached gradient plan (a session and what runs it) for ``key``; ``data_bytes()``
+    estimates the tensors its arena keeps (about its forward values' size)."""
+    return _plans.get_or_make(key, make, lambda: SESSION_BYTES + data_bytes())
 
 
 def cache_size() -> int:
-    return len(_cache)
+    return len(_kernels) + len(_plans)
 
 
 def _single_node_model(
@@ -161,11 +189,15 @@ def _single_node_model(
     inputs: Sequence[np.ndarray | None],
     consts: Sequence[bool],
     n_out: int,
-) -> onnx.ModelProto:
+    sized: bool = True,
+) -> onnx.ModelProto | None:
     """One node whose constant inputs (axes, shapes, slice bounds) are initializers.
 
     Constants are baked in so that shape inference knows every output's rank and dims: graph
     outputs then carry full types, as ``onnx.checker.check_model(full_check=True)`` requires.
+    ``sized=False``: the fed inputs have their rank but no sizes, so that one kernel serves every
+    shape; None when ONNX's inference then cannot give every output a rank (a ``Conv`` needs its
+    weight's sizes), and the kernel must be made for the sizes.
     """
     in_names = [f"x{i}" if x is not None else "" for i, x in enumerate(inputs)]
     out_names = [f"y{i}" for i in range(n_out)]
@@ -178,7 +210,8 @@ def _single_node_model(
             initializers.append(onnx.numpy_helper.from_array(x, name))
         else:
             dtype = helper.np_dtype_to_tensor_dtype(x.dtype)
-            graph_inputs.append(helper.make_tensor_value_info(name, dtype, x.shape))
+            shape = x.shape if sized else [None] * x.ndim
+            graph_inputs.append(helper.make_tensor_value_info(name, dtype, shape))
     outputs = [helper.make_empty_tensor_value_info(name) for name in out_names]
     graph = helper.make_graph([node], op_type, graph_inputs, outputs, initializer=initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -186,7 +219,13 @@ def _single_node_model(
     # Strict inference types the outputs, and rejects an ill-typed node with ONNX's message.
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     del inferred.graph.value_info[:]
+    if not sized and not all(o.type.tensor_type.HasField("shape")
+                             for o in inferred.graph.output):
+        return None
     return inferred
+
+
+_SIZED = object()  # a kernel cache entry: this node's kernels are made per input sizes
 
 
 def run_node(
@@ -197,20 +236,26 @@ def run_node(
     n_out: int = 1,
     consts: Sequence[bool] | None = None,
 ) -> list[np.ndarray]:
-    """Evaluate one ONNX node eagerly; sessions are cached by op, attributes, dtypes and shapes.
+    """Evaluate one ONNX node eagerly; sessions are cached by op, attributes, dtypes and ranks.
 
     ``consts[i]`` marks input ``i`` as an attribute-like constant: it is baked into the kernel
     (and its value is part of the cache key) instead of being fed.
     """
     consts = list(consts) if consts is not None else [False] * len(inputs)
-    key = ("node", op_type, attrs_key, n_out, tuple(
-        None if x is None else (x.dtype.str, x.shape, x.tobytes() if c else None)
-        for x, c in zip(inputs, consts)
-    ))
+    node_key = ("node", op_type, attrs_key, n_out)
+    # NOTE: a kernel is made for the inputs' ranks, not their sizes: a session costs ~290 KiB of
+    # native memory, and eager code with varying batch sizes made new kernels at every step.
+    key = node_key + tuple(None if x is None else (x.dtype.str, x.shape, x.tobytes()) if c
+                           else (x.dtype.str, x.ndim) for x, c in zip(inputs, consts))
 
-    def make():
-        return make_session(_single_node_model(op_type, attrs, inputs, consts, n_out))
+    def make(sized: bool) -> Any:
+        model = _single_node_model(op_type, attrs, inputs, consts, n_out, sized)
+        return _SIZED if model is None else make_session(model, spinning=False)
 
-    sess = cached(key, make)
+    sess = cached(key, lambda: make(False))
+    if sess is _SIZED:
+        key = node_key + tuple(None if x is None else (x.dtype.str, x.shape, c and x.tobytes())
+                               for x, c in zip(inputs, consts))
+        sess = cached(key, lambda: make(True))
     feeds = {f"x{i}": x for i, (x, c) in enumerate(zip(inputs, consts)) if x is not None and not c}
     return sess.run(None, feeds)

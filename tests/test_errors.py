@@ -36,7 +36,9 @@ def ort_forbidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as m:
         m.setattr(values_module, "run_node", reached)
         m.setattr(autograd, "make_session", reached)
-        m.setattr(ort_session, "_cache", ort_session._LRU(1))  # no cached kernel or plan either
+        # No cached kernel or plan either.
+        m.setattr(ort_session, "_kernels", ort_session._LRU(1, 1))
+        m.setattr(ort_session, "_plans", ort_session._LRU(1, 1))
         m.setattr(ort_session.ort, "InferenceSession", reached)
         yield
 
@@ -263,5 +265,5 @@ def test_every_ort_session_is_checked_as_standard_onnx() -> None:
     with pytest.raises(AssertionError, match="ai.onnx"):
         ort_session.make_session(model)
     before = len(conftest.checked_models)
-    og.ones(3, 7, 5).permute(2, 0, 1)  # a kernel no other test makes
+    og.ones(1, 2, 3, 1, 2, 1).permute(5, 2, 0, 4, 3, 1)  # a kernel no other test makes
     assert len(conftest.checked_models) > before

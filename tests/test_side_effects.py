@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import onnxgrad as og
 
@@ -73,3 +74,38 @@ def test_a_kept_state_dict_is_a_consistent_snapshot_across_compiled_steps() -> N
         step(x)
         assert model.bias.item() != at
         assert kept["bias"].item() == detached.item() == twice.item() == at
+
+
+def test_eager_training_with_varying_batch_sizes_keeps_its_caches_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels are made per rank, not per size (one set serves every batch size), and gradient
+    plans, made per shape, stay within their bound: native memory does not grow per new shape
+    (benchmarks/eager_memory.py measures RSS over 1,000 steps)."""
+    from onnxgrad.runtime import session
+
+    from onnxgrad import nn
+    from onnxgrad.nn import functional as F
+
+    monkeypatch.setattr(session, "_plans", session._LRU(capacity=1 << 30, max_entries=4))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(0)
+
+    def step(batch: int) -> None:
+        x = og.tensor(rng.standard_normal((batch, 6)).astype(np.float32))
+        y = og.tensor(rng.integers(0, 3, batch))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step(2)
+    kernels = len(session._kernels)
+    for batch in range(3, 12):
+        step(batch)
+    assert len(session._kernels) == kernels  # no kernel made for a new size
+    assert len(session._plans) == 4
+    tiny = session._LRU(capacity=3 * session.SESSION_BYTES, max_entries=100)
+    monkeypatch.setattr(session, "_plans", tiny)
+    for batch in range(3, 9):
+        step(batch)
+    assert len(tiny) <= 3 and tiny.weight <= tiny.capacity

@@ -29,7 +29,7 @@ from ..passes.autodiff import GRAD_OF
 from ..passes.builder import Builder
 from ..runtime import IR_VERSION, OPSET, make_session
 from ..runtime.dump import report_graph
-from ..runtime.session import cached
+from ..runtime.session import cached_plan
 from . import state
 from .graph import CONST, DATA, WRT, Walk
 from .tensor import Tensor, Val, _contig, emit
@@ -499,7 +499,8 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             if _POST_BACKWARD:
                 _after_backward(_leaf_tensors(wrt_leaves))
             return
-        plan = cached(("backward", walk.key), lambda: _build_plan(walk), len(walk.records))
+        plan = cached_plan(("backward", walk.key), lambda: _build_plan(walk),
+                      lambda: sum(o.nbytes for rec in walk.records for o in rec.outs))
         results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
         stats["backward_runs"] += 1
         for k, g in zip(plan.kept, results):
