@@ -83,6 +83,12 @@ class Generator:
         self._rng, self._seed = rng, seed
         return self
 
+    @property
+    def numpy_generator(self) -> np.random.Generator:
+        """The NumPy generator that draws this generator's numbers (``og.rand(...,
+        generator=g)`` and the samplers use it)."""
+        return self._rng
+
     # ---------------------------------------------------------------- draws (onnxgrad-internal)
     def _permutation(self, n: int) -> list[int]:
         return [int(i) for i in self._rng.permutation(n)]

@@ -133,3 +133,14 @@ def test_layers_default_init_matches_kaiming_a_sqrt5_bounds() -> None:
     assert math.isclose(gain * math.sqrt(3.0 / 16), 1 / math.sqrt(16))
     w = nn.Linear(16, 50).weight.detach().numpy()
     assert np.abs(w).max() <= 0.25 and np.abs(w).max() > 0.24
+
+
+def test_init_inside_a_compiled_function_is_refused() -> None:
+    w = og.zeros(3, 4)
+
+    def step(x: og.Tensor) -> og.Tensor:
+        init.normal_(w)
+        return x @ w
+
+    with pytest.raises(og.TraceError, match=r"og.nn.init inside a compiled function.*test_nn_init"):
+        og.compile(step)(og.ones(2, 3))

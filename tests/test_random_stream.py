@@ -161,3 +161,75 @@ def test_deepcopied_models_share_the_one_stream() -> None:
 def test_bad_state_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\[seed, offset\]"):
         og.set_rng_state([1.5])
+
+
+# --------------------------------------------------------------------------- og.rand and friends
+def _draws(n: int = 2) -> list[og.Tensor]:
+    """One of each random factory, then the stream's next uniform values."""
+    return [og.rand(3, 5), og.randn(2, 7), og.randint(-4, 9, (11,)), og.randperm(9),
+            og.rand(4, dtype=og.float64), og.randn(3, dtype=og.float64),
+            og.randint(0, 2**40, (5,)), og.rand(6, dtype=og.float16), og.randperm(5, dtype=og.int32)]
+
+
+def test_random_factories_draw_the_same_numbers_compiled_as_eagerly() -> None:
+    og.manual_seed(3)
+    eager = [[t.numpy() for t in _draws()] for _ in range(2)]
+    og.manual_seed(3)
+    compiled = og.compile(_draws)
+    for step in range(2):  # the offset is state: the second call draws the next numbers
+        for got, want in zip(compiled(), eager[step]):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert np.array_equal(got.numpy(), want)
+    after = og.rand(8).numpy()  # eager code goes on where the compiled step left the stream
+    og.manual_seed(3)
+    for _ in range(2):
+        _draws()
+    assert np.array_equal(og.rand(8).numpy(), after)
+    assert not np.array_equal(eager[0][0], eager[1][0])
+
+
+def test_random_factories_have_their_distributions() -> None:
+    og.manual_seed(0)
+    assert og.rand(1).item() != 0.0  # seed 0 does not start the stream at zero
+    u = og.rand(200_000).numpy()
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.005
+    u64 = og.rand(1000, dtype=og.float64).numpy()
+    assert np.any(u64 * 2**24 != np.floor(u64 * 2**24))  # float64 draws have 53 bits
+    z = og.randn(200_000).numpy()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+    assert abs(np.mean(np.abs(z) < 1.0) - 0.6827) < 0.005
+    assert og.randn(10, dtype=og.float16).dtype == og.float16
+    k = og.randint(-3, 4, (70_000,)).numpy()
+    assert k.dtype == np.int64 and set(np.unique(k)) == set(range(-3, 4))
+    assert np.all(np.abs(np.bincount(k + 3) / 10_000 - 1.0) < 0.06)
+    wide = og.randint(2**35, 2**35 + 2**34, (10_000,)).numpy()
+    assert wide.min() >= 2**35 and wide.max() < 2**35 + 2**34 and wide.max() - wide.min() > 2**33
+    assert sorted(og.randperm(1000).tolist()) == list(range(1000))
+    assert og.randperm(0).shape == (0,)
+
+
+def test_an_exported_step_draws_its_random_values_alike_in_both_runtimes() -> None:
+    compiled = og.compile(lambda x: x + og.randn(4, 8) * og.rand(4, 8) + og.randperm(8))
+    model = compiled.trace(og.ones(4, 8)).model
+    onnx.checker.check_model(model, full_check=True)
+    feeds = {"x": np.ones((4, 8), np.float32), "rng.seed": np.asarray(5, np.int64),
+             "rng.offset": np.asarray(2**32 - 7, np.int64)}
+    names = [o.name for o in model.graph.output]
+    ort = dict(zip(names, make_session(model).run(None, feeds)))
+    ref = dict(zip(names, ReferenceEvaluator(model).run(None, feeds)))
+    assert ort["rng.offset.new"] == ref["rng.offset.new"]
+    # Uniform draws and the permutation are exact integer work; the normal draw's log, sqrt and
+    # cos may differ in the last bit between runtimes' math libraries.
+    np.testing.assert_allclose(ort["output"], ref["output"], rtol=1e-6, atol=1e-6)
+    og.set_rng_state([5, 2**32 - 7])
+    assert np.array_equal(compiled(og.ones(4, 8)).numpy(), ort["output"])
+
+
+def test_random_factories_inside_compiled_functions_refuse_what_a_graph_cannot_hold() -> None:
+    gen = og.Generator().manual_seed(1)
+    with pytest.raises(og.TraceError, match=r"generator=.*inside a compiled function"):
+        og.compile(lambda x: x + og.rand(3, generator=gen))(og.ones(3))
+    with pytest.raises(og.TraceError, match=r"requires_grad=True\) inside a compiled function"):
+        og.compile(lambda x: x + og.randn(3, requires_grad=True))(og.ones(3))
+    a = og.rand(3, generator=og.Generator().manual_seed(1)).numpy()  # eagerly: NumPy's draws
+    assert np.array_equal(a, og.rand(3, generator=og.Generator().manual_seed(1)).numpy())

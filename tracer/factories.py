@@ -11,14 +11,13 @@ import weakref
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from . import device as _device
 from . import ops, random_stream, state
-from .ops import _shape_args
+from .ops import _shape_args, _where
 from .registry import op
 from .tensor import Tensor
-from .values import Val, _contig, emit, get_default_dtype, int64
+from .values import TraceError, Val, _contig, get_default_dtype, int64
 
 _rng = np.random.default_rng()
 
@@ -96,13 +95,26 @@ def ones_like(t: Tensor, dtype: Any = None, device: Any = None, requires_grad: b
     return ones(t.shape, dtype=dtype or t.dtype, device=device, requires_grad=requires_grad)
 
 
-def _traced_random(op: str, shape: tuple[int, ...], dtype: np.dtype, **attrs: Any) -> Tensor | None:
-    """Inside a compiled function, random values are an ONNX random node (fresh every call),
-    not numbers drawn once while tracing and baked in. None outside a trace."""
-    if state.active_trace() is None:
-        return None
-    attrs = {"shape": list(shape), "dtype": int(ir.DataType.from_numpy(np.dtype(dtype))), **attrs}
-    return Tensor(emit(op, [], attrs, differentiable=False)[0])
+def _draw(name: str, generator: Any, requires_grad: bool, stream: Any, numpy: Any) -> Tensor:
+    """A random factory's result: from onnxgrad's counter-based stream (``og.manual_seed``'s,
+    ``tracer/random_stream.py``), eagerly and inside compiled functions alike, so a compiled step
+    draws the numbers the same code draws eagerly; from a NumPy generator when one is given.
+
+    ``stream()`` makes the Val, ``numpy(generator)`` the array."""
+    if generator is None:
+        value = stream()
+        if state.active_trace() is None:
+            return _make(value.data, requires_grad)
+        if requires_grad:
+            raise TraceError(f"og.{name}(requires_grad=True) inside a compiled function makes a "
+                             f"new leaf at every call, which the graph cannot hold; create it "
+                             f"outside and pass it in{_where()}")
+        return Tensor(value)
+    if state.active_trace() is not None:
+        raise TraceError(f"og.{name}(generator=...) inside a compiled function: an explicit "
+                         f"generator's draws would be baked into the graph; draw with the "
+                         f"default generator (og.manual_seed) or pass the values in{_where()}")
+    return _make(numpy(_gen(generator)), requires_grad)
 
 
 @op(og=True)
@@ -112,10 +124,8 @@ def rand(*size: Any, generator: Any = None, dtype: Any = None, device: Any = Non
     if device is not None:
         _device.check(device)
     dt, shape = _dtype(dtype), _shape_args(size)
-    traced = None if requires_grad else _traced_random("RandomUniform", shape, dt)
-    if traced is not None:
-        return traced
-    return _make(_gen(generator).random(shape, dtype=np.float64).astype(dt), requires_grad)
+    return _draw("rand", generator, requires_grad, lambda: random_stream.uniform(shape, dt),
+                 lambda g: g.random(shape, dtype=np.float64).astype(dt))
 
 
 @op(og=True)
@@ -125,10 +135,8 @@ def randn(*size: Any, generator: Any = None, dtype: Any = None, device: Any = No
     if device is not None:
         _device.check(device)
     dt, shape = _dtype(dtype), _shape_args(size)
-    traced = None if requires_grad else _traced_random("RandomNormal", shape, dt)
-    if traced is not None:
-        return traced
-    return _make(_gen(generator).standard_normal(shape).astype(dt), requires_grad)
+    return _draw("randn", generator, requires_grad, lambda: random_stream.normal(shape, dt),
+                 lambda g: g.standard_normal(shape).astype(dt))
 
 
 @op(og=True)
@@ -143,13 +151,13 @@ def randint(low: int, high: Any = None, size: Any = (), *, generator: Any = None
         high, size = None, high  # randint(high, size)
     if high is None:
         low, high = 0, low
+    if low >= high:
+        raise RuntimeError(f"random_ expects 'from' to be less than 'to', but got "
+                           f"from={low} >= to={high}")
     shape, dt = _shape_args((size,)), np.dtype(dtype or int64)
-    traced = _traced_random("RandomUniform", shape, np.dtype(np.float32), low=float(low),
-                            high=float(high))
-    if traced is not None:
-        # floor(U[low, high)) is uniform over the integers low..high-1.
-        return ops.to(Tensor(emit("Floor", [traced._v], differentiable=False)[0]), dt)
-    return _make(_gen(generator).integers(low, high, size=shape, dtype=dt), False)
+    return _draw("randint", generator, False,
+                 lambda: random_stream.integers(int(low), int(high), shape, dt),
+                 lambda g: g.integers(low, high, size=shape, dtype=dt))
 
 
 @op(og=True)
@@ -312,8 +320,11 @@ def randperm(n: int, *, generator: Any = None, dtype: Any = None, device: Any = 
              requires_grad: bool = False, layout: Any = None, pin_memory: bool = False) -> Tensor:
     if n < 0:
         raise RuntimeError(f"n must be non-negative, got{n}")
+    if device is not None:
+        _device.check(device)
     dt = int64 if dtype is None else np.dtype(dtype)
-    return _make(_gen(generator).permutation(n).astype(dt), requires_grad, device)
+    return _draw("randperm", generator, requires_grad, lambda: random_stream.permutation(n, dt),
+                 lambda g: g.permutation(n).astype(dt))
 
 
 # The dtypes from_numpy takes, by PyTorch's names in its message.

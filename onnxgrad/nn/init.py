@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from numpy.random import Generator
 
+from ..tracer import state
 from ..tracer.factories import generator as _default_generator
-from ..tracer.tensor import Tensor, _contig
+from ..tracer.tensor import Tensor, TraceError, _contig
 
 __all__ = [
     "calculate_gain", "constant_", "dirac_", "eye_", "kaiming_normal_", "kaiming_uniform_",
@@ -73,6 +74,11 @@ def _fill(tensor: Tensor, array: Any) -> Tensor:
     """Write ``array`` into ``tensor`` as an unrecorded in-place edit; returns ``tensor``."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"expected an onnxgrad Tensor, got {type(tensor).__name__}")
+    if state.active_trace() is not None:
+        # NOTE: an initializer writes NumPy draws into the tensor: traced, they would be baked
+        # into the graph (the same "random" values at every call).
+        raise TraceError(f"og.nn.init inside a compiled function: initialize parameters before "
+                         f"compiling (at {state.format_frame(state.user_frame())})")
     data = np.broadcast_to(np.asarray(array), tensor.shape).astype(tensor.dtype, copy=True)
     tensor._set_leaf_data(_contig(data))
     return tensor
