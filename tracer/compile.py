@@ -16,6 +16,7 @@ import functools
 import inspect as pyinspect
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -234,6 +235,15 @@ class Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
+    def use_model(self, model: onnx.ModelProto) -> None:
+        """Run ``model`` (this step with a symbolic batch) from now on, from the state as it is."""
+        old = self.runner
+        self.runner = StepRunner(model.SerializeToString(), old.state,
+                                 {name: old.current(name) for name in old.state},
+                                 carried=old.carried)
+        self.model = model
+        self.synced = {}  # read-only state is bound to the new runner at the next run
+
     def export(self, path: str | os.PathLike[str], *, portable: bool = False,
                opset: int | None = None, model: onnx.ModelProto | None = None) -> None:
         """Write the model with the state's current values as the inputs' defaults.
@@ -262,9 +272,11 @@ class CompiledFunction:
     """The callable ``og.compile`` returns; one program per input signature and module mode."""
 
     def __init__(self, fn: Callable[..., Any], module: Any = None,
-                 arg_names: Sequence[str] | None = None):
+                 arg_names: Sequence[str] | None = None, dynamic: bool | None = None):
         functools.update_wrapper(self, fn)
         self.fn = fn
+        self.dynamic = dynamic
+        self._per_size: set[Any] = set()  # keys whose step depends on the batch size
         self._module = module
         self._programs: dict[Any, Program] = {}  # in order of use, the latest last
         self._last_key: Any = None
@@ -301,8 +313,23 @@ class CompiledFunction:
         fresh = tuple(t.grad is None for t in self._grad_owners)
         # Hooks on the modules' tensors run while tracing, so they are part of the step too.
         hooks = leaf_hooks_key(self._identity_tensors)
-        return (tuple((a.dtype.str, a.shape) for a in arrays), static, optim,
-                self._modules_identity() + hooks, fresh, self._python_values.current())
+        key = (self._shapes(arrays, batch=False), static, optim,
+               self._modules_identity() + hooks, fresh, self._python_values.current())
+        if self.dynamic and arrays:
+            batched = (self._shapes(arrays, batch=True),) + key[1:]
+            if batched not in self._per_size and batched[0] is not None:
+                return batched
+        return key
+
+    @staticmethod
+    def _shapes(arrays: Sequence[np.ndarray], batch: bool) -> Any:
+        """The arguments' dtypes and shapes; ``batch=True``: with their common leading dimension
+        left out (None when they have none)."""
+        if not batch:
+            return tuple((a.dtype.str, a.shape) for a in arrays)
+        if any(a.ndim == 0 or a.shape[0] != arrays[0].shape[0] for a in arrays):
+            return None
+        return ("batch",) + tuple((a.dtype.str, a.shape[1:]) for a in arrays)
 
     def _count_value_trace(self, key: tuple) -> None:
         """Refuse to trace once more for Python values alone (a counter read in the function)."""
@@ -372,6 +399,8 @@ class CompiledFunction:
             program = self._trace(args)
             program.call_args = [None if _is_tensor_arg(a) else a for a in args]
             key = self._key(arrays, static)  # modules and optimizers are known now
+            if key[0] is not None and key[0][:1] == ("batch",):
+                key = self._symbolic_batch(program, key, arrays)
             while len(self._programs) >= self.MAX_PROGRAMS:
                 # The least recently used: tensors keep their values, a later call retraces.
                 del self._programs[next(iter(self._programs))]
@@ -379,6 +408,20 @@ class CompiledFunction:
         self._last_key = key
         self.last = program
         return program, arrays
+
+    def _symbolic_batch(self, program: Program, key: tuple, arrays: Sequence[np.ndarray]
+                        ) -> tuple:
+        """``dynamic=True``: make ``program`` run every batch size (export's symbolic batch);
+        where the step depends on the batch size, say so once and keep one program per size."""
+        try:
+            program.use_model(self._dynamic_batch_model(program, portable=False))
+            return key
+        except DynamicBatchError as exc:
+            warnings.warn(f"og.compile(dynamic=True): {self.__name__} is traced for each batch "
+                          f"size: {str(exc).removeprefix('export: dynamic_batch: ')}",
+                          stacklevel=4)
+            self._per_size.add(key)
+            return (self._shapes(arrays, batch=False),) + key[1:]
 
     # ----------------------------------------------------------------- tracing
     def _trace(self, args: Sequence[Any]) -> Program:
@@ -665,14 +708,27 @@ def add_check(values: Sequence[Tensor], report: Callable[[list[np.ndarray]], str
         trace.checks.append(([t._v for t in values], report, error))
 
 
-def compile(fn: Any) -> CompiledFunction:
-    """Compile a step function (or a module's forward) into one ONNX model run by ONNX Runtime."""
+def compile(fn: Any = None, *, dynamic: bool | None = None) -> Any:
+    """Compile a step function (or a module's forward) into one ONNX model run by ONNX Runtime.
+
+    ``dynamic=True``: one program serves every batch size (the tensor arguments' common leading
+    dimension is symbolic in the graph, as ``export(dynamic_batch=True)`` writes it); a step
+    whose graph depends on the batch size warns once, naming the node, and is traced per size.
+    ``None`` (the default) and ``False``: one program per input shape, each with static shapes
+    (NOTE: not PyTorch's automatic mode for ``None``: onnxgrad keeps static shapes unless asked,
+    as ONNX Runtime plans memory and picks kernels per static shape). As ``torch.compile``,
+    ``og.compile(dynamic=True)`` without a function returns a decorator.
+    """
+    if fn is None:
+        return functools.partial(compile, dynamic=dynamic)
+    if dynamic not in (None, True, False):
+        raise TypeError(f"og.compile: dynamic must be True, False or None, got {dynamic!r}")
     if hasattr(fn, "_state_tensors") and callable(fn):
         module = fn
-        return CompiledFunction(lambda *xs: module(*xs), module=module)
+        return CompiledFunction(lambda *xs: module(*xs), module=module, dynamic=dynamic)
     if not callable(fn):
         raise TypeError(f"og.compile expects a function or a Module, got {type(fn).__name__}")
-    return CompiledFunction(fn)
+    return CompiledFunction(fn, dynamic=dynamic)
 
 
 # --------------------------------------------------------------------------- helpers
