@@ -267,3 +267,32 @@ def test_every_ort_session_is_checked_as_standard_onnx() -> None:
     before = len(conftest.checked_models)
     og.ones(1, 2, 3, 1, 2, 1).permute(5, 2, 0, 4, 3, 1)  # a kernel no other test makes
     assert len(conftest.checked_models) > before
+
+
+# --------------------------------------------------------------------------- factories and data
+@pytest.mark.parametrize("make, error, pattern", [
+    (lambda: og.tensor([[1, 2], [3]]), ValueError, r"expected sequence of length 2 at dim 1 \(got 1\)"),
+    (lambda: og.tensor([[[1], [2, 3]]]), ValueError, r"expected sequence of length 1 at dim 2 \(got 2\)"),
+    (lambda: og.tensor("abc"), TypeError, r"new\(\): invalid data type 'str'"),
+    (lambda: og.zeros(2, -1), RuntimeError, r"negative dimension -1: \[2, -1\]"),
+    (lambda: og.rand(-3), RuntimeError, r"negative dimension -3: \[-3\]"),
+    (lambda: og.arange(0, 10, 0), RuntimeError, "step must be nonzero"),
+    (lambda: og.arange(0, 10, -1), RuntimeError, "inconsistent with step sign"),
+    (lambda: og.gather(og.ones(3, 4), 1, og.tensor([[9]])), RuntimeError,
+     "index 9 is out of bounds for dimension 1 with size 4"),
+    (lambda: og.gather(og.ones(3, 4), 0, og.tensor([[-1]])), RuntimeError,
+     "index -1 is out of bounds for dimension 0 with size 3"),
+], ids=["ragged", "ragged-deep", "str", "zeros-negative", "rand-negative", "arange-step-0",
+        "arange-sign", "gather-high", "gather-negative"])
+def test_bad_factory_and_index_data_gets_pytorchs_error(make, error, pattern: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with ort_forbidden(monkeypatch), pytest.raises(error, match=pattern) as info:
+        make()
+    assert "numpy" not in str(info.value).lower() and "onnxruntime" not in str(info.value).lower()
+
+
+def test_backward_through_a_graph_whose_leaves_are_gone_runs_nothing() -> None:
+    loss = (og.rand(3, requires_grad=True) * og.rand(3)).sum().exp()
+    loss.backward()  # PyTorch: the gradient lands in a leaf no one holds
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()

@@ -499,18 +499,24 @@ def backward(tensors: Sequence[Tensor] | Tensor, grad_tensors: Sequence[Any] | A
             if _POST_BACKWARD:
                 _after_backward(_leaf_tensors(wrt_leaves))
             return
-        plan = cached_plan(("backward", walk.key), lambda: _build_plan(walk),
-                      lambda: sum(o.nbytes for rec in walk.records for o in rec.outs))
-        results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
-        stats["backward_runs"] += 1
-        for k, g in zip(plan.kept, results):
+        # No leaf left (og.rand(3, requires_grad=True) * x): nothing to run, as in PyTorch,
+        # where the gradient lands in a leaf no one holds.
+        kept: list[int] = []
+        results: list[np.ndarray] = []
+        if wrt_leaves:
+            plan = cached_plan(("backward", walk.key), lambda: _build_plan(walk),
+                               lambda: sum(o.nbytes for rec in walk.records for o in rec.outs))
+            results = plan.session.run(plan.outputs, _feeds(walk, plan.feeds, seeds))
+            kept = plan.kept
+            stats["backward_runs"] += 1
+        for k, g in zip(kept, results):
             accumulate(wrt_leaves[k], g)
         if not retain_graph:
             for rec in walk.records:
                 rec.freed = True
                 rec.inputs = ()
         if _POST_BACKWARD:
-            _after_backward(_leaf_tensors(wrt_leaves[k] for k in plan.kept))
+            _after_backward(_leaf_tensors(wrt_leaves[k] for k in kept))
         return
     seed_vals = _seed_vals(tensors, grad_tensors, seeds)
     found = _replay_gradients([t._v for t in tensors], seed_vals, wrt_leaves,

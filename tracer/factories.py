@@ -14,7 +14,8 @@ import numpy as np
 
 from . import device as _device
 from . import ops, random_stream, state
-from .ops import _shape_args, _where
+from .ops import _shape_args as _sizes
+from .ops import _where
 from .registry import op
 from .tensor import Tensor
 from .values import TraceError, Val, _contig, get_default_dtype, int64
@@ -44,6 +45,16 @@ def _gen(generator: Any) -> np.random.Generator:
     raise TypeError(f"generator must be a NumPy Generator, got {type(generator).__name__}")
 
 
+def _shape_args_checked(size: tuple) -> tuple[int, ...]:
+    """A factory's sizes (``zeros(2, 3)`` or ``zeros((2, 3))``), none negative."""
+    shape = _sizes(size)
+    if any(d < 0 for d in shape):
+        bad = next(d for d in shape if d < 0)
+        raise RuntimeError(f"Trying to create tensor with negative dimension {bad}: "
+                           f"{list(shape)}{_where()}")
+    return shape
+
+
 def _make(array: np.ndarray, requires_grad: bool, device: Any = None) -> Tensor:
     if device is not None:
         _device.check(device)
@@ -61,13 +72,13 @@ def _dtype(dtype: Any) -> np.dtype:
 @op(og=True)
 def zeros(*size: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
           layout: Any = None, pin_memory: bool = False) -> Tensor:
-    return _make(np.zeros(_shape_args(size), _dtype(dtype)), requires_grad, device)
+    return _make(np.zeros(_shape_args_checked(size), _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
 def ones(*size: Any, dtype: Any = None, device: Any = None, requires_grad: bool = False,
          layout: Any = None, pin_memory: bool = False) -> Tensor:
-    return _make(np.ones(_shape_args(size), _dtype(dtype)), requires_grad, device)
+    return _make(np.ones(_shape_args_checked(size), _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
@@ -80,7 +91,7 @@ def full(size: Any, fill_value: Any, *, dtype: Any = None, device: Any = None,
         dtype = int64
     if dtype is None and isinstance(fill_value, Tensor):
         dtype = fill_value.dtype
-    return _make(np.full(_shape_args((size,)), fill_value, _dtype(dtype)), requires_grad, device)
+    return _make(np.full(_shape_args_checked((size,)), fill_value, _dtype(dtype)), requires_grad, device)
 
 
 @op(og=True)
@@ -123,7 +134,7 @@ def rand(*size: Any, generator: Any = None, dtype: Any = None, device: Any = Non
          pin_memory: bool = False) -> Tensor:
     if device is not None:
         _device.check(device)
-    dt, shape = _dtype(dtype), _shape_args(size)
+    dt, shape = _dtype(dtype), _shape_args_checked(size)
     return _draw("rand", generator, requires_grad, lambda: random_stream.uniform(shape, dt),
                  lambda g: g.random(shape, dtype=np.float64).astype(dt))
 
@@ -134,7 +145,7 @@ def randn(*size: Any, generator: Any = None, dtype: Any = None, device: Any = No
          pin_memory: bool = False) -> Tensor:
     if device is not None:
         _device.check(device)
-    dt, shape = _dtype(dtype), _shape_args(size)
+    dt, shape = _dtype(dtype), _shape_args_checked(size)
     return _draw("randn", generator, requires_grad, lambda: random_stream.normal(shape, dt),
                  lambda g: g.standard_normal(shape).astype(dt))
 
@@ -154,7 +165,7 @@ def randint(low: int, high: Any = None, size: Any = (), *, generator: Any = None
     if low >= high:
         raise RuntimeError(f"random_ expects 'from' to be less than 'to', but got "
                            f"from={low} >= to={high}")
-    shape, dt = _shape_args((size,)), np.dtype(dtype or int64)
+    shape, dt = _shape_args_checked((size,)), np.dtype(dtype or int64)
     return _draw("randint", generator, False,
                  lambda: random_stream.integers(int(low), int(high), shape, dt),
                  lambda g: g.integers(low, high, size=shape, dtype=dt))
@@ -168,6 +179,11 @@ def arange(start: Any, end: Any = None, step: Any = 1, *, dtype: Any = None, dev
         _device.check(device)
     if end is None:
         start, end = 0, start
+    if step == 0:
+        raise RuntimeError(f"step must be nonzero{_where()}")
+    if (end - start) * step < 0:
+        raise RuntimeError(f"upper bound and larger bound inconsistent with step sign"
+                           f"{_where()}")
     if dtype is None:
         is_int = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
         dtype = int64 if is_int else get_default_dtype()

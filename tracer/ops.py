@@ -882,6 +882,12 @@ def gather(x: Tensor, dim: int, index: Tensor, *, sparse_grad: bool = False) -> 
     if index.dtype.kind not in "iu" or index.ndim != x.ndim:
         raise IndexError(f"gather: index must be an integer tensor of rank {x.ndim}, got "
                          f"{index.dtype}{_fmt(index.shape)}{_where()}")
+    if state.active_trace() is None and index.numel():  # traced: the values are not known
+        values = index._v.data
+        bad = values[(values < 0) | (values >= x.shape[d])]
+        if bad.size:
+            raise RuntimeError(f"index {int(bad.flat[0])} is out of bounds for dimension {d} "
+                               f"with size {x.shape[d]}{_where()}")
     return _wrap(emit("GatherElements", [x._v, index._v], {"axis": d})[0])
 
 

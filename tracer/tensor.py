@@ -461,7 +461,10 @@ def tensor(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool
     if isinstance(data, Tensor):
         array = np.array(data._v.data, copy=True)
     else:
-        array = np.array(data, copy=True)
+        try:
+            array = np.array(data, copy=True)
+        except ValueError:
+            raise ValueError(_ragged(data) or "og.tensor: data of unequal lengths") from None
     if dtype is not None:
         array = array.astype(np.dtype(dtype), copy=False)
     elif array.dtype.kind == "f":
@@ -471,12 +474,28 @@ def tensor(data: Any, dtype: Any = None, device: Any = None, requires_grad: bool
     elif array.dtype.kind in "iu" and not _numpy_typed(data):
         array = array.astype(int64, copy=False)
     if array.dtype.kind not in "fiub":
-        raise TypeError(f"unsupported tensor data of dtype {array.dtype}")
+        kind = type(np.ravel(array)[0]).__name__ if array.size else array.dtype.name
+        raise TypeError(f"new(): invalid data type '{'str' if array.dtype.kind == 'U' else kind}'")
     t = Tensor(Val(_contig(array)))
     t._v.owner = weakref.ref(t)
     if requires_grad:
         t.requires_grad_(True)
     return t
+
+
+def _ragged(data: Any, dim: int = 0) -> str | None:
+    """PyTorch's message for nested sequences of unequal lengths, or None."""
+    if not isinstance(data, (list, tuple)) or not data:
+        return None
+    lengths = [len(x) if isinstance(x, (list, tuple)) else None for x in data]
+    first = lengths[0]
+    for n in lengths[1:]:
+        if n != first:
+            return f"expected sequence of length {first} at dim {dim + 1} (got {n})"
+    for x in data:
+        if (found := _ragged(x, dim + 1)) is not None:
+            return found
+    return None
 
 
 def as_tensor(data: Any, dtype: Any = None, device: Any = None) -> Tensor:
