@@ -241,9 +241,8 @@ class _Sync:
 
 
 def _difference(checks: list[dict[str, Any]], me: int) -> str:
-    """Names what differs between the ranks' steps (compared with rank 0, or with rank 1 on
-    rank 0)."""
-    other = 1 if me == 0 else 0
+    """Names what differs between this rank's step and that of the first rank whose differs."""
+    other = next(r for r, c in enumerate(checks) if c != checks[me])
     mine, theirs = checks[me], checks[other]
     head = ("og.compile: the processes do not run the same DistributedDataParallel step "
             "(checked before the gradient all-reduce): ")
@@ -259,8 +258,7 @@ def _difference(checks: list[dict[str, Any]], me: int) -> str:
     if mine["broadcast"] != theirs["broadcast"]:
         return head + (f"the buffers broadcast from rank 0 differ: {mine['broadcast']} on rank "
                        f"{me}, {theirs['broadcast']} on rank {other}")
-    diff = next((r for r, c in enumerate(checks) if c != mine), other)
-    return head + (f"the traced graphs differ between rank {me} and rank {diff} (different "
+    return head + (f"the traced graphs differ between rank {me} and rank {other} (different "
                    f"code, modules or settings traced)")
 
 
