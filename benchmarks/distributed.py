@@ -43,7 +43,7 @@ NETWORK_BYTES_PER_S = 10e9 / 8
 HOP_LATENCY_S = 50e-6
 
 
-def worker(model_name: str, steps: int) -> None:
+def worker(model_name: str, steps: int, compiled: bool) -> None:
     import numpy as np
 
     import onnxgrad as og
@@ -66,32 +66,77 @@ def worker(model_name: str, steps: int) -> None:
     rng = np.random.default_rng(dist.get_rank())
     x = og.tensor(rng.standard_normal((batch, *shape)).astype(np.float32))
     y = og.tensor(rng.integers(0, 10, batch))
+    def train(x: og.Tensor, y: og.Tensor) -> og.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step = og.compile(train) if compiled else train
     times = []
     for i in range(steps + 2):
         if i == 2:  # the first steps build sessions
-            model.reduce_seconds, model.reduce_bytes, model.reduce_count = 0.0, 0, 0
+            count, seconds, nbytes = model.reduce_count, model.reduce_seconds, model.reduce_bytes
+            runner = getattr(step, "last", None) and step.last.runner
+            stage_s = list(getattr(runner, "stage_seconds", []))
         dist.barrier()
         start = time.perf_counter()
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        step(x, y)
         if i >= 2:
             times.append(time.perf_counter() - start)
+    rounds = max(model.reduce_count - count, 1)
+    stage_s = [(t - t0) / steps for t, t0 in zip(getattr(runner, "stage_seconds", []), stage_s)]
+    transfer = _transfer_times(dist.get_collectives(), model) if dist.get_world_size() > 1 else {}
     if dist.get_rank() == 0:
-        rounds = max(model.reduce_count, 1)
         print(json.dumps({
             "world": dist.get_world_size(), "batch": batch, "step_s": statistics.median(times),
-            "allreduce_s": model.reduce_seconds / rounds,
-            "bytes": model.reduce_bytes // rounds, "buckets": model.bucket_count,
-            "param_bytes": sum(p.numel() * 4 for p in model.parameters())}), flush=True)
+            "allreduce_s": (model.reduce_seconds - seconds) / rounds, "stage_s": stage_s,
+            "bytes": (model.reduce_bytes - nbytes) // rounds, "buckets": model.bucket_count,
+            "param_bytes": sum(p.numel() * 4 for p in model.parameters()), **transfer}),
+            flush=True)
     dist.destroy_process_group()
 
 
-def launch(model_name: str, n: int, steps: int) -> dict:
+def _transfer_times(collectives, model) -> dict:
+    """The all-reduce of the step's buckets with the ranks already in step (after a barrier):
+    the communication that overlapping it with computation could hide at most; blocking one
+    bucket after the other, and all buckets started at once (MPI Iallreduce) then waited."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from onnxgrad.nn.parallel import _buckets
+
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    buffers = [np.zeros(sum(p.numel() for p in b), np.float32)
+               for b in _buckets(params, model.bucket_cap_bytes)]
+    comm, blocking, started, checks = collectives.comm, [], [], []
+    digest = np.zeros(2, np.int64)
+    for _ in range(10):
+        comm.Barrier()
+        start = time.perf_counter()
+        collectives.all_gather(digest)  # the compiled step's same-step check
+        checks.append(time.perf_counter() - start)
+        comm.Barrier()
+        start = time.perf_counter()
+        for b in buffers:
+            comm.Allreduce(MPI.IN_PLACE, b)
+        blocking.append(time.perf_counter() - start)
+        comm.Barrier()
+        start = time.perf_counter()
+        MPI.Request.Waitall([comm.Iallreduce(MPI.IN_PLACE, b) for b in buffers])
+        started.append(time.perf_counter() - start)
+    return {"transfer_s": statistics.median(blocking), "check_s": statistics.median(checks),
+            "transfer_nonblocking_s": statistics.median(started)}
+
+
+def launch(model_name: str, n: int, steps: int, compiled: bool = False) -> dict:
     mpiexec = Path(sys.executable).parent / "mpiexec"
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // n)))
     done = subprocess.run([str(mpiexec), "-n", str(n), sys.executable, __file__, "--worker",
-                           model_name, "--steps", str(steps)], capture_output=True, text=True,
+                           model_name, "--steps", str(steps)] + (["--compiled"] if compiled
+                                                                 else []),
+                          capture_output=True, text=True,
                           check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -106,9 +151,10 @@ def main() -> None:
     parser.add_argument("--model", choices=["mlp", "resnet18", "all"], default="all")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--worker", choices=["mlp", "resnet18"], help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps)
+        worker(args.worker, args.steps, args.compiled)
         return
     for name in (["mlp", "resnet18"] if args.model == "all" else [args.model]):
         one, two = launch(name, 1, args.steps), launch(name, 2, args.steps)
@@ -123,6 +169,19 @@ def main() -> None:
         for n in (8, 64):
             print(f"  projected efficiency at {n} machines, 10 Gb/s ring all-reduce: "
                   f"{project(one['step_s'], two['bytes'], n):.1%}")
+        c1, c2 = launch(name, 1, args.steps, True), launch(name, 2, args.steps, True)
+        c_eff = (2 * c2["batch"] / c2["step_s"]) / (2 * c1["batch"] / c1["step_s"])
+        a, b = (c2["stage_s"] + [0.0, 0.0])[:2]
+        print(f"  compiled, 1 process : step {c1['step_s'] * 1e3:8.2f} ms")
+        print(f"  compiled, 2 processes: step {c2['step_s'] * 1e3:8.2f} ms (eager DDP "
+              f"{two['step_s'] * 1e3:.2f} ms): gradients model {a * 1e3:.2f} ms, all-reduce "
+              f"{c2['allreduce_s'] * 1e3:.2f} ms ({c2['allreduce_s'] / c2['step_s']:.1%}), "
+              f"update model {b * 1e3:.2f} ms; 1 -> 2 efficiency {c_eff:.1%}")
+        print(f"  all-reduce of the buckets with the ranks in step (what overlap could hide at "
+              f"most): {c2['transfer_s'] * 1e3:.2f} ms ({c2['transfer_s'] / c2['step_s']:.1%} "
+              f"of the compiled step); all buckets started at once (Iallreduce) "
+              f"{c2['transfer_nonblocking_s'] * 1e3:.2f} ms; the same-step check (16-byte "
+              f"all_gather) {c2['check_s'] * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

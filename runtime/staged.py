@@ -10,6 +10,7 @@ per name, bound as the output of the model that makes it and the input of those 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -70,6 +71,7 @@ class StagedRunner(StepRunner):
         self._pinned = {}
         self.parity = 0
         self.runs = 0
+        self.stage_seconds = [0.0] * len(self.sessions)  # time in each model (benchmarks)
 
     def _stage_binding(self, k: int, parity: int) -> ort.IOBinding:
         session = self.sessions[k]
@@ -120,7 +122,9 @@ class StagedRunner(StepRunner):
                     binding.bind_cpu_input(name, value)
             for name in self._frees[k]:
                 binding.bind_output(name, "cpu")  # the caller's to keep (see StepRunner.run)
+            start = time.perf_counter()
             session.run_with_iobinding(binding)
+            self.stage_seconds[k] += time.perf_counter() - start
             if self._frees[k]:
                 values = binding.get_outputs_as_ortvaluevector()
                 first_free = len(values) - len(self._frees[k])  # free outputs are bound last
