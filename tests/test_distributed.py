@@ -401,6 +401,9 @@ COMPILED = textwrap.dedent('''
         saved[f"export.loss.{s}"] = step(mine(x), mine(y)).numpy()
     for k, v in ddp.module.state_dict().items():
         saved[f"export.onnxgrad.{k}"] = v.numpy()
+    if rank == 0:  # the other export formats split the same way
+        step.export(f"{out}/portable.onnx", portable=True)
+        step.export(f"{out}/dynamic.onnx", dynamic_batch=True)
 
     # Mismatched steps across ranks are named on every rank before any all-reduce.
     ddp = DDP(mlp(0))
@@ -583,6 +586,21 @@ def test_exported_step_loops_in_plain_onnxruntime_with_mpi(compiled: list[dict])
             np.testing.assert_array_equal(plain[f"loss.{s}"], saved[f"export.loss.{s}"])
         for k, v in _state(saved, "export.onnxgrad.").items():
             np.testing.assert_array_equal(plain[f"state.module.{k}"], v, err_msg=k)
+
+
+def test_exported_step_other_formats(compiled: list[dict]) -> None:
+    import onnx
+
+    out = Path(str(compiled[0]["out"]))
+    for stem in ("portable", "dynamic"):
+        gradients, update = onnx.load(out / f"{stem}.onnx"), onnx.load(out / f"{stem}.update.onnx")
+        meta = json.loads({p.key: p.value for p in gradients.metadata_props}
+                          ["onnxgrad.allreduce"])
+        assert meta["files"] == {"gradients": f"{stem}.onnx", "update": f"{stem}.update.onnx"}
+        assert "bucket.0" in {i.name for i in update.graph.input}
+    assert (out / "portable.safetensors").exists() and (out / "portable.update.safetensors").exists()
+    x = next(i for i in onnx.load(out / "dynamic.onnx").graph.input if i.name == "x")
+    assert x.type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 def test_compiled_checkpoint_resumes_with_another_world_size(compiled: list[dict]) -> None:
