@@ -30,7 +30,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +125,6 @@ class Parts:
     models: list[onnx.ModelProto]
     runner: StagedRunner
     layout: dict[str, Any]
-    full: onnx.ModelProto
-    averaged: dict[str, str] = field(default_factory=dict)
 
 
 def split_step(proto: onnx.ModelProto, trace: Any, names: dict[int, str],
@@ -137,8 +135,9 @@ def split_step(proto: onnx.ModelProto, trace: Any, names: dict[int, str],
     models, links = _split(proto, trace.cuts)
     outputs = {o.name for o in proto.graph.output}
     fed_back = set(state_pairs.values())
+    bucket_names = {c.name for c in trace.cuts}
     returned = [n for n in links if n in outputs and n not in fed_back and n not in carried
-                and not n.startswith("bucket.")]
+                and n not in bucket_names]
     collectives = next((c.collectives for c in [*trace.cuts, *trace.broadcasts]), None)
     broadcast = [names[id(t)] for b in trace.broadcasts for t in b.tensors
                  if names.get(id(t)) in state_pairs]
@@ -154,7 +153,7 @@ def split_step(proto: onnx.ModelProto, trace: Any, names: dict[int, str],
         buckets.append({"name": cut.name, "op": "avg", "dtype": str(cut.packed.data.dtype),
                         "numel": offset, "parameters": params})
     layout = {"buckets": buckets, "broadcast_from_rank0": broadcast,
-              "passed": [n for n in links if not n.startswith("bucket.")]}
+              "passed": [n for n in links if n not in bucket_names]}
     data = {i.name: _type_text(i) for i in models[0].graph.input if i.name in set(data_names)}
     graph = "|".join(f"{n.op_type}({','.join(n.input)})" for m in models for n in m.graph.node)
     check = {"inputs": data, "buckets": [[(q["parameter"], q["shape"]) for q in b["parameters"]]
@@ -164,7 +163,7 @@ def split_step(proto: onnx.ModelProto, trace: Any, names: dict[int, str],
     runner = StagedRunner([m.SerializeToString() for m in models], state_pairs, initial,
                           carried=carried, links=links, returned=returned, between=sync)
     sync.runner = runner
-    return Parts(models, runner, layout, proto)
+    return Parts(models, runner, layout)
 
 
 def _split(proto: onnx.ModelProto, cuts: Sequence[Cut]) -> tuple[list[onnx.ModelProto],
@@ -188,7 +187,9 @@ class _Sync:
     def __init__(self, collectives: Any, cuts: Sequence[Cut], broadcast: list[str],
                  check: dict[str, Any]):
         self.collectives = collectives
-        self.cuts = list(cuts)
+        # Names only: the traced values (bucket-sized arrays) are not kept with the program.
+        self.buckets = [c.name for c in cuts]
+        self.on_reduce = cuts[0].on_reduce if cuts else None
         self.broadcast = broadcast
         self.check = check
         text = json.dumps(check, sort_keys=True)
@@ -204,12 +205,12 @@ class _Sync:
         elif stage == 1:
             start = time.perf_counter()
             nbytes = 0
-            for cut in self.cuts:
-                buffer = links[cut.name]
+            for name in self.buckets:
+                buffer = links[name]
                 self.collectives.all_reduce(buffer, "avg")
                 nbytes += buffer.nbytes
-            if self.cuts and self.cuts[0].on_reduce is not None:
-                self.cuts[0].on_reduce(time.perf_counter() - start, nbytes, len(self.cuts))
+            if self.on_reduce is not None:
+                self.on_reduce(time.perf_counter() - start, nbytes, len(self.buckets))
 
     def _broadcast(self) -> None:
         runner = self.runner
