@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -808,3 +809,111 @@ def test_processes_started_together_share_the_cores(monkeypatch: pytest.MonkeyPa
     opts = session.session_options()
     assert opts.intra_op_num_threads == max(1, (os.cpu_count() or 1) // 2)
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+# --------------------------------------------------------------------------- split steps, one process
+class _TwinCollectives(LocalCollectives):
+    """A world of two identical processes simulated by one: the average of equal buffers is the
+    buffer, so a split step must give what the unsplit step gives (runs without MPI)."""
+
+    world_size = 2
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def all_reduce(self, buffer: np.ndarray, op: str = "sum") -> np.ndarray:
+        self.calls.append(f"all_reduce {buffer.size}")
+        return buffer
+
+    def broadcast(self, buffer: np.ndarray, src: int = 0) -> np.ndarray:
+        self.calls.append(f"broadcast {buffer.size}")
+        return buffer
+
+    def all_gather(self, buffer: np.ndarray) -> np.ndarray:
+        self.calls.append("all_gather")
+        return np.stack([buffer, buffer])
+
+
+def test_split_step_in_one_process_equals_the_unsplit_step(group: None) -> None:
+    import onnxgrad.nn.functional as F
+
+    def make() -> og.nn.Module:
+        og.manual_seed(0)
+        return og.nn.Sequential(og.nn.Conv2d(1, 2, 3), og.nn.BatchNorm2d(2), og.nn.ReLU(),
+                                og.nn.Flatten(), og.nn.Linear(8, 3))
+
+    from onnxgrad.nn.parallel import _buckets
+
+    twin = _TwinCollectives()
+    ddp = og.nn.parallel.DistributedDataParallel(make(), bucket_cap_mb=1e-4)  # 3 buckets
+    object.__setattr__(ddp, "_collectives", twin)
+    plain = make()
+    rng = np.random.default_rng(0)
+    xs = [og.tensor(rng.standard_normal((4, 1, 4, 4)).astype(np.float32)) for _ in range(3)]
+    y = og.tensor([0, 1, 2, 0])
+    losses = {}
+
+    def make_step(model: og.nn.Module) -> Any:
+        opt = og.optim.AdamW(model.parameters(), lr=0.01)
+
+        @og.compile
+        def step(x: og.Tensor, y: og.Tensor) -> og.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            for p in model.parameters():  # the update model reads a forward value
+                p.grad = p.grad * (1 + loss.detach())
+            og.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            return loss
+
+        return step
+
+    for tag, model in (("split", ddp), ("plain", plain)):
+        step = make_step(model)
+        losses[tag] = [step(x, y).detach().numpy() for x in xs]
+        assert type(step.last).__name__ == ("SplitProgram" if tag == "split" else "Program")
+    np.testing.assert_allclose(losses["split"], losses["plain"], rtol=1e-6)
+    for (k, a), b in zip(ddp.module.state_dict().items(), plain.state_dict().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+        if k.endswith("weight"):
+            grad = dict(ddp.module.named_parameters())[k].grad
+            np.testing.assert_allclose(grad.numpy(), dict(plain.named_parameters())[k]
+                                       .grad.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
+    # Per step: the same-step check, rank 0's BatchNorm buffers (one message per dtype), then
+    # one all-reduce per bucket.
+    per_step = twin.calls[:len(twin.calls) // 3]
+    assert per_step[0] == "all_gather" and per_step[1:3] == ["broadcast 4", "broadcast 1"]
+    buckets = _buckets(list(ddp.module.parameters()), ddp.bucket_cap_bytes)
+    assert len(buckets) == 3 and sum(len(b) for b in buckets) == 6
+    assert [c for c in per_step if c.startswith("all_reduce")] == [
+        f"all_reduce {sum(p.numel() for p in b)}" for b in buckets]
+    assert ddp.reduce_count == 3 and ddp.bucket_count == 3
+
+
+def test_split_model_pass() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxgrad.passes.split import SplitError, split_model
+
+    def v(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [2])
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["g"]),
+         helper.make_node("Neg", ["x"], ["f"]),            # made in A, read by B only
+         helper.make_node("Add", ["g.avg", "f"], ["u"]),
+         helper.make_node("Sub", ["w", "u"], ["w.new"])],
+        "step", [v("x"), v("w"), v("g.avg")], [v("g"), v("w.new")], value_info=[v("f"), v("u")])
+    model = helper.make_model(graph)
+    a, b, links = split_model(model, {"g.avg": "g"})
+    assert [n.op_type for n in a.graph.node] == ["Mul"]
+    assert [n.op_type for n in b.graph.node] == ["Neg", "Add", "Sub"]  # Neg feeds B only
+    assert [i.name for i in b.graph.input] == ["g", "x", "w"] and links == ["g"]
+    assert [o.name for o in a.graph.output] == ["g"]
+    onnx.checker.check_model(a, full_check=True)
+    onnx.checker.check_model(b, full_check=True)
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["x", "g.avg"], ["g"])], "bad", [v("x"), v("g.avg")], [v("g")]))
+    with pytest.raises(SplitError, match="depends on an averaged bucket"):
+        split_model(bad, {"g.avg": "g"})
