@@ -251,7 +251,7 @@ COMPILED = textwrap.dedent('''
     import onnxgrad as og
     import onnxgrad.distributed as dist
     import onnxgrad.nn.functional as F
-    from onnxgrad.tracer.split import StepMismatchError
+    from onnxgrad.distributed import StepMismatchError
 
     out = sys.argv[1]
     dist.init_process_group()
