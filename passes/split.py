@@ -47,17 +47,27 @@ def split_model(model: onnx.ModelProto, cuts: Mapping[str, str],
         if cut_in not in inputs:
             raise SplitError(f"split: {cut_in!r} is not an input of the step")
     tainted = set(cuts)
-    a_nodes: list[onnx.NodeProto] = []
-    b_nodes: list[onnx.NodeProto] = []
     for node in graph.node:  # topologically sorted
         if any(n in tainted for n in _node_reads(node)):
-            b_nodes.append(node)
             tainted.update(n for n in node.output if n)
-        else:
-            a_nodes.append(node)
     for packed in cuts.values():
         if packed in tainted:
             raise SplitError(f"split: the packed bucket {packed!r} depends on an averaged bucket")
+    # A holds what its own outputs need; a node that only feeds B (an optimizer's product of a
+    # hyperparameter and its state, which does not depend on the gradients) stays with B, so
+    # each model reads the state it updates.
+    producer = {n: i for i, node in enumerate(graph.node) for n in node.output if n}
+    needed: set[int] = set()
+    stack = [producer[o.name] for o in graph.output
+             if o.name not in tainted and o.name in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        stack.extend(producer[n] for n in _node_reads(graph.node[i]) if n in producer)
+    a_nodes = [node for i, node in enumerate(graph.node) if i in needed]
+    b_nodes = [node for i, node in enumerate(graph.node) if i not in needed]
 
     made_by_a = {n for node in a_nodes for n in node.output if n}
     b_reads = {n for node in b_nodes for n in _node_reads(node)}
