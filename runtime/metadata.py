@@ -17,6 +17,9 @@ PARAMETERS = "onnxgrad.parameters"  # list: inputs that are trainable parameters
 # The portable export only: the safetensors file beside the model (a name relative to the model's
 # folder) holding the first step's value of every input other than the data.
 STATE_FILE = "onnxgrad.state_file"
+# A data-parallel step's two files (tracer/split.py): object with the gradient buckets to
+# all-reduce between them (names, dtype, the parameters' offsets and shapes) and the file names.
+ALLREDUCE = "onnxgrad.allreduce"
 
 ORIGINS = ("fwd", "grad", "opt", "bn-stats")
 UNKNOWN_ORIGIN = "unknown"  # nodes without ORIGIN: any model onnxgrad did not make

@@ -63,6 +63,10 @@ class Trace:
         self.cleared: set[int] = set()  # tensors whose .grad the step cleared (zero_grad)
         self.names: dict[int, str] = {}  # id(state tensor) -> its input name (rng.offset)
         self.checks: list[tuple[list[Val], Callable[[list[np.ndarray]], str | None], type]] = []
+        # Data parallelism (tracer/split.py): gradient buckets averaged across processes between
+        # two models, and state taken from rank 0 before each run.
+        self.cuts: list[Any] = []
+        self.broadcasts: list[Any] = []
 
     def _remember(self, t: Tensor) -> None:
         if id(t) not in self.initial:
@@ -522,6 +526,12 @@ class CompiledFunction:
             roots.extend(values)
             root_names.extend(check_names)
             checks.append((check_names, report, error))
+        # Data parallelism (tracer/split.py): each packed gradient bucket is an output of the
+        # one traced graph, its average an input (`bucket.<k>.averaged`) where it is cut in two.
+        averaged = {id(c.averaged): f"{c.name}.averaged" for c in trace.cuts}
+        for c in trace.cuts:
+            roots.append(c.packed)
+            root_names.append(c.name)
         # Gradients made before the call (an eager backward) that the step reads (an optimizer
         # step, clipping): inputs fed from the tensor's .grad at every call, not constants; one
         # the step also writes is state, ``grad.<name>`` -> ``grad.<name>.new``, as PyTorch's
@@ -534,7 +544,8 @@ class CompiledFunction:
         captured: dict[int, Tensor] = {}
 
         def classify(v: Val) -> str:
-            if id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids or id(v) in outside:
+            if id(v) in data_ids or id(v) in scalar_ids or id(v) in state_ids or id(v) in outside \
+                    or id(v) in averaged:
                 return DATA
             owner = v.owner() if v.owner is not None and not v.const else None
             if owner is not None and owner._v is v:
@@ -568,6 +579,8 @@ class CompiledFunction:
                 name = f"grad.{names[tid]}"
                 used_state[name] = trace.grads_before[tid][1]
                 followed[name] = trace.grads_before[tid][0]
+            elif id(v) in averaged:
+                name = averaged[id(v)]
             elif id(v) in captured:
                 owner = captured[id(v)]
                 name = owner._name or f"captured.{k}"
@@ -603,8 +616,18 @@ class CompiledFunction:
 
         updated = {name: t for name, t in used_state.items() if name in state_pairs}
         readonly = {name: t for name, t in used_state.items() if name not in state_pairs}
-        runner = StepRunner(proto.SerializeToString(), state_pairs,
-                            {name: t._v.data for name, t in updated.items()}, carried=list(grads))
+        initial = {name: t._v.data for name, t in updated.items()}
+        program_type: Any = Program
+        if trace.cuts or trace.broadcasts:
+            # A data-parallel step: cut at the all-reduce into two models (tracer/split.py).
+            from .split import SplitProgram, split_step
+
+            parts = split_step(proto, trace, names, state_pairs, initial, list(grads), data_names)
+            runner = parts.runner
+            program_type = functools.partial(SplitProgram, parts=parts)
+        else:
+            runner = StepRunner(proto.SerializeToString(), state_pairs, initial,
+                                carried=list(grads))
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
         owners = {id(t): (opt, p, key) for opt in trace.optimizers
                   for p, key, t in opt.state_tensors()}
@@ -613,9 +636,9 @@ class CompiledFunction:
         # A gradient set before the call and None after it: the step cleared it (zero_grad).
         cleared = [t for tid, (t, g) in trace.grads_before.items()
                    if g is not None and grads_after.get(tid) is None]
-        return Program(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
-                       updated, readonly, grads, scalars, created, owned, followed, cleared,
-                       checks)
+        return program_type(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
+                            updated, readonly, grads, scalars, created, owned, followed, cleared,
+                            checks)
 
     def keep_last(self) -> None:
         """Drop every program but the last one run (and the runtime buffers it holds)."""

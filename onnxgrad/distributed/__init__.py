@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from ..tracer import state as _state
+from ..tracer.split import StepMismatchError
 from ..tracer.tensor import Tensor, TraceError, Val
 from .collectives import Collectives, LocalCollectives, MPICollectives, launched_size
 
 __all__ = [
-    "Backend", "Collectives", "ReduceOp", "all_gather", "all_reduce", "barrier", "broadcast",
+    "Backend", "Collectives", "ReduceOp", "StepMismatchError", "all_gather", "all_reduce", "barrier", "broadcast",
     "destroy_process_group", "get_backend", "get_rank", "get_world_size", "group",
     "init_process_group", "is_available", "is_initialized", "is_mpi_available",
 ]

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..tracer import state
+from ..tracer import split, state
 from ..tracer.autograd import register_post_backward_hook
-from ..tracer.tensor import Tensor, TraceError, Val
+from ..tracer.tensor import Tensor, Val
 from .modules import Module
 
 __all__ = ["DistributedDataParallel"]
@@ -46,6 +46,24 @@ def _buckets(params: list[Tensor], cap_bytes: int) -> list[list[Tensor]]:
     return buckets
 
 
+class _Counters:
+    """What DDP keeps between calls that is no setting: not a plain scalar attribute, which
+    og.compile's key reads (a counter there would retrace compiled steps)."""
+
+    def __init__(self) -> None:
+        self.sync_pending = False
+        self.reduce_count = 0
+        self.reduce_seconds = 0.0
+        self.reduce_bytes = 0
+        self.bucket_count = 0
+
+    def add(self, seconds: float, nbytes: int, buckets: int) -> None:
+        self.reduce_count += 1
+        self.reduce_seconds += seconds
+        self.reduce_bytes += nbytes
+        self.bucket_count = buckets
+
+
 class DistributedDataParallel(Module):
     """Replicate ``module`` on every process of the default group and average its gradients
     (``torch.nn.parallel.DistributedDataParallel``).
@@ -61,6 +79,11 @@ class DistributedDataParallel(Module):
     NOTE: a parameter that got no gradient on this process in a backward keeps ``grad=None``;
     zeros stand for it in the average, so the ranks that have a gradient for it divide by the
     full world size.
+
+    In a step compiled with ``og.compile`` (several processes), the gradients leave the traced
+    graph packed in the same buckets and the optimizer update is a second model run after their
+    all-reduce (tracer/split.py); rank 0's buffers are broadcast before each run. A compiled step
+    called inside ``no_sync()`` is another trace that accumulates without averaging.
     """
 
     def __init__(self, module: Module, device_ids: Any = None, output_device: Any = None,
@@ -83,9 +106,8 @@ class DistributedDataParallel(Module):
         cap = 25.0 if bucket_cap_mb is None else float(bucket_cap_mb)
         extra = {"dim": dim, "broadcast_buffers": broadcast_buffers,
                  "bucket_cap_bytes": int(cap * 2**20), "require_backward_grad_sync": True,
-                 "_collectives": dist.get_collectives(), "_sync_pending": False,
-                 "_handle": None, "reduce_count": 0, "reduce_seconds": 0.0,
-                 "reduce_bytes": 0, "bucket_count": 0}
+                 "_collectives": dist.get_collectives(), "_counters": _Counters(),
+                 "_handle": None}
         for name, value in extra.items():
             # Plain attributes: not parameters, and no retrace of compiled steps when they change.
             object.__setattr__(self, name, value)
@@ -101,6 +123,12 @@ class DistributedDataParallel(Module):
         object.__setattr__(self, "_handle", register_post_backward_hook(after_backward))
 
     # ----------------------------------------------------------------- replicas
+    # Counters for benchmarks/distributed.py: rounds, time in them, payload, buckets.
+    reduce_count = property(lambda self: self._counters.reduce_count)
+    reduce_seconds = property(lambda self: self._counters.reduce_seconds)
+    reduce_bytes = property(lambda self: self._counters.reduce_bytes)
+    bucket_count = property(lambda self: self._counters.bucket_count)
+
     @property
     def world_size(self) -> int:
         return self._collectives.world_size
@@ -147,13 +175,15 @@ class DistributedDataParallel(Module):
 
     # ----------------------------------------------------------------- calling
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        # NOTE: not while og.compile traces: a compiled call runs only its graph, which
-        # cannot hold a collective (ONNX has none).
-        if self.module.training and self.broadcast_buffers and self.world_size > 1 \
-                and state.active_trace() is None:
-            self._broadcast([b for b in self.module.buffers() if b is not None])
-        object.__setattr__(self, "_sync_pending", self.require_backward_grad_sync
-                           and state.grad_enabled())
+        if self.module.training and self.broadcast_buffers and self.world_size > 1:
+            buffers = [b for b in self.module.buffers() if b is not None]
+            if state.active_trace() is None:
+                self._broadcast(buffers)
+            elif buffers:
+                # A compiled step's graph cannot hold a collective (ONNX has none): the step
+                # takes rank 0's buffers before each run (tracer/split.py).
+                split.broadcast_in_step(buffers, self._collectives)
+        self._counters.sync_pending = self.require_backward_grad_sync and state.grad_enabled()
         return self.module(*inputs, **kwargs)
 
     @contextlib.contextmanager
@@ -163,27 +193,30 @@ class DistributedDataParallel(Module):
         (``DistributedDataParallel.no_sync``)."""
         old = self.require_backward_grad_sync
         object.__setattr__(self, "require_backward_grad_sync", False)
+        # A setting of the module: compiled steps read it again (a step traced inside no_sync
+        # accumulates without averaging, one traced outside averages).
+        state.settings_changed()
         try:
             yield
         finally:
             object.__setattr__(self, "require_backward_grad_sync", old)
+            state.settings_changed()
 
     # ----------------------------------------------------------------- gradients
     def _after_backward(self, leaves: list[Tensor]) -> None:
-        if not self._sync_pending:
+        if not self._counters.sync_pending:
             return
         params = [p for p in self.module.parameters() if p.requires_grad]
         reached = {id(t) for t in leaves}
         if not any(id(p) in reached for p in params):
             return  # a backward of something else (this model's forward is still pending)
-        object.__setattr__(self, "_sync_pending", False)
+        self._counters.sync_pending = False
         if state.active_trace() is not None and self.world_size > 1:
-            # NOTE: ONNX has no collective op and the compiled step is not split at the
-            # all-reduce yet; compiling on without averaging would silently diverge the replicas.
-            raise TraceError("og.compile: a training step using DistributedDataParallel with "
-                             f"{self.world_size} processes is not supported yet (the gradient "
-                             "all-reduce cannot be part of a compiled step); run the step "
-                             "eagerly, or compile only the forward")
+            # NOTE: ONNX has no collective op: the compiled step is cut at the buckets into a
+            # gradients model and an update model with the all-reduce between them.
+            split.average_in_step(_buckets(params, self.bucket_cap_bytes), self._collectives,
+                                  self._counters.add)
+            return
         self.reduce_gradients(params)
 
     def reduce_gradients(self, params: list[Tensor] | None = None) -> None:
@@ -193,25 +226,21 @@ class DistributedDataParallel(Module):
             params = [p for p in self.module.parameters() if p.requires_grad]
         if self.world_size == 1:
             return
-        start = time.perf_counter()
+        start, nbytes = time.perf_counter(), 0
         buckets = _buckets(params, self.bucket_cap_bytes)
         for bucket in buckets:
             flat = np.concatenate([
                 (p._grad._v.data if p._grad is not None
                  else np.zeros_like(p._v.data)).reshape(-1) for p in bucket])
             self._collectives.all_reduce(flat, "avg")
-            object.__setattr__(self, "reduce_bytes", self.reduce_bytes + flat.nbytes)
+            nbytes += flat.nbytes
             offset = 0
             for p in bucket:
                 n = p._v.data.size
                 if p._grad is not None:
                     p._grad = Tensor(Val(flat[offset:offset + n].reshape(p._v.data.shape)))
                 offset += n
-        # Counters for benchmarks/distributed.py: rounds, time in them, payload, buckets.
-        object.__setattr__(self, "reduce_count", self.reduce_count + 1)
-        object.__setattr__(self, "bucket_count", len(buckets))
-        object.__setattr__(self, "reduce_seconds",
-                           self.reduce_seconds + time.perf_counter() - start)
+        self._counters.add(time.perf_counter() - start, nbytes, len(buckets))
 
     def __del__(self) -> None:
         handle = self.__dict__.get("_handle")
