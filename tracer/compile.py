@@ -418,6 +418,8 @@ class CompiledFunction:
         """``dynamic=True``: make ``program`` run every batch size (export's symbolic batch);
         where the step depends on the batch size, say so once and keep one program per size."""
         try:
+            if type(program) is not Program:  # a distributed step's two models: not yet
+                raise DynamicBatchError("a data-parallel step runs static shapes")
             program.use_model(self._dynamic_batch_model(program, portable=False))
             return key
         except DynamicBatchError as exc:
