@@ -257,19 +257,29 @@ class Program:
         the lowest opset from 17 or ``opset``). ``opset`` alone lowers the single-file format.
         ``model``: this step's graph written otherwise (a symbolic batch dimension).
         """
-        model = self.model if model is None else model
+        write_step(self.model if model is None else model, path, self.defaults(),
+                   portable=portable, opset=opset)
+
+    def defaults(self) -> dict[str, np.ndarray]:
+        """Every input's value for an exported file: the state as it is now, and the
+        hyperparameters' current values too, so that every input other than the data has a
+        default: the file trains with the metadata alone (a caller may still feed a schedule)."""
         defaults = {name: self.runner.current(name) for name in self.updated}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
-        # The hyperparameters' current values too, so that every input other than the data has a
-        # default: the file trains with the metadata alone (a caller may still feed a schedule).
         defaults.update({name: np.asarray(getter(), dtype)
                          for name, (getter, dtype) in self.scalars.items()})
-        if portable:
-            save_portable(portable_model(model, opset), path, defaults)
-        elif opset is not None:
-            save_model(lower_opset(model, opset), path, defaults)
-        else:
-            save_model(model, path, defaults)
+        return defaults
+
+
+def write_step(model: onnx.ModelProto, path: str | os.PathLike[str],
+               defaults: dict[str, np.ndarray], *, portable: bool, opset: int | None) -> None:
+    """Write a step's model in the format asked for (see :meth:`Program.export`)."""
+    if portable:
+        save_portable(portable_model(model, opset), path, defaults)
+    elif opset is not None:
+        save_model(lower_opset(model, opset), path, defaults)
+    else:
+        save_model(model, path, defaults)
 
 
 class CompiledFunction:

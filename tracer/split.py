@@ -37,14 +37,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..passes.portable import lower_opset, portable_model
 from ..passes.split import split_model
-from ..runtime.export import save_model
 from ..runtime.metadata import ALLREDUCE, DATA_INPUTS, STATE
-from ..runtime.portable import save_portable
 from ..runtime.staged import StagedRunner
 from . import state
-from .compile import Program
+from .compile import Program, write_step
 from .tensor import Tensor, Val, emit
 
 __all__ = ["SplitProgram", "StepMismatchError", "average_in_step", "broadcast_in_step", "split_step",
@@ -289,11 +286,8 @@ class SplitProgram(Program):
     def export(self, path: str | os.PathLike[str], *, portable: bool = False,
                opset: int | None = None, model: onnx.ModelProto | None = None) -> None:
         """Both models: ``path`` and :func:`update_path` (see :func:`export_parts`)."""
-        defaults = {name: self.runner.current(name) for name in self.updated}
-        defaults.update({name: t._v.data for name, t in self.readonly.items()})
-        defaults.update({name: np.asarray(getter(), dtype)
-                         for name, (getter, dtype) in self.scalars.items()})
-        export_parts(self.parts, path, defaults, portable=portable, opset=opset, model=model)
+        export_parts(self.parts, path, self.defaults(), portable=portable, opset=opset,
+                     model=model)
 
 
 # --------------------------------------------------------------------------- export
@@ -326,13 +320,8 @@ def export_parts(parts: Parts, path: str | os.PathLike[str], defaults: dict[str,
         _set_prop(out, STATE, json.dumps(state_map))
         _set_prop(out, DATA_INPUTS, json.dumps(data))
         _set_prop(out, ALLREDUCE, json.dumps(meta))
-        mine = {n: v for n, v in defaults.items() if n in inputs}
-        if portable:
-            save_portable(portable_model(out, opset), p, mine)
-        elif opset is not None:
-            save_model(lower_opset(out, opset), p, mine)
-        else:
-            save_model(out, p, mine)
+        write_step(out, p, {n: v for n, v in defaults.items() if n in inputs},
+                   portable=portable, opset=opset)
 
 
 def _set_prop(model: onnx.ModelProto, key: str, value: str) -> None:
