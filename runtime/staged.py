@@ -33,7 +33,7 @@ class StagedRunner(StepRunner):
                  initial: Mapping[str, np.ndarray], carried: Sequence[str] = (),
                  links: Sequence[str] = (), returned: Sequence[str] = (),
                  between: Callable[[int, dict[str, np.ndarray]], None] | None = None):
-        # NOTE: the parent's constructor would make one session; the buffers are made the same way.
+        # NOTE: the parent's constructor would make one session; the buffers are made as there.
         self.sessions = [make_session(s) for s in stages]
         self.session = self.sessions[-1]
         self.state = dict(state)
@@ -42,16 +42,8 @@ class StagedRunner(StepRunner):
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"
                                    for s in self.sessions) else "cuda"
-        self._host = [{}, {}]
-        self._sets = [{}, {}]
         outputs = {o.name: o for s in self.sessions for o in s.get_outputs()}
-        for name in self.state:
-            first = np.array(initial[name], order="C", copy=True)
-            self._add(name, [first, np.empty_like(first)])
-        for name in self.carried:
-            meta = outputs[name]
-            shape, dtype = [int(d) for d in meta.shape], _np_type(meta.type)
-            self._add(name, [np.empty(shape, dtype), np.empty(shape, dtype)])
+        self._make_buffers(initial, outputs)
         # Links stay on the host: the collectives read and write them in place.
         self.links: dict[str, np.ndarray] = {}
         self._link_values: dict[str, ort.OrtValue] = {}

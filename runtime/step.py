@@ -13,6 +13,7 @@ Knows nothing of tensors: state is named arrays; the tracer maps them to tensors
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +36,17 @@ class StepRunner:
         self.carried = list(carried)
         outputs = {o.name: o for o in self.session.get_outputs()}
         self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._make_buffers(initial, outputs)
+        fed_back = set(self.state.values())
+        self._free = [n for n in outputs if n not in fed_back and n not in self.carried]
+        self._bindings = [self._binding(parity) for parity in (0, 1)]
+        self._pinned: dict[str, np.ndarray] = {}
+        self.parity = 0
+        self.runs = 0
+
+    def _make_buffers(self, initial: Mapping[str, np.ndarray], outputs: Mapping[str, Any]
+                      ) -> None:
+        """Both sets of state and carried buffers; ``outputs``: the sessions' output metadata."""
         # sets[parity][name]: a run at parity p reads state set p and writes set 1 - p.
         self._host: list[dict[str, np.ndarray]] = [{}, {}]
         self._sets: list[dict[str, ort.OrtValue]] = [{}, {}]
@@ -48,12 +60,6 @@ class StepRunner:
             meta = outputs[name]
             shape, dtype = [int(d) for d in meta.shape], _np_type(meta.type)
             self._add(name, [np.empty(shape, dtype), np.empty(shape, dtype)])
-        fed_back = set(self.state.values())
-        self._free = [n for n in outputs if n not in fed_back and n not in self.carried]
-        self._bindings = [self._binding(parity) for parity in (0, 1)]
-        self._pinned: dict[str, np.ndarray] = {}
-        self.parity = 0
-        self.runs = 0
 
     def _add(self, name: str, arrays: list[np.ndarray]) -> None:
         for parity, array in enumerate(arrays):
