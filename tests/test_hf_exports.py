@@ -244,3 +244,21 @@ def test_hugging_face_export_trains_like_pytorch(kind: str, exporter: str) -> No
         expected = model.get_parameter(name).detach().numpy()
         actual = trained[init_name].T if transposed else trained[init_name]
         np.testing.assert_allclose(actual, expected, **TOL, err_msg=f"{init_name} ({name})")
+
+
+def test_optimized_dynamo_export_folds_parameters_into_constants() -> None:
+    """Why the tests above export with ``optimize=False`` (as the README says for training): the
+    dynamo exporter's optimizer folds ViT's class token, expanded to the example's batch, into a
+    new constant, so the file has no ``cls_token`` to train and trains per-sample copies."""
+    rng = np.random.default_rng(0)
+    model = _model("vit")
+    data = _export(model, SPECS["vit"].inputs(rng), "dynamo")
+    import onnx
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(data).graph.initializer}
+    cls = model.m.vit.embeddings.cls_token.detach().numpy()
+    assert "m.vit.embeddings.cls_token" not in inits
+    assert any(v.shape == (B, *cls.shape[1:]) and np.array_equal(v, np.broadcast_to(cls, v.shape))
+               for v in inits.values())
+    with pytest.raises(AssertionError, match="unmapped parameters"):
+        _parameter_map(data, model)
