@@ -71,7 +71,9 @@ class Trace:
     def _remember(self, t: Tensor) -> None:
         if id(t) not in self.initial:
             self.initial[id(t)] = (t, t._v)
-            self.grads_before[id(t)] = (t, t.grad)
+            # NOTE: ._grad, not .grad: state written in place while tracing (relu6(inplace=True))
+            # is a non-leaf, whose .grad property warns the user about a read they never made.
+            self.grads_before[id(t)] = (t, t._grad)
 
     def add_module(self, module: Any) -> None:
         if all(m is not module for m in self.modules):
@@ -324,7 +326,7 @@ class CompiledFunction:
         # are inputs): see Optimizer.graph_key.
         optim = tuple(o.graph_key() for o in self._optimizers)
         # A gradient left from before the call accumulates (state of the step); none: it is new.
-        fresh = tuple(t.grad is None for t in self._grad_owners)
+        fresh = tuple(t._grad is None for t in self._grad_owners)
         # Hooks on the modules' tensors run while tracing, so they are part of the step too.
         hooks = leaf_hooks_key(self._identity_tensors)
         key = (self._shapes(arrays, batch=False), static, optim,
@@ -464,7 +466,7 @@ class CompiledFunction:
         finally:
             state.set_trace(None)
             final = {tid: t._v for tid, (t, _) in trace.initial.items()}
-            grads_after = {tid: t.grad for tid, (t, _) in trace.grads_before.items()}
+            grads_after = {tid: t._grad for tid, (t, _) in trace.grads_before.items()}
             for t, val in trace.initial.values():
                 t._v = val  # tracing leaves state as it was
             for t, grad in trace.grads_before.values():

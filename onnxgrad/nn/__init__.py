@@ -59,6 +59,7 @@ from .transformer import (
                           Embedding,
                           LayerNorm,
                           MultiheadAttention,
+                          TransformerDecoder,
                           TransformerDecoderLayer,
                           TransformerEncoder,
                           TransformerEncoderLayer,
@@ -73,6 +74,6 @@ __all__ = [
     "ModuleList", "MultiheadAttention", "NLLLoss", "OnnxModule", "PReLU", "Parameter",
     "ParameterDict", "ParameterList", "ReLU", "ReLU6", "Sequential", "SiLU", "Sigmoid",
     "SmoothL1Loss", "Softmax", "Softplus", "Softsign", "Tanh", "Tanhshrink",
-    "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer", "Upsample",
+    "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer", "Upsample",
     "functional", "init", "parallel", "utils",
 ]

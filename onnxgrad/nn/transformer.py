@@ -1,8 +1,9 @@
 """Transformer layers with PyTorch's names, signatures, defaults and initialisation.
 
 ``LayerNorm``, ``Embedding``, ``GELU``, ``ModuleList``, ``MultiheadAttention``,
-``TransformerEncoderLayer``, ``TransformerEncoder`` and ``TransformerDecoderLayer``: their
-parameters are named as PyTorch's, so a PyTorch ``state_dict`` loads into them.
+``TransformerEncoderLayer``, ``TransformerEncoder``, ``TransformerDecoderLayer`` and
+``TransformerDecoder``: their parameters are named as PyTorch's, so a PyTorch ``state_dict``
+loads into them.
 """
 from __future__ import annotations
 
@@ -363,3 +364,29 @@ class TransformerDecoderLayer(Module):
     def _ff_block(self, x: Tensor) -> Tensor:
         x = self.linear2(self.dropout(self.activation(self.linear1(x))))
         return self.dropout3(x)
+
+
+class TransformerDecoder(Module):
+    """``num_layers`` deep copies of ``decoder_layer`` (same initial weights, as PyTorch), then
+    the optional ``norm``; state-dict names ``layers.{i}.*`` and ``norm.*`` as PyTorch's."""
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Module | None = None) -> None:
+        super().__init__()
+        self.layers = ModuleList(copy.deepcopy(decoder_layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
+                memory_mask: Tensor | None = None, tgt_key_padding_mask: Tensor | None = None,
+                memory_key_padding_mask: Tensor | None = None,
+                tgt_is_causal: bool | None = None, memory_is_causal: bool = False) -> Tensor:
+        # NOTE: PyTorch turns tgt_is_causal=None into "is tgt_mask the causal mask"; the flag is
+        # only a hint where a mask is given (the mask is applied either way), so False is exact.
+        x = tgt
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                      tgt_key_padding_mask=tgt_key_padding_mask,
+                      memory_key_padding_mask=memory_key_padding_mask,
+                      tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+        return self.norm(x) if self.norm is not None else x

@@ -66,3 +66,4 @@ from . import (  # noqa: F401  (registers the rules)
 
 from . import math  # noqa: E402, F401  (registers the rules of tracer/math_ops.py)
 from . import index  # noqa: F401  # isort: skip  (indexing rules: ScatterND, GatherND...)
+from . import imported  # noqa: F401  # isort: skip  (InstanceNormalization, Range)
