@@ -319,7 +319,7 @@ def _tract(step: StepFile) -> Run:
             return tract.onnx().load(str(concrete)).into_model().into_runnable()
 
     kinds = {o.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type))
-             for o in step.model.graph.output}
+             for o in step.model.graph.output if o.type.tensor_type.elem_type}
 
     def numpy(name: str, out: tract.Tensor) -> np.ndarray:
         try:
@@ -327,8 +327,8 @@ def _tract(step: StepFile) -> Run:
         except tract.TractError:
             # NOTE: tract computes some integer results as symbolic dims (TDim: a count that
             # its analysis ties to shapes), which its API cannot hand out as they are.
-            wanted = getattr(tract.DatumType, _tract_type(kinds[name]).upper(),
-                             tract.DatumType.I64)
+            wanted = getattr(tract.DatumType, _tract_type(kinds.get(name, np.dtype(np.int64)))
+                             .upper(), tract.DatumType.I64)
             return out.convert_to(wanted).to_numpy()
 
     def make_run(shapes: dict[str, tuple[int, ...]] | None) -> Run:
