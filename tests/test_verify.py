@@ -22,6 +22,7 @@ from onnxgrad.verify import (
     RUNTIMES,
     Runtime,
     VerifyError,
+    format_table,
     label_classes,
     random_batches,
     read_step,
@@ -270,3 +271,18 @@ def test_installed_runtimes_match_onnx_runtime(files: dict[str, Path], runtime: 
     rows = verify(step, [runtime], batches)
     assert rows[1].runs, rows[1].error
     assert max(rows[1].diffs) <= 1e-4, rows[1].diffs
+
+
+def test_when_onnx_runtime_fails_nothing_matches(files: dict[str, Path],
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(step):
+        raise RuntimeError("no session")
+
+    monkeypatch.setitem(RUNTIMES, "ort", Runtime("onnxruntime", "onnxruntime", broken))
+    step = read_step(files["portable"])
+    rows = verify(step, ["reference"], random_batches(step, 2)[0])
+    assert rows[1].runs and not rows[1].ok(1.0)
+    assert "not compared" in format_table(rows, 1e-4)
+    assert cli(["verify", str(files["portable"]), "--runtime", "reference"]) == 2
+    assert "ONNX Runtime cannot load it: RuntimeError: no session" in capsys.readouterr().err
