@@ -94,6 +94,9 @@ VERBS: dict[str, Verb] = {
     "bench": Verb("onnxgrad.bench:main", "measure training-step speed and print ratios"),
     "train-graph": Verb("onnxgrad.training:train_graph_main",
                         "turn an inference .onnx model into a standard-ONNX training step"),
+    "verify": Verb("onnxgrad.verify:main",
+                   "loop an exported training step in every ONNX runtime installed and compare "
+                   "each step with ONNX Runtime"),
     "launch": Verb("onnxgrad.distributed.launch:main",
                    "run a training script on N processes with MPI (mpiexec)", extra="distributed"),
 }

@@ -11,6 +11,7 @@ against the prediction, export before any call, and the ``onnxgrad train-graph``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -42,6 +43,8 @@ from .tracer.tensor import Tensor
 __all__ = ["LOSSES", "TrainGraphError", "TrainingStep", "train_graph_main", "training_step"]
 
 LABELS = "labels"
+#: The batch size a dynamic-batch export traces at when no call or batch size fixed one.
+AUTO_BATCH = 4
 
 
 # --------------------------------------------------------------------------- losses
@@ -199,10 +202,13 @@ class TrainingStep:
 
     def _label(self, program: Program | None) -> None:
         """Name the trained parameters in the program's metadata, as the file's readers expect."""
-        if program is not None and not any(p.key == PARAMETERS
-                                           for p in program.model.metadata_props):
-            inputs = {i.name for i in program.model.graph.input}
-            entry = program.model.metadata_props.add()
+        if program is not None:
+            self._label_model(program.model)
+
+    def _label_model(self, model: onnx.ModelProto) -> None:
+        if not any(p.key == PARAMETERS for p in model.metadata_props):
+            inputs = {i.name for i in model.graph.input}
+            entry = model.metadata_props.add()
             entry.key = PARAMETERS
             entry.value = json.dumps([n for n in self._params if n in inputs])
 
@@ -307,27 +313,35 @@ class TrainingStep:
                 args.append(np.zeros(pred.shape[:1], np.int64))
             else:
                 args.append(np.zeros(pred.shape, pred.dtype))
+        with self._looping_state():
+            return self._trace(args)
+
+    @contextlib.contextmanager
+    def _looping_state(self, warn: bool = True) -> Iterator[None]:
+        """Traces inside see the optimizer state a looping step carries."""
         opt = self.optimizer
         missing = [(p, key) for group in opt.param_groups for key in opt.state_keys(group)
                    if opt.first_step_creates(group, key)
                    for p in group["params"] if key not in opt.state.get(p, {})]
-        if missing:
-            # NOTE: the graph of such a first step (SGD with dampening) creates the state instead
-            # of carrying it: a file of it would never accumulate it. Trace the step that loops,
-            # from the state's initial value, leaving this step's own first call PyTorch's.
-            keys = sorted({key for _, key in missing})
+        if not missing:
+            yield
+            return
+        # NOTE: the graph of such a first step (SGD with dampening) creates the state instead
+        # of carrying it: a file of it would never accumulate it. Trace the step that loops,
+        # from the state's initial value, leaving this step's own first call PyTorch's.
+        keys = sorted({key for _, key in missing})
+        if warn:
             warnings.warn(f"{self.source}: the optimizer's first step makes its {keys} itself "
-                          f"(SGD with dampening); the file's step starts them at zero, so its "
-                          f"first step takes (1 - dampening) of the gradient where PyTorch's "
-                          f"first step takes all of it", stacklevel=3)
+                          f"(SGD with dampening); the file's step starts them at zero, so "
+                          f"its first step takes (1 - dampening) of the gradient where "
+                          f"PyTorch's first step takes all of it", stacklevel=5)
+        for p, key in missing:
+            opt.initial_state(p, key)
+        try:
+            yield
+        finally:
             for p, key in missing:
-                opt.initial_state(p, key)
-            try:
-                return self._trace(args)
-            finally:
-                for p, key in missing:
-                    del opt.state[p][key]
-        return self._trace(args)
+                del opt.state[p][key]
 
     def _trace(self, args: list[np.ndarray]) -> Program:
         program = self._compiled.trace(*args)
@@ -335,14 +349,43 @@ class TrainingStep:
         return program
 
     def export(self, path: str | os.PathLike[str], batch_size: int | None = None, *,
-               portable: bool = False, opset: int | None = None) -> None:
+               portable: bool = False, opset: int | None = None,
+               dynamic_batch: bool | None = None) -> None:
         """Write the step as ``og.compile(...).export`` does: state inputs default to its values
-        (``portable=True``: in a safetensors file beside it; ``opset``: that opset).
+        (``portable=True``: in a safetensors file beside it; ``opset``: that opset;
+        ``dynamic_batch=True``: a symbolic batch dimension, refused naming the node where the
+        step's graph depends on the batch size).
 
         Before any call, the graph is traced for the declared shapes (see :meth:`build`).
+        ``dynamic_batch=None`` (the default) is True when neither a call nor ``batch_size`` fixed
+        the batch of a model whose batch dimension is dynamic, else False (the file of the
+        batch size that ran or was given, as before).
         """
+        if dynamic_batch is None:
+            dynamic_batch = self.last is None and batch_size is None and self._dynamic_batch()
+            if dynamic_batch:
+                batch_size = AUTO_BATCH
+        elif dynamic_batch and not self._dynamic_batch():
+            fixed = {name: self.module.input_dims(name) for name in self.module.input_names}
+            raise TrainGraphError(f"{self.source}: dynamic_batch: the model's inputs {fixed} "
+                                  f"have a fixed batch dimension; export the inference model "
+                                  f"with a dynamic one (torch.onnx.export's dynamic_axes, "
+                                  f"export(dynamic_batch=True))")
         program = self.last if self.last is not None else self.build(batch_size)
-        program.export(path, portable=portable, opset=opset)
+        if not dynamic_batch:
+            program.export(path, portable=portable, opset=opset)
+            return
+        with self._looping_state(warn=False):
+            # NOTE: the other batch sizes are traced from the same looping state (the compiled
+            # function keeps none of their programs); the model is labelled as this step's.
+            model = self._compiled._dynamic_batch_model(program, portable)
+        self._label_model(model)
+        program.export(path, portable=portable, opset=opset, model=model)
+
+    def _dynamic_batch(self) -> bool:
+        """Whether the model declares its inputs' leading dimension dynamic."""
+        dims = [self.module.input_dims(name) for name in self.module.input_names]
+        return bool(dims) and all(d and not (isinstance(d[0], int) and d[0] > 0) for d in dims)
 
     def named_parameters(self) -> Iterator[tuple[str, Parameter]]:
         """The trained parameters, by their initializer names in the model."""
@@ -449,12 +492,18 @@ def train_graph_main(argv: list[str]) -> int:
     parser.add_argument("--freeze-bn", action="store_true",
                         help="keep BatchNorm in inference mode with constant statistics")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="the batch size to bind a dynamic batch dimension to")
+                        help="the batch size to trace at (a dynamic batch dimension is bound to "
+                        "it, unless --dynamic-batch)")
     parser.add_argument("--output", default=None, help="the model output the loss reads")
     parser.add_argument("--portable", action="store_true",
                         help="the portable format: no defaults in the graph, the state in "
                         "OUT.safetensors beside it, ops and opset that OpenVINO, tract and "
                         "tinygrad run too")
+    parser.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=None,
+                        help="a symbolic batch dimension, so that the file trains on any batch "
+                        "size (refused, naming the node, where the graph depends on the batch "
+                        "size); default: on when the model's batch is dynamic and no "
+                        "--batch-size is given")
     parser.add_argument("--opset", type=int, default=None,
                         help="the opset to write (default: onnxgrad's; with --portable the "
                         "lowest from 17 the graph converts to)")
@@ -472,7 +521,7 @@ def train_graph_main(argv: list[str]) -> int:
                                  freeze_bn=args.freeze_bn, output=args.output,
                                  trainable=trainable if args.freeze else None)
             step.export(args.out, batch_size=args.batch_size, portable=args.portable,
-                        opset=args.opset)
+                        opset=args.opset, dynamic_batch=args.dynamic_batch)
         for w in caught:
             print(f"onnxgrad train-graph: warning: {w.message}", file=sys.stderr)
     except (TrainGraphError, NoGradientRule, FileNotFoundError, ValueError, TypeError) as exc:

@@ -477,3 +477,86 @@ def test_the_plain_loop_trains_from_the_portable_files(tmp_path: Path, loop: str
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [float(line) for line in done.stdout.split()]
     np.testing.assert_allclose(printed, losses, rtol=1e-5 if loop is PLAIN_LOOP else 1e-4)
+
+
+# --------------------------------------------------------------------------- training_step
+def _dynamic_forward(path: Path) -> Path:
+    """The CNN's inference model with a symbolic batch, as a model to train from."""
+    model = _cnn()
+    model.eval()
+    forward = og.compile(model)
+    forward(np.zeros((2, 3, 8, 8), np.float32))
+    forward.export(path, dynamic_batch=True)
+    return path
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["default", "portable"])
+def test_training_step_dynamic_batch_trains_any_batch_size(tmp_path: Path,
+                                                           portable: bool) -> None:
+    source = _dynamic_forward(tmp_path / "cnn.onnx")
+    step = og.training_step(source, lr=0.05, momentum=0.9)
+    step(_batch(0)["x"], _batch(0)["y"])
+    path = tmp_path / "step.onnx"
+    step.export(path, dynamic_batch=True, portable=portable)
+    exported = onnx.load(path)
+    onnx.checker.check_model(exported, full_check=True)
+    meta = _meta(exported)
+    assert json.loads(meta["onnxgrad.parameters"]) == [n for n, _ in step.named_parameters()]
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in exported.graph.input}
+    assert dims["xs"] == ["batch", 3, 8, 8] and dims["labels"] == ["batch"]
+    data = json.loads(meta[DATA_INPUTS])
+    if portable:
+        state = _portable_state(path)
+    else:
+        inputs = {i.name for i in exported.graph.input} - set(data)
+        state = {t.name: numpy_helper.to_array(t) for t in exported.graph.initializer
+                 if t.name in inputs}
+    batches = [_batch(1, n=3), _batch(2, n=2), _batch(3, n=5)]
+    got = _loop(lambda f: _session(path).run(None, f), exported, state,
+                [dict(zip(data, b.values())) for b in batches])
+    for k, batch in enumerate(batches):  # as the step itself trains (one trace per size)
+        np.testing.assert_allclose(got[k]["output"], step(batch["x"], batch["y"]).numpy(),
+                                   rtol=1e-6, err_msg=f"step {k}")
+    for name, value in step.state_dict().items():
+        np.testing.assert_allclose(got[-1][f"{name}.new"], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_train_graph_batch_is_dynamic_by_default_where_the_model_allows_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = str(_dynamic_forward(tmp_path / "cnn.onnx"))
+
+    def batch_dims(path: Path) -> list:
+        model = onnx.load(path)
+        return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim][:1]
+                for i in model.graph.input[:2]]
+
+    # A model with a dynamic batch and no --batch-size: a file for any batch (was an error).
+    assert train_graph_main([source, str(tmp_path / "auto.onnx"), "--portable",
+                             "--momentum", "0.9", "--dampening", "0.1"]) == 0
+    # The first step's dampening is said once, though the step was traced at three sizes.
+    assert capsys.readouterr().err.count("(SGD with dampening)") == 1
+    assert batch_dims(tmp_path / "auto.onnx") == [["batch"], ["batch"]]
+    # --batch-size N: the file of that size, as before; --dynamic-batch with it: dynamic.
+    assert train_graph_main([source, str(tmp_path / "three.onnx"), "--batch-size", "3"]) == 0
+    assert batch_dims(tmp_path / "three.onnx") == [[3], [3]]
+    assert train_graph_main([source, str(tmp_path / "dyn.onnx"), "--batch-size", "3",
+                             "--dynamic-batch"]) == 0
+    assert batch_dims(tmp_path / "dyn.onnx") == [["batch"], ["batch"]]
+    capsys.readouterr()
+    assert train_graph_main([source, str(tmp_path / "no.onnx"), "--no-dynamic-batch"]) == 2
+    assert "give a batch size" in capsys.readouterr().err
+    # A model whose batch is fixed cannot give a dynamic file: said in one line.
+    model = _cnn()
+    model.eval()
+    forward = og.compile(model)
+    forward(np.zeros((2, 3, 8, 8), np.float32))
+    forward.export(tmp_path / "fixed.onnx")
+    assert train_graph_main([str(tmp_path / "fixed.onnx"), str(tmp_path / "f.onnx"),
+                             "--dynamic-batch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dynamic_batch: the model's inputs {'xs': [2, 3, 8, 8]} have a fixed batch" in err
+    assert err.count("\n") == 0
+    assert train_graph_main([str(tmp_path / "fixed.onnx"), str(tmp_path / "f.onnx")]) == 0
+    assert batch_dims(tmp_path / "f.onnx") == [[2], [2]]
