@@ -411,3 +411,40 @@ def check_case(c: OpCase, checks: Sequence[str] = ("forward", "vjp", "runtimes")
         if (name != "forward" and not c.grad) or (name == "vjp" and not c.vjp):
             continue
         CHECKS[name](c)
+
+
+# --------------------------------------------------------------------------- one node's rule
+def check_node_rule(op_type: str, attrs: dict[str, Any], args: dict[str, np.ndarray],
+                    forward: Callable[..., np.ndarray], rng: np.random.Generator) -> None:
+    """The rule of an ONNX node onnxgrad's own ops never emit (an imported node): its float64
+    gradient graph, on ONNX Runtime and on the reference evaluator, against central differences
+    of ``forward`` (NumPy, taking ``args`` in order) for every input."""
+    from onnxgrad.passes import gradient_graph
+
+    def value(name: str, shape: tuple[int, ...]) -> ir.Value:
+        return ir.Value(name=name, shape=ir.Shape(list(shape)),
+                        type=ir.TensorType(ir.DataType.DOUBLE))
+
+    arrays = list(args.values())
+    y = forward(*arrays)
+    u = rng.standard_normal(y.shape)
+    inputs = [value(name, a.shape) for name, a in args.items()]
+    out = value("y", y.shape)
+    ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attrs), outputs=[out])
+    graph, kept = gradient_graph([out], [value("seed", u.shape)], inputs, opset=OPSET)
+    assert kept == list(range(len(arrays)))
+    model = ir.serde.serialize_model(ir.Model(graph, ir_version=IR_VERSION))
+    check_onnx_model(model)
+    known = {**args, "y": y, "seed": u}
+    feeds = {v.name: known[v.name] for v in graph.inputs}
+    names = [v.name for v in graph.outputs]
+    got = make_session(model).run(names, feeds)
+    ref = ReferenceEvaluator(model).run(names, feeds)
+    for j, (g, r) in enumerate(zip(got, ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+        v = rng.standard_normal(arrays[j].shape)
+        plus, minus = list(arrays), list(arrays)
+        plus[j], minus[j] = arrays[j] + 1e-6 * v, arrays[j] - 1e-6 * v
+        numeric = float(np.sum(u * (forward(*plus) - forward(*minus)))) / 2e-6
+        analytic = float(np.sum(v * g))
+        assert abs(analytic - numeric) <= 1e-7 * (np.sum(np.abs(v * g)) + abs(numeric)), j

@@ -11,12 +11,15 @@ differences.
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
-from onnx.reference import ReferenceEvaluator
-from onnxgrad.passes import gradient_graph
-from onnxgrad.runtime import IR_VERSION, OPSET, make_session
-from opcheck import arg, case, check_forward, check_onnx_model, check_runtimes, table_tests
+from opcheck import (
+    arg,
+    case,
+    check_forward,
+    check_node_rule,
+    check_runtimes,
+    table_tests,
+)
 from test_nn_ops import check_gradient_exact, check_vjp_f32, np_conv2d
 
 import onnxgrad as og
@@ -152,10 +155,6 @@ def test_float32_nodes_are_the_onnx_ops() -> None:
         assert fn(x)._v.rec.op == op
 
 
-def _value(name: str, shape, dtype=ir.DataType.DOUBLE) -> ir.Value:
-    return ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype))
-
-
 @pytest.mark.parametrize(("shape", "groups"), [((2, 4, 3, 2), 2), ((3, 6, 5), 3), ((2, 4, 3), 1)])
 def test_group_normalization_rule(shape, groups) -> None:
     """An imported opset-21 GroupNormalization node (onnxgrad's group_norm is composed):
@@ -165,32 +164,9 @@ def test_group_normalization_rule(shape, groups) -> None:
     x = rng.standard_normal(shape)
     w, b = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
     eps = 1e-5
-    y = np_group_norm(x, groups, w, b, eps)
-    u = rng.standard_normal(y.shape)
-    inputs = [_value("x", x.shape), _value("scale", w.shape), _value("bias", b.shape)]
-    out = _value("y", y.shape)
-    ir.Node("", "GroupNormalization", inputs, ir.convenience.convert_attributes(
-        {"num_groups": groups, "epsilon": eps, "stash_type": 11}), outputs=[out])
-    graph, kept = gradient_graph([out], [_value("seed", u.shape)], inputs, opset=OPSET)
-    assert kept == [0, 1, 2]
-    model = ir.serde.serialize_model(ir.Model(graph, ir_version=IR_VERSION))
-    check_onnx_model(model)
-    arrays = {"x": x, "scale": w, "bias": b, "y": y, "seed": u}
-    feeds = {v.name: arrays[v.name] for v in graph.inputs}
-    names = [v.name for v in graph.outputs]
-    got = make_session(model).run(names, feeds)
-    ref = ReferenceEvaluator(model).run(names, feeds)
-    args = [x, w, b]
-    for j, (g, r) in enumerate(zip(got, ref)):
-        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
-        v = rng.standard_normal(args[j].shape)
-        plus, minus = list(args), list(args)
-        plus[j], minus[j] = args[j] + 1e-6 * v, args[j] - 1e-6 * v
-        numeric = float(np.sum(u * (np_group_norm(plus[0], groups, plus[1], plus[2], eps)
-                                    - np_group_norm(minus[0], groups, minus[1], minus[2], eps))))
-        numeric /= 2e-6
-        analytic = float(np.sum(v * g))
-        assert abs(analytic - numeric) <= 1e-7 * (np.sum(np.abs(v * g)) + abs(numeric)), j
+    check_node_rule("GroupNormalization", {"num_groups": groups, "epsilon": eps, "stash_type": 11},
+                    {"x": x, "scale": w, "bias": b},
+                    lambda x, w, b: np_group_norm(x, groups, w, b, eps), rng)
 
 
 @pytest.mark.parametrize(("fn", "x", "grad"), [
