@@ -4,13 +4,13 @@
    (forward, gradients and the SGD-momentum update in one ONNX model), then reports held-out
    accuracy;
 2. runs the tutorial's resnet18 step once, eagerly;
-3. exports the digits training step, checks one step of the exported file in
-   ``onnx.reference.ReferenceEvaluator`` against onnxgrad's own result, and prints its summary.
+3. exports the digits training step, loops 3 steps of its portable export in every ONNX
+   runtime installed (``onnxgrad verify``: the reference evaluator always, OpenVINO, tract...
+   where installed) against ONNX Runtime, and prints its summary.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "digits_train_step.onnx"
     train_step.export(path)
     print(f"3. Exported the training step to {path} ({path.stat().st_size / 1e3:.0f} kB)")
-    agree = _verify(path, train_step, x_train[:batch], y_train[:batch], og)
+    agree = _verify(out, train_step, x_train, y_train, batch)
     from onnxgrad.inspector import load_model, to_dot
     from onnxgrad.runtime.files import atomic_write
 
@@ -162,34 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _verify(path: Path, train_step, x: np.ndarray, y: np.ndarray, og) -> bool:
-    """One step of the exported file in the reference evaluator vs onnxgrad's compiled step."""
-    import onnx
-    from onnx.reference import ReferenceEvaluator
+def _verify(out: Path, train_step, x: np.ndarray, y: np.ndarray, batch: int) -> bool:
+    """3 steps of the portable export in every runtime installed, against ONNX Runtime."""
+    from onnxgrad import verify
 
-    from onnxgrad.runtime.metadata import STATE
-
-    model = onnx.load(str(path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    state = json.loads(meta[STATE])
-    names = [o.name for o in model.graph.output]
-    inputs = {i.name for i in model.graph.input}
-    defaults = {t.name for t in model.graph.initializer}
-    feeds = {"data": x, "labels": y}
-    # Scalars (lr, momentum) have no defaults: they come from the optimizer, as onnxgrad feeds them.
-    for name in inputs - defaults - set(feeds):
-        group = train_step.last.scalars[name][0]()
-        feeds[name] = np.asarray(group, dtype=np.float32)
-    reference = dict(zip(names, ReferenceEvaluator(model).run(None, feeds)))
-    loss = train_step(og.tensor(x), og.tensor(y)).item()
-    ours = {n: train_step.last.runner.current(state[n]) for n in state}
-    loss_diff = abs(float(reference["output"]) - loss)
-    state_diff = max(float(np.max(np.abs(reference[n] - ours[n]))) for n in state)
-    agree = loss_diff <= 1e-5 and state_diff <= 1e-5
-    print(f"  reference evaluator vs onnxgrad, one step: loss {float(reference['output']):.6f} vs "
-          f"{loss:.6f}, largest state difference {state_diff:.1e} -> "
-          f"{'agree' if agree else 'DISAGREE'}")
-    return agree
+    path = out / "digits_train_step.portable.onnx"
+    train_step.export(path, portable=True)
+    step = verify.read_step(path)
+    batches = [dict(zip(step.data_inputs, (x[i * batch:(i + 1) * batch],
+                                            y[i * batch:(i + 1) * batch]))) for i in range(3)]
+    rows = verify.verify(step, list(verify.RUNTIMES), batches)
+    print(f"  its portable export ({path.name} + its .safetensors), 3 steps in each ONNX runtime "
+          f"installed, against ONNX Runtime (onnxgrad verify):")
+    print("\n".join(f"    {line}" for line in verify.format_table(rows, verify.TOLERANCE)
+                    .splitlines()))
+    return all(row.ok(verify.TOLERANCE) for row in rows if row.installed and row.runs) and \
+        any(row.runtime == "reference" and row.ok(verify.TOLERANCE) for row in rows)
 
 
 if __name__ == "__main__":
