@@ -1,4 +1,4 @@
-"""Hugging Face DistilBERT, T5, Whisper and ViT built from tiny configs (random weights, nothing
+"""Hugging Face BERT, DistilBERT, GPT-2, T5, Whisper and ViT built from tiny configs (random weights, nothing
 downloaded), exported by both of PyTorch's ONNX exporters, trained 3 steps through ``OnnxModule``
 and ``og.compile`` like PyTorch's own SGD-momentum training (losses and parameters to 1e-4).
 
@@ -84,6 +84,20 @@ def _vit() -> Any:
     return transformers.ViTForImageClassification(_eager(cfg))
 
 
+def _bert() -> Any:
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, num_labels=3)
+    return transformers.BertForSequenceClassification(_eager(cfg))
+
+
+def _gpt2() -> Any:
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(_eager(cfg))
+
+
 # NOTE: token ids start above 0 where the embedding has padding_idx=0 (DistilBERT, Whisper):
 # PyTorch's backward skips that row, which a plain ONNX Gather cannot record.
 SPECS = {
@@ -100,6 +114,14 @@ SPECS = {
                              r.integers(3, 60, (B, 6))],
         ["input_features", "decoder_input_ids"],
         lambda r, out: r.integers(0, 60, out.shape[:-1]), "cross_entropy"),
+    "bert": _Spec(
+        _bert, lambda r: [r.integers(1, 50, (B, 8)), _mask(r, 8)],
+        ["input_ids", "attention_mask"],
+        lambda r, out: r.integers(0, 3, out.shape[:-1]), "cross_entropy"),
+    "gpt2": _Spec(
+        _gpt2, lambda r: [r.integers(0, 50, (B, 8)), _mask(r, 8)],
+        ["input_ids", "attention_mask"],
+        lambda r, out: r.integers(0, 50, out.shape[:-1]), "cross_entropy"),
     "vit": _Spec(
         _vit, lambda r: [r.standard_normal((B, 3, 16, 16)).astype(np.float32)],
         ["pixel_values"], lambda r, out: r.integers(0, 5, out.shape[:-1]), "cross_entropy"),
