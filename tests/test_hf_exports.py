@@ -1,6 +1,7 @@
-"""Hugging Face BERT, DistilBERT, GPT-2, T5, Whisper and ViT built from tiny configs (random weights, nothing
-downloaded), exported by both of PyTorch's ONNX exporters, trained 3 steps through ``OnnxModule``
-and ``og.compile`` like PyTorch's own SGD-momentum training (losses and parameters to 1e-4).
+"""Hugging Face BERT, DistilBERT, GPT-2, T5, Whisper and ViT built from tiny configs (random
+weights, nothing downloaded), exported by both of PyTorch's ONNX exporters, trained 3 steps through
+``OnnxModule`` and ``og.compile`` like PyTorch's own SGD-momentum training (losses and parameters
+to 1e-4).
 
 The default (dynamo) exporter is used as the README documents for training: ``optimize=False``.
 Its optimizer folds parameter-dependent subgraphs that do not depend on the inputs into new
