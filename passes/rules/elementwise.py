@@ -12,6 +12,16 @@ def _zeros_like_where(b, cond, g, keep_if_true: bool):
     return b.op("Where", cond, g, zero) if keep_if_true else b.op("Where", cond, zero, g)
 
 
+def _masked(b, mask, g):
+    """``g`` where ``mask`` holds, 0 elsewhere, for the activations' kinks (ReLU, ReLU6/clamp).
+
+    NOTE: the mask is multiplied in rather than selected with Where: ONNX Runtime's Where with a
+    broadcast zero measured 4-6.6x slower (17.6 vs 4.2 ms on 4x64x112x112; 8.5 vs 1.3 ms on
+    8x96x48x48, Greater + Cast + Mul). Values are PyTorch's, except -0 for +0 where the gradient
+    is negative, and NaN for an infinite gradient on a masked position."""
+    return b.op("Mul", g, b.op("Cast", mask, to=g.dtype))
+
+
 @rule("Add", broadcasting=True)
 def add(b, node, grads, needs):
     (g,) = grads
@@ -129,13 +139,9 @@ def sigmoid(b, node, grads, needs):
 
 @rule("Relu", same_shape=True)
 def relu(b, node, grads, needs):
-    # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0). The mask is
-    # multiplied in rather than selected with Where: ONNX Runtime's Where with a broadcast zero
-    # measured 4x slower (17.6 vs 4.2 ms on 4x64x112x112). Values are PyTorch's, except -0 for +0
-    # where the gradient is negative, and NaN for an infinite gradient on a masked position.
+    # NOTE: relu'(0) = 0, as PyTorch's threshold_backward (mask on result > 0).
     out = node.outputs[0]
-    mask = b.op("Cast", b.op("Greater", out, b.const_like(0, out)), to=out.dtype)
-    return [b.op("Mul", grads[0], mask)]
+    return [_masked(b, b.op("Greater", out, b.const_like(0, out)), grads[0])]
 
 
 @rule("Where", broadcasting=True)
@@ -182,7 +188,7 @@ def clip(b, node, grads, needs):
         if bound is not None:
             m = b.op(op, x, bound)
             mask = m if mask is None else b.op("And", mask, m)
-    dx = g if mask is None else _zeros_like_where(b, mask, g, True)
+    dx = g if mask is None else _masked(b, mask, g)
     return [dx] + [None] * (len(node.inputs) - 1)
 
 
