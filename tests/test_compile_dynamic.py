@@ -87,3 +87,17 @@ def test_dynamic_is_a_decorator_option_and_checked() -> None:
     assert len(static._programs) == 2
     with pytest.raises(TypeError, match="dynamic must be True, False or None"):
         og.compile(lambda x: x, dynamic="yes")
+
+
+@pytest.mark.parametrize("k", [4, 64, 256, 1024])
+@pytest.mark.parametrize("n_a, n_b", [(8, 9), (8, 19), (4, 5), (1, 5)])
+def test_batchnorms_unbiased_factor_is_found_as_a_function_of_the_batch(k, n_a, n_b) -> None:
+    """BatchNorm's ``momentum * count / (count - 1)`` with count = k * N (k = H * W): the fit must
+    find c = 0.1 and k exactly (resnet18's layer1 at 64x64 has k = 256, its stem k = 1024)."""
+    from onnxgrad.passes.portable import _fit_batch_function
+
+    def value(n: int) -> float:
+        return float(np.float32(0.1 * (k * n) / (k * n - 1)))
+
+    assert _fit_batch_function(value(n_a), value(n_b), n_a, n_b, np.dtype(np.float32)) == (
+        "c*k*N/(k*N-1)", 0.1, k)
