@@ -37,11 +37,11 @@ def command(nproc: int, script: str, args: list[str], hostfile: str | None = Non
     """The ``mpiexec`` command line that runs ``script`` on ``nproc`` processes."""
     if nproc < 1:
         raise LaunchError(f"-n must be at least 1, got {nproc}")
+    if not os.path.isfile(script):  # the user's own mistake first
+        raise LaunchError(f"{script}: no such file")
     if importlib.util.find_spec("mpi4py") is None:
         raise LaunchError(f"mpi4py is not installed, so the processes could not talk to each "
                           f"other; install the extra: {INSTALL}")
-    if not os.path.isfile(script):
-        raise LaunchError(f"{script}: no such file")
     line = [find_mpiexec(), "-n", str(nproc)]
     if hostfile is not None:
         if not os.path.isfile(hostfile):
