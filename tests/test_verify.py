@@ -7,13 +7,13 @@ and tract are tested where they are installed (pip install openvino tract) and s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnxgrad.runtime.metadata import STATE_FILE
+from test_portable_export import _step  # the compiled SGD-momentum step
 
 import onnxgrad as og
 from onnxgrad import nn
@@ -30,7 +30,6 @@ from onnxgrad.verify import (
     verify,
 )
 
-F = og.nn.functional
 CLASSES = 5
 
 
@@ -39,20 +38,6 @@ def _cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                          nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(4, 6, 3, padding=1),
                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, CLASSES))
-
-
-def _step(model: nn.Module) -> Callable:
-    optim = og.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-    @og.compile
-    def step(x, y):
-        optim.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optim.step()
-        return loss
-
-    return step
 
 
 def _batch(seed: int, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
