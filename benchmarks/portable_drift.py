@@ -42,29 +42,17 @@ from onnxgrad.verify import (
 
 
 def export(folder: Path, batch: int) -> tuple[StepFile, list[dict[str, np.ndarray]]]:
-    """resnet18's portable step after one step, and 3 more batches (as portable_runtimes.py)."""
+    """resnet18's portable step after one step, and 3 more batches: portable_runtimes.py's."""
     from onnxgrad.models import resnet18
+    from portable_runtimes import _batches, export_both  # benchmarks/: the same step and data
 
     import onnxgrad as og
 
     og.manual_seed(0)
-    model = resnet18(num_classes=10)
-    optim = og.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    @og.compile
-    def step(x, y):
-        optim.zero_grad()
-        loss = og.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optim.step()
-        return loss
-
-    rng = np.random.default_rng(0)
-    batches = [{"x": rng.standard_normal((batch, 3, 64, 64), dtype=np.float32),
-                "y": rng.integers(0, 10, batch)} for _ in range(4)]
-    step(batches[0]["x"], batches[0]["y"])
-    step.export(folder / "step.onnx", portable=True)
-    return read_step(folder / "step.onnx"), batches[1:]
+    shape = (batch, 3, 64, 64)
+    files = export_both(lambda: resnet18(num_classes=10), shape, 10, folder)
+    batches = [{"x": x, "y": y} for x, y in _batches(shape, 10, 4)[1:]]
+    return read_step(files["portable"]), batches
 
 
 def probe(step: StepFile, folder: Path, state: dict[str, np.ndarray]) -> tuple[StepFile, list[str]]:
