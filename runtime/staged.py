@@ -42,8 +42,7 @@ class StagedRunner(StepRunner):
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"
                                    for s in self.sessions) else "cuda"
-        outputs = {o.name: o for s in self.sessions for o in s.get_outputs()}
-        self._make_buffers(initial, outputs)
+        outputs = self._outputs = {o.name: o for s in self.sessions for o in s.get_outputs()}
         # Links stay on the host: the collectives read and write them in place.
         self.links: dict[str, np.ndarray] = {}
         self._link_values: dict[str, ort.OrtValue] = {}
@@ -58,12 +57,13 @@ class StagedRunner(StepRunner):
         self._frees = [[o.name for o in s.get_outputs() if o.name not in special]
                        for s in self.sessions]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
-        self._stage_bindings = [[self._stage_binding(k, parity) for parity in (0, 1)]
-                                for k in range(len(self.sessions))]
-        self._pinned = {}
-        self.parity = 0
         self.runs = 0
         self.stage_seconds = [0.0] * len(self.sessions)  # time in each model (benchmarks)
+        self.restore(initial)
+
+    def _bind(self) -> None:
+        self._stage_bindings = [] if self.released else [
+            [self._stage_binding(k, parity) for parity in (0, 1)] for k in range(len(self.sessions))]
 
     def _stage_binding(self, k: int, parity: int) -> ort.IOBinding:
         session = self.sessions[k]

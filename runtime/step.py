@@ -25,8 +25,8 @@ class StepRunner:
     """One compiled step: ``run(feeds)`` returns the per-call outputs; state advances in place.
 
     ``state`` maps each state input name to the output that holds its next value. ``carried``
-    outputs (gradients) are double-buffered too, without being fed back. All other outputs are
-    allocated per call: they are handed to the caller, who may keep them.
+    outputs (gradients) are preallocated too, single-buffered: they are not fed back. All other
+    outputs are allocated per call: they are handed to the caller, who may keep them.
     """
 
     def __init__(self, model_bytes: bytes, state: Mapping[str, str],
@@ -34,15 +34,33 @@ class StepRunner:
         self.session = make_session(model_bytes)
         self.state = dict(state)
         self.carried = list(carried)
-        outputs = {o.name: o for o in self.session.get_outputs()}
+        self._outputs = {o.name: o for o in self.session.get_outputs()}
         self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self._make_buffers(initial, outputs)
         fed_back = set(self.state.values())
-        self._free = [n for n in outputs if n not in fed_back and n not in self.carried]
-        self._bindings = [self._binding(parity) for parity in (0, 1)]
-        self._pinned: dict[str, np.ndarray] = {}
-        self.parity = 0
+        self._free = [n for n in self._outputs if n not in fed_back and n not in self.carried]
         self.runs = 0
+        self.restore(initial)
+
+    def release(self) -> None:
+        """Drop the state and carried buffers: another step of the same function runs now, and
+        the tensors hold its buffers (a loop whose last batch is smaller would otherwise keep
+        every parameter, gradient and momentum twice more per batch size). Arrays a tensor
+        still views live on as that tensor's. ``restore`` makes the buffers again."""
+        self._host, self._sets = [{}, {}], [{}, {}]
+        self._pinned: dict[str, np.ndarray] = {}
+        self.released = True
+        self._bind()
+
+    def restore(self, initial: Mapping[str, np.ndarray]) -> None:
+        """(Re)make the buffers, state from ``initial``; read-only inputs are to be bound again."""
+        self._make_buffers(initial, self._outputs)
+        self._pinned = {}
+        self.released = False
+        self._bind()
+        self.parity = 0
+
+    def _bind(self) -> None:
+        self._bindings = [] if self.released else [self._binding(p) for p in (0, 1)]
 
     def _make_buffers(self, initial: Mapping[str, np.ndarray], outputs: Mapping[str, Any]
                       ) -> None:
@@ -57,9 +75,10 @@ class StepRunner:
             first = np.array(initial[name], order="C", copy=True)
             self._add(name, [first, np.empty_like(first)])
         for name in self.carried:
+            # One buffer, written by every run: nothing reads it back (see carried_output).
             meta = outputs[name]
-            shape, dtype = [int(d) for d in meta.shape], _np_type(meta.type)
-            self._add(name, [np.empty(shape, dtype), np.empty(shape, dtype)])
+            array = np.empty([int(d) for d in meta.shape], _np_type(meta.type))
+            self._add(name, [array, array])
 
     def _add(self, name: str, arrays: list[np.ndarray]) -> None:
         for parity, array in enumerate(arrays):
@@ -92,7 +111,8 @@ class StepRunner:
         return self._read(self.parity, name)
 
     def carried_output(self, name: str) -> np.ndarray:
-        """What the last run wrote to carried output ``name``."""
+        """What the last run wrote to carried output ``name``: one buffer, which the next run
+        writes (a caller keeping the value copies it first; an undone run overwrote it too)."""
         return self._read(self.parity, name)
 
     def write(self, name: str, value: np.ndarray) -> None:

@@ -533,6 +533,33 @@ def test_values_handed_out_survive_later_steps() -> None:
     assert not np.array_equal(grads[0].numpy(), grads[2].numpy())
 
 
+def test_a_program_not_running_holds_no_state_buffers() -> None:
+    """A smaller last batch runs a second program: the first one's buffers are let go while it
+    runs (the tensors hold the second's), and made again from the tensors when the first size
+    comes back; the steps stay the eager ones, bit for bit, BatchNorm statistics included."""
+    sizes = [8, 8, 5, 8, 5, 5, 8]
+    batches = [_data((n, 3, 6, 6), seed=k) for k, n in enumerate(sizes)]
+    results = []
+    for compiled in (False, True):
+        model, optim, step = _trainer(_convnet, compiled=compiled)
+        losses = [step(og.tensor(x), og.tensor(y)).item() for x, y in batches[:3]]
+        if compiled:
+            eight, five = step._programs.values()  # in order of use
+            assert eight.runner.released and not five.runner.released
+            assert eight.runner._host == [{}, {}]  # nothing of the batch-8 step kept
+        losses += [step(og.tensor(x), og.tensor(y)).item() for x, y in batches[3:]]
+        grads = [p.grad.numpy().copy() for p in model.parameters()]
+        results.append((losses, {k: v.numpy().copy() for k, v in model.state_dict().items()},
+                        grads, np.array(optim.state_dict()["state"][0]["momentum_buffer"])))
+    (eager_losses, eager_state, eager_grads, eager_m), (losses, state, grads, m) = results
+    assert losses == eager_losses
+    for k, v in eager_state.items():
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+    for a, b in zip(grads, eager_grads):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(m, eager_m)
+
+
 def test_replacing_a_layer_retraces() -> None:
     model, optim, step = _trainer(_mlp)
     x, y = _data((4, 12))

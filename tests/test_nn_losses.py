@@ -296,9 +296,14 @@ def test_label_out_of_range_in_compiled_step_is_not_hidden_by_the_trace(bad: int
     assert step.traces == 1  # the same trace ran and its check fired
     for k, v in model.state_dict().items():  # the failed step changed nothing
         np.testing.assert_array_equal(v.numpy(), before[k])
-    # Later good steps run on as the eager ones do.
+    # Its zero_grad ran, its backward did not: no gradient, as the eager step leaves it.
+    assert all(p.grad is None for p in model.parameters())
     eager_model, eager_step = _model_and_step(compiled=False)
     eager_step(x, good)
+    with pytest.raises(IndexError):
+        eager_step(x, og.tensor([0, bad, 2, 1]))
+    assert all(p.grad is None for p in eager_model.parameters())
+    # Later good steps run on as the eager ones do.
     for _ in range(2):
         np.testing.assert_allclose(step(x, good).item(), eager_step(x, good).item(), rtol=1e-6)
     for (k, a), b in zip(model.state_dict().items(), eager_model.state_dict().values()):

@@ -39,6 +39,7 @@ from ..passes.rules.nn import BATCH_INDEPENDENT
 from ..runtime import IR_VERSION, OPSET
 from ..runtime.dump import report_graph
 from ..runtime.export import save_model
+from ..runtime.memory import release_free_memory
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.portable import save_portable
 from ..runtime.step import StepRunner
@@ -47,6 +48,7 @@ from .autograd import _classify, _follow, leaf_hooks_key
 from .graph import CONST, DATA, Walk, ir_type
 from .guards import SCALARS, CallRecorder, PythonValues, log_retrace
 from .tensor import Tensor, TraceError, Val, _contig, emit, emit_macro
+from .values import stand_in
 from .views import RunnerViews
 
 
@@ -123,7 +125,7 @@ class Trace:
             return [g for g in found if g is not None]
 
         reach = _reachable(roots, wrt)
-        outs = [np.zeros(v.data.shape, v.data.dtype) for v, ok in zip(wrt, reach) if ok]
+        outs = [stand_in(v.data.shape, v.data.dtype) for v, ok in zip(wrt, reach) if ok]
         vals = emit_macro("Gradients", roots + seed_vals + wrt, outs, expand,
                           key=(n, tuple(reach)), origin="grad")
         for v, g in zip([v for v, ok in zip(wrt, reach) if ok], vals):
@@ -192,6 +194,8 @@ class Program:
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
+        if self.views.shared:
+            self._view_state()
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
         runner, synced = self.runner, self.synced
@@ -206,14 +210,22 @@ class Program:
             # A gradient made outside the step (a backward before the call): the current one.
             # (Whether it is None is part of the compiled function's key.)
             (self.updated if name in self.updated else self.readonly)[name] = p.grad
+        if runner.released:  # another program of this function ran since: its buffers anew
+            runner.restore({name: t._v.data for name, t in self.updated.items()})
+            self._view_state()
+            synced.clear()
         views = self.views
         for name, t in self.updated.items():
             edited = views.edited(name, t)  # an eager edit since the last call
             views.before_write(name, None if edited else runner.current(name))
             if edited:
                 runner.write(name, t._v.data)
-        for name in self.grads:
-            views.before_write(name, runner.current(name))
+        for name, p in self.grads.items():
+            # The run writes the gradient's one buffer: the .grad it replaces is dropped first
+            # (left None if the run fails, as the eager step's zero_grad leaves it), and a
+            # tensor someone kept gets its own copy.
+            p.grad = None
+            views.before_write(name, None)
         for name, t in self.readonly.items():
             if synced.get(name) is not t._v:
                 runner.bind_input(name, t._v.data)
@@ -227,9 +239,7 @@ class Program:
             if message is not None:
                 runner.undo()  # as an eager error: the failed step changes no state
                 raise error(message)
-        for name, t in self.updated.items():
-            t._set_leaf_data(runner.current(name))  # no copy: the tensor views the live buffer
-            views.hand_out(name, t._v)
+        self._view_state()
         for name, p in self.grads.items():
             grad = Val(runner.carried_output(name))
             p.grad = Tensor(grad)
@@ -241,6 +251,14 @@ class Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
+    def _view_state(self) -> None:
+        """The state tensors take the runner's buffers as their values (no copy). Also when the
+        buffers are made: the arrays they held until then (the copied initial state, a resnet18's
+        parameters and momentum: 94 MB) are freed before the first run touches the other set."""
+        for name, t in self.updated.items():
+            t._set_leaf_data(self.runner.current(name))
+            self.views.hand_out(name, t._v)
+
     def use_model(self, model: onnx.ModelProto) -> None:
         """Run ``model`` (this step with a symbolic batch) from now on, from the state as it is."""
         old = self.runner
@@ -249,6 +267,8 @@ class Program:
                                  carried=old.carried)
         self.model = model
         self.synced = {}  # read-only state is bound to the new runner at the next run
+        if self.views.shared:
+            self._view_state()
 
     def export(self, path: str | os.PathLike[str], *, portable: bool = False,
                opset: int | None = None, model: onnx.ModelProto | None = None) -> None:
@@ -266,7 +286,9 @@ class Program:
         """Every input's value for an exported file: the state as it is now, and the
         hyperparameters' current values too, so that every input other than the data has a
         default: the file trains with the metadata alone (a caller may still feed a schedule)."""
-        defaults = {name: self.runner.current(name) for name in self.updated}
+        runner = self.runner
+        defaults = {name: t._v.data if runner.released else runner.current(name)
+                    for name, t in self.updated.items()}
         defaults.update({name: t._v.data for name, t in self.readonly.items()})
         defaults.update({name: np.asarray(getter(), dtype)
                          for name, (getter, dtype) in self.scalars.items()})
@@ -396,7 +418,12 @@ class CompiledFunction:
             # Called while another compiled function traces: its ops join that one graph.
             return self.fn(*args)
         program, arrays = self._program(args)
-        return program.run(arrays)
+        if program.runner.runs:
+            return program.run(arrays)
+        release_free_memory()  # what tracing freed (runtime/memory.py), before the first run
+        result = program.run(arrays)
+        release_free_memory()  # and the state arrays its runner's buffers replaced
+        return result
 
     def trace(self, *args: Any) -> Program:
         """The program a call with ``args`` would run, traced if new, without running it
@@ -420,6 +447,10 @@ class CompiledFunction:
             while len(self._programs) >= self.MAX_PROGRAMS:
                 # The least recently used: tensors keep their values, a later call retraces.
                 del self._programs[next(iter(self._programs))]
+        if self.last is not None and self.last is not program:
+            # The tensors' values move to this program's buffers: the last one's go (remade
+            # from the tensors if it runs again).
+            self.last.runner.release()
         self._programs[key] = program  # last: the most recently used
         self._last_key = key
         self.last = program

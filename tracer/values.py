@@ -170,6 +170,16 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
 
 
 
+def stand_in(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """Zeros of ``shape`` that take no memory (one element, read-only, broadcast): a traced
+    macro's result, which tracing discards unread (the first call runs the compiled graph).
+
+    NOTE: not np.zeros: a resnet18 step's gradients and updated state are ~180 MB of stand-ins,
+    which were resident (and, with glibc's heap, stayed so) while the step's runner was made.
+    """
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
 def emit_macro(op: str, inputs: Sequence[Val], outs: Sequence[np.ndarray], expand: Any, *,
                key: Any, origin: str) -> list[Val]:
     """Record a step that a pass expands into nodes when the graph is built.

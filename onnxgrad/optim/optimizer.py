@@ -36,6 +36,7 @@ from ..tracer.autograd import zero_grads
 from ..tracer.compile import CompiledFunction
 from ..tracer.state import enable_grad
 from ..tracer.tensor import Tensor, Val, emit_macro
+from ..tracer.values import stand_in
 
 Getter = Callable[[], Any]
 
@@ -182,12 +183,12 @@ class Optimizer:
             # NOTE: traced values are discarded (the first call runs the compiled graph), so the
             # update is not computed here: placeholders of the right shapes stand in.
             for p in members:
-                outs.append(np.zeros_like(p._v.data))
+                outs.append(stand_in(p.shape, p._v.data.dtype))
                 written.append((p, None))
             for p in members:
                 for key in keys:
                     like = self.state[p][key]._v.data if key in self.state[p] else p._v.data
-                    outs.append(np.zeros_like(like))
+                    outs.append(stand_in(like.shape, like.dtype))
                     written.append((p, key))
         layout_key = tuple(layout)
 
