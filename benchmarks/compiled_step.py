@@ -84,7 +84,7 @@ def _data(config: str) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- the two steps
 def use_session_options(level: str = "extended", threads: int = 0, spin: bool = True,
-                        arena: bool = True) -> None:
+                        arena: bool = True, pattern: bool | None = None) -> None:
     """Make the compiled step's session (not the eager kernels) with these options."""
     import onnxruntime as ort
     from onnxgrad.runtime import session as session_module
@@ -96,6 +96,8 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_cpu_mem_arena = arena
+        if pattern is not None:
+            options.enable_mem_pattern = pattern
         return ort.InferenceSession(model_bytes, options,
                                     providers=session_module.get_providers())
 
@@ -201,7 +203,7 @@ def _torch_resnet18(classes: int):
 
 # --------------------------------------------------------------------------- workers
 def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``onnxgrad`` / ``torch``, optionally ``:level=all,threads=1,spin=0,arena=0``."""
+    """``onnxgrad`` / ``torch``, optionally ``:level=all,threads=1,spin=0,arena=0,pattern=0``."""
     framework, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -226,7 +228,8 @@ def serve(spec: str, config: str, weights: str) -> None:
         import onnxgrad as og
 
         use_session_options(options.get("level", "extended"), options.get("threads", 0),
-                            bool(options.get("spin", 1)), bool(options.get("arena", 1)))
+                            bool(options.get("spin", 1)), bool(options.get("arena", 1)),
+                            None if "pattern" not in options else bool(options["pattern"]))
         session_time = [0.0]
         runner_cls = compile_module.StepRunner
 
@@ -330,6 +333,8 @@ def options(config: str, rounds: int | None) -> int:
         "onnxgrad:threads=1": "extended, 1 intra-op thread",
         "onnxgrad:spin=0": "extended, no thread spinning",
         "onnxgrad:arena=0": "extended, no memory arena",
+        "onnxgrad:pattern=0": "extended, no memory pattern",
+        "onnxgrad:pattern=1": "extended, memory pattern",
     }
     _, _, _, n_rounds, block = CONFIGS[config]
     res = compare(config, [*variants, "torch"], rounds or n_rounds, block)

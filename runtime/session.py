@@ -86,6 +86,11 @@ def session_options(*, level: str = "extended", spinning: bool = True) -> ort.Se
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
+    # NOTE: no memory pattern: with one, the second run allocates one block for every
+    # intermediate of the first on top of the arena's, measured on resnet18's step: peak memory
+    # 883 MB against 1068 MB at 4x3x224x224 (492 against 543 at 8x3x64x64), for the same step
+    # time within noise (366 against 370 ms; 119 against 115 ms).
+    opts.enable_mem_pattern = False
     # NOTE: no "session.set_denormal_as_zero": ONNX Runtime sets flush-to-zero on the calling
     # thread too, which changed the user's own NumPy and PyTorch arithmetic after the first op,
     # and PyTorch keeps subnormals by default (torch.set_flush_denormal(False)).
