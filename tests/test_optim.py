@@ -18,7 +18,8 @@ from onnxgrad import nn
 
 STEPS = 4
 LRS = (0.1, 0.03)  # group 0 keeps the default lr, group 1 overrides it
-SHAPES = ((3, 2), (4,), (2, 2, 2), (3,))  # params 0, 1 in group 0; 2, 3 in group 1
+SHAPES = ((3, 2), (4,), (2, 3, 1, 1), (3,))  # params 0, 1 in group 0; 2, 3 in group 1
+# (param 2 is shaped as a 1x1 convolution's weight: the update runs it without its trailing 1s)
 SKIP = 3  # parameter 3 has no gradient at steps 0 and 2
 
 

@@ -23,7 +23,7 @@ import onnxgrad as og
 from onnxgrad import nn
 
 F = og.nn.functional
-SHAPES = [(3, 4), (4,), (2, 2, 3), (5,)]
+SHAPES = [(3, 4), (4,), (2, 2, 3, 1, 1), (5,)]  # [2]: ends in 1s, as a 1x1 conv weight
 STEPS = 10
 
 CASES = {
