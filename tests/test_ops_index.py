@@ -104,6 +104,8 @@ CASES: list[OpCase] = [
     # ------------------------------------------------------------------ getitem: integer arrays
     case("getitem/array-repeated", lambda a, i: a[i], lambda a, i: a[i], (4, 3),
          index([1, 1, 2, 1])),
+    case("getitem/1d-negative-repeated", lambda a, i: a[i], lambda a, i: a[i], (5,),
+         index([-1, 0, -1, 4, 2])),
     case("getitem/two-arrays", lambda a, i, j: a[i, j], lambda a, i, j: a[i, j], (4, 3),
          index([1, 1, 2]), index([0, 2, 2])),
     case("getitem/two-arrays-repeated", lambda a, i, j: a[i, j], lambda a, i, j: a[i, j], (4, 3),

@@ -128,6 +128,12 @@ def _scatter_add_on_axis(b, x, indices, g, axis):
     size = b.const(np.asarray(xd[axis], dtype=np.int64))
     idx = b.op("Where", b.op("Less", indices, b.const(np.int64(0))),
                b.op("Add", indices, size), indices)
+    if rank == 1:
+        # A flat gather (max_pool2d's values at its indices): ScatterElements of the flat
+        # indices, 0.65 ms against ScatterND's 1.0 ms for resnet18's 8x64 stem pool.
+        flat = b.ints([-1])
+        return b.op("ScatterElements", zeros_of(b, x), b.op("Reshape", idx, flat),
+                    b.op("Reshape", g, flat), axis=0, reduction="add")
     # g has dims x[:axis] + idx + x[axis+1:]; bring the index dims first for ScatterND.
     g_perm = list(range(axis, axis + q)) + list(range(axis)) + list(range(axis + q, rank - 1 + q))
     gt = b.op("Transpose", g, perm=g_perm) if g_perm != sorted(g_perm) else g
