@@ -358,3 +358,32 @@ def test_compiled_step_matches_eager():
         for e, g in zip(eager(og.tensor(x)), compiled(og.tensor(x))):
             np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-5, atol=1e-6,
                                        equal_nan=True)
+
+
+# --------------------------------------------------------------------------- small arithmetic
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+def test_small_arithmetic_in_numpy_has_the_kernels_bits(monkeypatch, op: str, dtype) -> None:
+    """Small float Add/Sub/Mul/Div run in NumPy (runtime/session.py): the same bits as ONNX
+    Runtime's kernel, subnormals, infinities, NaN, signed zeros, division by zero and
+    broadcasting included."""
+    from onnxgrad.runtime import session
+
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, info.tiny, info.tiny / 8,
+                        -info.tiny / 3, info.max, -info.max, info.eps, 3.0, 1 / 3, 1e-30],
+                       dtype=dtype)
+    rng = np.random.default_rng(0)
+    pairs = [(special[:, None], special[None, :]),  # every pair of special values
+             (rng.standard_normal((4, 5)).astype(dtype), rng.standard_normal((5,)).astype(dtype)),
+             (np.asarray(0.1, dtype), rng.standard_normal((3, 1, 2)).astype(dtype)),
+             (rng.standard_normal((2, 3)).astype(dtype) * info.tiny, np.asarray(0.7, dtype))]
+    for a, b in pairs:
+        fast = session.run_node(op, {}, (), [a, b])[0]
+        with monkeypatch.context() as m:
+            m.setattr(session, "NUMPY_ARITHMETIC_MAX", 0)
+            kernel = session.run_node(op, {}, (), [a, b])[0]
+        assert fast.dtype == kernel.dtype and fast.shape == kernel.shape
+        assert fast.flags.c_contiguous
+        np.testing.assert_array_equal(fast.view(f"u{fast.itemsize}"),
+                                      kernel.view(f"u{kernel.itemsize}"))
