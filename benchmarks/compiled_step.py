@@ -17,7 +17,8 @@ framework as a user runs it.
 
     python benchmarks/compiled_step.py                     # every configuration (~3 min, 2 cores)
     python benchmarks/compiled_step.py --config r18-1x64   # one: r18-1x64, r18-8x64, r18-4x224,
-                                                           # mlp, mnv2-8x96 (mobilenet_v2)
+                                                           # mlp, mnv2-8x96 (mobilenet_v2),
+                                                           # effb0-8x96 (efficientnet_b0)
     python benchmarks/compiled_step.py --threads 1         # both frameworks on one thread
     python benchmarks/compiled_step.py --options r18-8x64  # session options against each other
     python benchmarks/compiled_step.py --profile r18-8x64  # where the compiled step's time goes
@@ -54,6 +55,8 @@ CONFIGS: dict[str, tuple[str, tuple[int, ...], int, int, int]] = {
     "mlp": ("mlp", (64, 784), 10, 10, 10),
     # torchvision's mobilenet_v2 (og: onnxgrad.models, PyTorch: tests/torch_reference_mobile.py)
     "mnv2-8x96": ("mobilenet_v2", (8, 3, 96, 96), 1000, 6, 2),
+    # torchvision's efficientnet_b0 (depthwise, squeeze-excitation, SiLU, stochastic depth)
+    "effb0-8x96": ("efficientnet_b0", (8, 3, 96, 96), 1000, 6, 2),
 }
 LR, MOMENTUM = 0.01, 0.9
 WARMUP = 2
@@ -106,7 +109,7 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
 
 def onnxgrad_step(config: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], Any]]:
     """(model, compiled step) for ``config``; nothing is traced until the first call."""
-    from onnxgrad.models import mlp, mobilenet_v2, resnet18
+    from onnxgrad.models import efficientnet_b0, mlp, mobilenet_v2, resnet18
 
     import onnxgrad as og
 
@@ -115,6 +118,8 @@ def onnxgrad_step(config: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], 
     model = resnet18(num_classes=classes) if kind == "resnet18" else mlp(784, [256, 256], 10)
     if kind == "mobilenet_v2":
         model = mobilenet_v2(num_classes=classes)
+    if kind == "efficientnet_b0":
+        model = efficientnet_b0(num_classes=classes)
     optim = og.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     @og.compile
@@ -137,11 +142,11 @@ def torch_step(config: str, weights: str | None) -> Callable[[Any, Any], Any]:
     torch.manual_seed(0)
     model = _torch_resnet18(classes) if kind == "resnet18" else nn.Sequential(
         nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    if kind == "mobilenet_v2":
+    if kind in ("mobilenet_v2", "efficientnet_b0"):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__))), "tests"))
-        from torch_reference_mobile import mobilenet_v2
-        model = mobilenet_v2(classes)
+        import torch_reference_mobile
+        model = getattr(torch_reference_mobile, kind)(classes)
     if weights is not None:
         with np.load(weights) as state:
             model.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files})
