@@ -560,6 +560,32 @@ def test_a_program_not_running_holds_no_state_buffers() -> None:
     np.testing.assert_array_equal(m, eager_m)
 
 
+def test_a_compiled_step_keeps_none_of_its_trace_alive() -> None:
+    """An activation written in place (ReLU6(inplace=True)) is remembered while tracing; keeping
+    it kept the trace's whole recorded forward (its values too) for the function's life."""
+    import gc
+
+    from onnxgrad.tracer.values import Record
+
+    og.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU6(inplace=True), nn.Linear(16, 5))
+    optim = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    @og.compile
+    def step(x, y):
+        optim.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optim.step()
+        return loss
+
+    x, y = _data((4, 12))
+    for _ in range(2):
+        step(og.tensor(x), og.tensor(y))
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Record)] == []
+
+
 def test_replacing_a_layer_retraces() -> None:
     model, optim, step = _trainer(_mlp)
     x, y = _data((4, 12))

@@ -515,10 +515,13 @@ class CompiledFunction:
                 self._optimizers.append(o)
         program = self._build(trace, inputs, result, final, grads_after, created)
         # Whether these .grad are set changes the step: a gradient left from before the call
-        # accumulates, one the step reads comes from outside.
+        # accumulates, one the step reads comes from outside. NOTE: leaves (and retain_grad
+        # tensors) only: an activation the step wrote in place (ReLU6(inplace=True)) was
+        # remembered too, and keeping it kept the trace's whole recorded forward alive
+        # (mobilenet_v2 8x96: 408 records, 185 MiB of activations, for the function's life).
         for t in [t for t, _ in trace.grads_before.values()
-                  if t.requires_grad and id(t) not in trace.cleared] + list(
-                program.followed.values()):
+                  if t.requires_grad and (t.is_leaf or t.retains_grad)
+                  and id(t) not in trace.cleared] + list(program.followed.values()):
             if all(t is not k for k in self._grad_owners):
                 self._grad_owners.append(t)
         return program
