@@ -547,6 +547,10 @@ def test_a_program_not_running_holds_no_state_buffers() -> None:
             eight, five = step._programs.values()  # in order of use
             assert eight.runner.released and not five.runner.released
             assert eight.runner._host == [{}, {}]  # nothing of the batch-8 step kept
+            # Exporting it still writes the state as it is (the tensors' values).
+            defaults = eight.defaults()
+            for name, t in eight.updated.items():
+                np.testing.assert_array_equal(defaults[name], t.detach().numpy())
         losses += [step(og.tensor(x), og.tensor(y)).item() for x, y in batches[3:]]
         grads = [p.grad.numpy().copy() for p in model.parameters()]
         results.append((losses, {k: v.numpy().copy() for k, v in model.state_dict().items()},
