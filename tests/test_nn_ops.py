@@ -332,6 +332,7 @@ CONV_ROWS = [
     conv_row("groups2-stride2", (2, 4, 6, 6), (6, 2, 3, 3), stride=2, padding=1, groups=2),
     conv_row("depthwise", (2, 4, 6, 5), (4, 1, 3, 3), padding=1, groups=4),
     conv_row("depthwise-multiplier2", (1, 3, 5, 5), (6, 1, 3, 3), groups=3),
+    conv_row("groups2-3-in-2-out", (2, 6, 5, 6), (4, 3, 3, 2), padding=(1, 0), groups=2),
     conv_row("groups2-dilation2-stride2", (2, 4, 9, 7), (4, 2, 3, 2), stride=2, padding=(2, 1),
              dilation=2, groups=2),
     conv_row("mixed-stride-pad-dilation", (2, 3, 9, 7), (4, 3, 2, 3), stride=(2, 3),
@@ -416,7 +417,8 @@ def test_op_table(c: OpCase, ref_forward: bool, f64_kernels: bool) -> None:
 
 
 # Each Conv gradient formulation on every conv row, whatever the rule would pick for its shape.
-VARIANTS = [("transpose", "conv"), ("col2im", "unfold"), ("transpose", "unfold_nl")]
+VARIANTS = [("transpose", "conv"), ("col2im", "unfold"), ("transpose", "unfold_nl"),
+            ("flipped", "conv")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["/".join(v) for v in VARIANTS])
@@ -443,6 +445,9 @@ def test_the_choice_covers_every_variant() -> None:
                                  (1, 1))
     assert rules.choose_conv_weight_grad(grouped) == "conv"
     assert rules.choose_conv_input_grad(grouped) == "transpose"
+    depthwise = rules.ConvGeometry(8, 32, 32, 32, (48, 48), (48, 48), (3, 3), (1, 1), (1, 1),
+                                   (1, 1), (1, 1))
+    assert rules.choose_conv_input_grad(depthwise) == "flipped"
 
 
 # =========================================================================== max-pool ties
