@@ -571,18 +571,8 @@ def test_a_compiled_step_keeps_none_of_its_trace_alive() -> None:
 
     from onnxgrad.tracer.values import Record
 
-    og.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU6(inplace=True), nn.Linear(16, 5))
-    optim = og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-    @og.compile
-    def step(x, y):
-        optim.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optim.step()
-        return loss
-
+    _, _, step = _trainer(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU6(inplace=True),
+                                                nn.Linear(16, 5)))
     x, y = _data((4, 12))
     for _ in range(2):
         step(og.tensor(x), og.tensor(y))
