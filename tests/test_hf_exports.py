@@ -182,7 +182,7 @@ def _export(model: _Wrap, example: list[np.ndarray], exporter: str) -> bytes:
         return program.model_proto.SerializeToString()
 
 
-def _parameter_map(data: bytes, model: _Wrap,
+def parameter_map(data: bytes, model: Any,
                    frozen: bool = False) -> dict[str, tuple[str, bool]]:
     """File initializer -> (PyTorch parameter, stored transposed), by exact initial value; the
     frozen parameters (``requires_grad=False``) too when ``frozen``.
@@ -207,6 +207,17 @@ def _parameter_map(data: bytes, model: _Wrap,
     return mapping
 
 
+def assert_trained_like(ours: og.nn.OnnxModule, model: Any,
+                        mapping: dict[str, tuple[str, bool]], **tol: float) -> None:
+    """Each of PyTorch's trained parameters equals ours, through ``parameter_map``'s mapping."""
+    trained = {ours.initializer_names.get(n, n): p.detach().numpy()
+               for n, p in ours.named_parameters()}
+    for init_name, (name, transposed) in mapping.items():
+        expected = model.get_parameter(name).detach().numpy()
+        actual = trained[init_name].T if transposed else trained[init_name]
+        np.testing.assert_allclose(actual, expected, **tol, err_msg=f"{init_name} ({name})")
+
+
 def _loss_og(kind: str, out: og.Tensor, y: og.Tensor) -> og.Tensor:
     if SPECS[kind].loss == "mse":
         return F.mse_loss(out, y)
@@ -226,7 +237,7 @@ def test_hugging_face_export_trains_like_pytorch(kind: str, exporter: str) -> No
     rng = np.random.default_rng(0)
     model = _model(kind)
     data = _export(model, spec.inputs(rng), exporter)
-    mapping = _parameter_map(data, model)
+    mapping = parameter_map(data, model)
     with warnings.catch_warnings():  # the opset conversion to onnxgrad's: expected here
         warnings.simplefilter("ignore", UserWarning)
         default = og.nn.OnnxModule(data)
@@ -234,7 +245,7 @@ def test_hugging_face_export_trains_like_pytorch(kind: str, exporter: str) -> No
         # PyTorch froze (Whisper's sinusoidal encoder positions), so those are named.
         assert sorted(default.initializer_names.get(n, n)
                       for n, _ in default.named_parameters()) == \
-            sorted(_parameter_map(data, model, frozen=True))
+            sorted(parameter_map(data, model, frozen=True))
         ours = og.nn.OnnxModule(data, parameters=list(mapping))
     opt = og.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
     model.train()
@@ -261,12 +272,7 @@ def test_hugging_face_export_trains_like_pytorch(kind: str, exporter: str) -> No
         t_loss.backward()
         t_opt.step()
         np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-4)
-    trained = {ours.initializer_names.get(n, n): p.detach().numpy()
-               for n, p in ours.named_parameters()}
-    for init_name, (name, transposed) in mapping.items():
-        expected = model.get_parameter(name).detach().numpy()
-        actual = trained[init_name].T if transposed else trained[init_name]
-        np.testing.assert_allclose(actual, expected, **TOL, err_msg=f"{init_name} ({name})")
+    assert_trained_like(ours, model, mapping, **TOL)
 
 
 def test_optimized_dynamo_export_folds_parameters_into_constants() -> None:
@@ -284,4 +290,4 @@ def test_optimized_dynamo_export_folds_parameters_into_constants() -> None:
     assert any(v.shape == (B, *cls.shape[1:]) and np.array_equal(v, np.broadcast_to(cls, v.shape))
                for v in inits.values())
     with pytest.raises(AssertionError, match="unmapped parameters"):
-        _parameter_map(data, model)
+        parameter_map(data, model)

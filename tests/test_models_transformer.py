@@ -205,20 +205,9 @@ def test_hugging_face_export_trains_through_onnx_module_like_pytorch(kind):
         warnings.simplefilter("ignore")
         data = _export(model, b, t)
     model.train()
-    proto = __import__("onnx").load_from_string(data)
-    # Every initializer that is one of the model's parameters (maybe transposed: the exporter
-    # folds the Transpose of a Linear weight into a new initializer), by exact initial value.
-    theirs = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    mapping: dict[str, tuple[str, bool]] = {}
-    from onnx import numpy_helper
-    for init in proto.graph.initializer:
-        value = numpy_helper.to_array(init)
-        for name, p in theirs.items():
-            if value.shape == p.shape and np.array_equal(value, p):
-                mapping[init.name] = (name, False)
-            elif value.T.shape == p.shape and np.array_equal(value.T, p):
-                mapping[init.name] = (name, True)
-    assert sorted(n for n, _ in mapping.values()) == sorted(theirs), "unmapped parameters"
+    from test_hf_exports import assert_trained_like, parameter_map  # needs transformers
+
+    mapping = parameter_map(data, model)
     # NOTE: parameters named explicitly: by default every float initializer would train,
     # scalar constants included (see the report).
     with warnings.catch_warnings():  # opset 17 converted to onnxgrad's 21: expected here
@@ -259,12 +248,7 @@ def test_hugging_face_export_trains_through_onnx_module_like_pytorch(kind):
         t_loss.backward()
         t_opt.step()
         np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-4)
-    trained = {ours.initializer_names.get(n, n): p.detach().numpy()
-               for n, p in ours.named_parameters()}
-    for init_name, (name, transposed) in mapping.items():
-        expected = model.get_parameter(name).detach().numpy()
-        actual = trained[init_name].T if transposed else trained[init_name]
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert_trained_like(ours, model, mapping, rtol=1e-4, atol=1e-6)
 
 
 def test_gpt_loads_a_hugging_face_gpt2_state_dict():

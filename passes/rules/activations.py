@@ -55,14 +55,22 @@ def group_normalization(b, node, grads, needs):
     if xs is None or len(xs) < 3:
         raise ValueError(f"GroupNormalization node {node.name}: the gradient needs the static "
                          f"shape of a rank >= 3 input (got {xs})")
-    n, c = xs[0], xs[1]
+    c = xs[1]
     groups = attr(node, "num_groups")
     ss = static_shape(scale)
     if ss != (c,):
         raise ValueError(f"GroupNormalization node {node.name}: the gradient needs opset 21's "
                          f"per-channel scale of shape ({c},), got {ss} (an opset-18 per-group "
                          f"scale: convert the model to opset 21 first)")
-    g = grads[0]
+    return normalization_grads(b, node, xs, groups, grads[0], needs)
+
+
+def normalization_grads(b, node, xs, groups: int, g, needs) -> list:
+    """dX, dScale, dBias of a normalization over ``groups`` groups of channels per sample
+    (``node``: X, per-channel scale and bias, ``epsilon``): GroupNormalization, and
+    InstanceNormalization as one group per channel."""
+    x, scale = node.inputs[0], node.inputs[1]
+    n, c = xs[0], xs[1]
     eps = b.const_like(attr(node, "epsilon", 1e-5), x)
     axes = b.ints([0] + list(range(2, len(xs))))
     per_channel = b.ints([1, c] + [1] * (len(xs) - 2))
@@ -83,6 +91,6 @@ def group_normalization(b, node, grads, needs):
     if needs[1]:
         full = b.op("Reshape", xhat, b.ints(list(xs)))
         d_scale = b.op("ReduceSum", b.op("Mul", g, full), axes, keepdims=0)
-    if needs[2]:
+    if len(node.inputs) > 2 and needs[2]:
         d_bias = b.op("ReduceSum", g, axes, keepdims=0)
     return [d_x, d_scale, d_bias]
