@@ -855,3 +855,24 @@ def test_freezing_and_module_attributes_retrace_like_eager() -> None:
     for name, value in eager.items():
         np.testing.assert_allclose(compiled[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
     assert traces == 3
+
+
+def test_cleanup_keeps_the_type_of_an_output_it_deduplicates() -> None:
+    """A graph output that repeats an earlier value (a gradient rule's nodes need not have
+    shapes) keeps its shape and type through common-subexpression elimination."""
+    import onnx_ir as ir
+    from onnxgrad.passes.cleanup import cleanup
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 3]), type=ir.TensorType(ir.DataType.FLOAT))
+    first = ir.node("Neg", [x])
+    second = ir.node("Neg", [x])
+    out = second.outputs[0]
+    out.name, out.shape, out.type = "out", ir.Shape([2, 3]), ir.TensorType(ir.DataType.FLOAT)
+    total = ir.node("Add", [first.outputs[0], out])
+    total.outputs[0].name = "total"
+    graph = ir.Graph([x], [out, total.outputs[0]], nodes=[first, second, total],
+                     opset_imports={"": 21})
+    cleanup(ir.Model(graph, ir_version=10))
+    assert len(graph) == 2  # one Neg left
+    assert graph.outputs[0].shape == ir.Shape([2, 3])
+    assert graph.outputs[0].dtype == ir.DataType.FLOAT
