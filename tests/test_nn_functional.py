@@ -387,6 +387,19 @@ def test_batch_norm_without_running_statistics_uses_the_batch() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+
+def test_batch_norm_training_gradient_includes_the_statistics() -> None:
+    """In training, BatchNormalization's rule gives dX with the batch statistics' part (PyTorch's
+    batch_norm_backward), so no gradient flows back through the mean and variance nodes: none of
+    their rules' nodes (ReduceMean's Expand, the Mul's products) and no Sum of partial dX. The
+    gradient rows above check the values."""
+    x = og.randn(4, 3, 5, 5, requires_grad=True)
+    w = og.ones(3, requires_grad=True)
+    y = F.batch_norm(x, None, None, w, None, training=True)
+    graph = gradient_model(y, [og.randn(4, 3, 5, 5)]).model.graph
+    ops_used = {n.op_type for n in graph.node}
+    assert not ops_used & {"Expand", "Sum"}, sorted(ops_used)
+
 # =========================================================================== dropout
 # Dropout draws a fresh mask per run, so it cannot be a row: there is no NumPy reference for the
 # forward, and ONNX Runtime and onnx's reference evaluator draw different masks, so their

@@ -544,6 +544,9 @@ def batch_normalization(b, node, grads, needs):
     shape = [1, -1] + [1] * (rank - 2)
     eps = b.const_like(attr(node, "epsilon", 1e-5), var)
     inv = b.op("Div", b.const_like(1, var), b.op("Sqrt", b.op("Add", var, eps)))
+    batch_mean = _batch_statistics(x, mean, var, axes)
+    if batch_mean is not None and (needs[3] or needs[4]):
+        return _batch_norm_training_grads(b, node, g, batch_mean, inv, axes, needs)
     d_x = d_scale = d_bias = d_mean = d_var = None
     k = b.op("Mul", scale, inv)  # dy/dx per channel
     if needs[0]:
@@ -564,3 +567,61 @@ def batch_normalization(b, node, grads, needs):
     if needs[3]:
         d_mean = b.op("Neg", b.op("Mul", sum_g, k))
     return [d_x, d_scale, d_bias, d_mean, d_var] + [None] * (len(node.inputs) - 5)
+
+
+def _batch_statistics(x: ir.Value, mean: ir.Value, var: ir.Value,
+                      axes: list[int]) -> ir.Value | None:
+    """The keepdims batch mean of ``x`` when ``mean`` and ``var`` are ``x``'s batch mean and
+    biased variance over ``axes`` as ``og.nn.functional.batch_norm`` computes them in training
+    (``Reshape(ReduceMean(x))`` and ``ReduceMean(Mul(c, c))``, ``c = Sub(x, ReduceMean(x))``),
+    else None."""
+
+    def made(v: ir.Value | None, op_type: str) -> ir.Node | None:
+        node = None if v is None else v.producer()
+        return node if node is not None and node.op_type == op_type else None
+
+    def reduces(node: ir.Node | None, keepdims: int) -> bool:
+        return (node is not None and len(node.inputs) == 2 and attr(node, "keepdims", 1) == keepdims
+                and node.inputs[1] is not None and node.inputs[1].const_value is not None
+                and sorted(int(a) % len(dims(x)) for a in node.inputs[1].const_value.numpy())
+                == axes)
+
+    reshape = made(mean, "Reshape")
+    kept = made(reshape.inputs[0], "ReduceMean") if reshape is not None else None
+    if not reduces(kept, 1) or kept.inputs[0] is not x:
+        return None
+    reduced = made(var, "ReduceMean")
+    square = made(reduced.inputs[0], "Mul") if reduces(reduced, 0) else None
+    if square is None or square.inputs[0] is not square.inputs[1]:
+        return None
+    centered = made(square.inputs[0], "Sub")
+    if centered is None or list(centered.inputs) != [x, kept.outputs[0]]:
+        return None
+    return kept.outputs[0]
+
+
+def _batch_norm_training_grads(b, node, g, batch_mean, inv, axes, needs):
+    """dX, dScale, dBias of a BatchNormalization fed its input's own batch statistics, with the
+    statistics' part of dX included (so none flows through them: their nodes' saved ``c`` is not
+    kept for the backward pass, and 4 elementwise passes replace their ~10):
+    ``dX = (dY - c * k - mean(dY)) * inv * scale``, ``k = sum(dY * c) * inv^2 / N``, c = x - mean,
+    PyTorch's ``batch_norm_backward`` in training."""
+    x, scale = node.inputs[0], node.inputs[1]
+    xs = dims(x)
+    count = int(np.prod([xs[a] for a in axes]))
+    shape = b.ints([1, -1] + [1] * (len(xs) - 2))
+    axes_value = b.ints(axes)
+    centered = b.op("Sub", x, batch_mean)
+    sum_g = b.op("ReduceSum", g, axes_value, keepdims=0)
+    sum_gc = b.op("ReduceSum", b.op("Mul", g, centered), axes_value, keepdims=0)
+    d_scale = b.op("Mul", sum_gc, inv)
+    d_x = None
+    if needs[0]:
+        n = b.const_like(count, inv)
+        k = b.op("Div", b.op("Mul", d_scale, inv), n)
+        grad_mean = b.op("Div", sum_g, n)
+        projected = b.op("Sub", g, b.op("Mul", centered, b.op("Reshape", k, shape)))
+        d_x = b.op("Mul", b.op("Sub", projected, b.op("Reshape", grad_mean, shape)),
+                   b.op("Reshape", b.op("Mul", inv, scale), shape))
+    return [d_x, d_scale if needs[1] else None, sum_g if needs[2] else None, None, None] + \
+        [None] * (len(node.inputs) - 5)
