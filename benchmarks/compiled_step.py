@@ -1,13 +1,14 @@
 """Time the compiled training step against PyTorch eager, interleaved, in one run.
 
-For each configuration (resnet18 at 1x3x64x64, 8x3x64x64 and 4x3x224x224, and an MLP
-784-256-256-10 at batch 64) onnxgrad's compiled step and PyTorch's eager step (same architecture,
-same initial weights, SGD with momentum, cross-entropy) each run in a worker process of their own;
-the driver asks them in turn for a block of steps (the other one idles meanwhile), alternating who
-goes first, and reports the median step time of each and the ratio onnxgrad / PyTorch (below 1.0:
-onnxgrad is faster). It also reports onnxgrad's trace+compile time (its first call less one step)
-and the ONNX Runtime session creation within it, and each worker's peak resident memory
-(VmHWM: native allocations of ONNX Runtime and PyTorch included).
+For each configuration (resnet18 at 1x3x64x64, 8x3x64x64 and 4x3x224x224, an MLP 784-256-256-10
+at batch 64, and mobilenet_v2, efficientnet_b0 and densenet121 at 8x3x96x96) onnxgrad's compiled
+step and PyTorch's eager step (same architecture, same initial weights, SGD with momentum,
+cross-entropy) each run in a worker process of their own; the driver asks them in turn for a block
+of steps (the other one idles meanwhile), alternating who goes first, and reports the median
+step time of each and the ratio onnxgrad / PyTorch (below 1.0: onnxgrad is faster). It also
+reports onnxgrad's trace+compile time (its first call less one step) and the ONNX Runtime session
+creation within it, and each worker's peak resident memory (VmHWM: native allocations of ONNX
+Runtime and PyTorch included).
 
 NOTE: one process per framework, not both in one: ONNX Runtime's intra-op threads spin after each
 run, and so do PyTorch's OpenMP threads; sharing a process (and 2 cores) they starve each other.
@@ -18,7 +19,8 @@ framework as a user runs it.
     python benchmarks/compiled_step.py                     # every configuration (~3 min, 2 cores)
     python benchmarks/compiled_step.py --config r18-1x64   # one: r18-1x64, r18-8x64, r18-4x224,
                                                            # mlp, mnv2-8x96 (mobilenet_v2),
-                                                           # effb0-8x96 (efficientnet_b0)
+                                                           # effb0-8x96 (efficientnet_b0),
+                                                           # dn121-8x96 (densenet121)
     python benchmarks/compiled_step.py --threads 1         # both frameworks on one thread
     python benchmarks/compiled_step.py --options r18-8x64  # session options against each other
     python benchmarks/compiled_step.py --profile r18-8x64  # where the compiled step's time goes
@@ -57,7 +59,15 @@ CONFIGS: dict[str, tuple[str, tuple[int, ...], int, int, int]] = {
     "mnv2-8x96": ("mobilenet_v2", (8, 3, 96, 96), 1000, 6, 2),
     # torchvision's efficientnet_b0 (depthwise, squeeze-excitation, SiLU, stochastic depth)
     "effb0-8x96": ("efficientnet_b0", (8, 3, 96, 96), 1000, 6, 2),
+    # torchvision's densenet121 (concatenations; PyTorch: tests/torch_reference_densenet.py).
+    # NOTE: its last block runs on 3x3 maps at 96x96 (as mnv2/effb0's last stages do), 72 values
+    # per BatchNorm channel at batch 8: small but not degenerate; 224 would be 5.4x the work.
+    "dn121-8x96": ("densenet121", (8, 3, 96, 96), 1000, 6, 2),
 }
+# The PyTorch reference module of each torchvision model (tests/<file>.py), by kind.
+TORCH_REFERENCES = {"mobilenet_v2": "torch_reference_mobile",
+                    "efficientnet_b0": "torch_reference_mobile",
+                    "densenet121": "torch_reference_densenet"}
 LR, MOMENTUM = 0.01, 0.9
 WARMUP = 2
 
@@ -109,17 +119,15 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
 
 def onnxgrad_step(config: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], Any]]:
     """(model, compiled step) for ``config``; nothing is traced until the first call."""
-    from onnxgrad.models import efficientnet_b0, mlp, mobilenet_v2, resnet18
-
     import onnxgrad as og
+    from onnxgrad import models
 
     kind, _, classes, _, _ = CONFIGS[config]
     og.manual_seed(0)
-    model = resnet18(num_classes=classes) if kind == "resnet18" else mlp(784, [256, 256], 10)
-    if kind == "mobilenet_v2":
-        model = mobilenet_v2(num_classes=classes)
-    if kind == "efficientnet_b0":
-        model = efficientnet_b0(num_classes=classes)
+    if kind == "mlp":
+        model = models.mlp(784, [256, 256], 10)
+    else:  # resnet18 and the torchvision models: onnxgrad.models' builder of that name
+        model = getattr(models, kind)(num_classes=classes)
     optim = og.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
     @og.compile
@@ -142,11 +150,11 @@ def torch_step(config: str, weights: str | None) -> Callable[[Any, Any], Any]:
     torch.manual_seed(0)
     model = _torch_resnet18(classes) if kind == "resnet18" else nn.Sequential(
         nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    if kind in ("mobilenet_v2", "efficientnet_b0"):
+    if kind in TORCH_REFERENCES:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__))), "tests"))
-        import torch_reference_mobile
-        model = getattr(torch_reference_mobile, kind)(classes)
+        reference = importlib.import_module(TORCH_REFERENCES[kind])
+        model = getattr(reference, kind)(classes)
     if weights is not None:
         with np.load(weights) as state:
             model.load_state_dict({k: torch.from_numpy(state[k]) for k in state.files})

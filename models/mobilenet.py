@@ -306,11 +306,15 @@ def init_like_torchvision(model: nn.Module, linear: str) -> None:
 
 
 def build(name: str, make: Callable[[int], nn.Module], head: str, num_classes: int | None,
-          weights: Any, pretrained: bool | None) -> nn.Module:
+          weights: Any, pretrained: bool | None,
+          rename: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> nn.Module:
     """A model with ``num_classes`` outputs, loaded from a local weights file when given
-    (whose classifier decides the head size unless ``num_classes`` is asked for)."""
+    (whose classifier decides the head size unless ``num_classes`` is asked for); ``rename``
+    maps the file's keys first (DenseNet's old checkpoints)."""
     path = resolve_weights(weights, pretrained, name)
     state = read_state(path) if path is not None else None
+    if state is not None and rename is not None:
+        state = rename(state)
     if num_classes is None:
         num_classes = head_size(state, head) if state is not None else 1000
     model = make(num_classes)
