@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .session import make_session
-from .step import StepRunner, _np_type
+from .step import StepRunner
 
 
 class StagedRunner(StepRunner):
@@ -35,20 +35,21 @@ class StagedRunner(StepRunner):
                  between: Callable[[int, dict[str, np.ndarray]], None] | None = None):
         # NOTE: the parent's constructor would make one session; the buffers are made as there.
         self.sessions = [make_session(s) for s in stages]
-        self.session = self.sessions[-1]
+        self._session = self.sessions[-1]
         self.state = dict(state)
         self.carried = list(carried)
         self.between = between
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"
                                    for s in self.sessions) else "cuda"
-        outputs = self._outputs = {o.name: o for s in self.sessions for o in s.get_outputs()}
+        outputs = self._outputs = {o.name: ([int(d) for d in o.shape], _np_type(o.type))
+                                   for s in self.sessions for o in s.get_outputs()}
         # Links stay on the host: the collectives read and write them in place.
         self.links: dict[str, np.ndarray] = {}
         self._link_values: dict[str, ort.OrtValue] = {}
         for name in links:
-            meta = outputs[name]
-            array = np.empty([int(d) for d in meta.shape], _np_type(meta.type))
+            shape, dtype = outputs[name]
+            array = np.empty(shape, dtype)
             self.links[name] = array
             self._link_values[name] = ort.OrtValue.ortvalue_from_numpy(array)
         fed_back = set(self.state.values())
@@ -94,9 +95,9 @@ class StagedRunner(StepRunner):
     def bind_input(self, name: str, value: np.ndarray) -> None:
         array = np.asarray(value)
         array = array if array.flags.c_contiguous else np.array(array, order="C")
-        self._pinned[name] = array
         ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
                     else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
+        self._pinned[name] = (array, ortvalue)  # the OrtValue borrows the array's memory
         for k, bindings in enumerate(self._stage_bindings):
             if name in self._inputs[k]:
                 for binding in bindings:
@@ -127,3 +128,10 @@ class StagedRunner(StepRunner):
         self.parity = 1 - self.parity
         self.runs += 1
         return results
+
+
+def _np_type(onnx_type: str) -> np.dtype:
+    return np.dtype({
+        "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    }[onnx_type])

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .session import get_providers, make_session
@@ -31,10 +32,15 @@ class StepRunner:
 
     def __init__(self, model_bytes: bytes, state: Mapping[str, str],
                  initial: Mapping[str, np.ndarray], carried: Sequence[str] = ()):
-        self.session = make_session(model_bytes)
+        # NOTE: the session is made at the first run, not here: a step is built while its trace
+        # (every eager value of the traced call) is still alive, and the session's own memory
+        # on top of it made the first call the step's memory peak (densenet121 8x96: 831 MB,
+        # against 683 MB running).
+        self._model_bytes: bytes | None = model_bytes
+        self._session: ort.InferenceSession | None = None
         self.state = dict(state)
         self.carried = list(carried)
-        self._outputs = {o.name: o for o in self.session.get_outputs()}
+        self._outputs = _output_types(model_bytes)
         self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         fed_back = set(self.state.values())
         self._free = [n for n in self._outputs if n not in fed_back and n not in self.carried]
@@ -47,7 +53,7 @@ class StepRunner:
         every parameter, gradient and momentum twice more per batch size). Arrays a tensor
         still views live on as that tensor's. ``restore`` makes the buffers again."""
         self._host, self._sets = [{}, {}], [{}, {}]
-        self._pinned: dict[str, np.ndarray] = {}
+        self._pinned: dict[str, tuple[np.ndarray, ort.OrtValue]] = {}
         self.released = True
         self._bind()
 
@@ -59,12 +65,28 @@ class StepRunner:
         self._bind()
         self.parity = 0
 
-    def _bind(self) -> None:
-        self._bindings = [] if self.released else [self._binding(p) for p in (0, 1)]
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            self._session = make_session(self._model_bytes)
+            self._model_bytes = None
+        return self._session
 
-    def _make_buffers(self, initial: Mapping[str, np.ndarray], outputs: Mapping[str, Any]
-                      ) -> None:
-        """Both sets of state and carried buffers; ``outputs``: the sessions' output metadata."""
+    def _bind(self) -> None:
+        self._bindings: list[ort.IOBinding] | None = None  # made by the next run
+
+    def _bound(self) -> list[ort.IOBinding]:
+        """Both parities' bindings (making the session first when no run has yet)."""
+        if self._bindings is None:
+            self._bindings = [self._binding(p) for p in (0, 1)]
+            for name, (_, ortvalue) in self._pinned.items():
+                for binding in self._bindings:
+                    binding.bind_ortvalue_input(name, ortvalue)
+        return self._bindings
+
+    def _make_buffers(self, initial: Mapping[str, np.ndarray],
+                      outputs: Mapping[str, tuple[list[int], np.dtype]]) -> None:
+        """Both sets of state and carried buffers; ``outputs``: each output's shape and dtype."""
         # sets[parity][name]: a run at parity p reads state set p and writes set 1 - p.
         self._host: list[dict[str, np.ndarray]] = [{}, {}]
         self._sets: list[dict[str, ort.OrtValue]] = [{}, {}]
@@ -76,8 +98,8 @@ class StepRunner:
             self._add(name, [first, np.empty_like(first)])
         for name in self.carried:
             # One buffer, written by every run: nothing reads it back (see carried_output).
-            meta = outputs[name]
-            array = np.empty([int(d) for d in meta.shape], _np_type(meta.type))
+            shape, dtype = outputs[name]
+            array = np.empty(shape, dtype)
             self._add(name, [array, array])
 
     def _add(self, name: str, arrays: list[np.ndarray]) -> None:
@@ -127,15 +149,15 @@ class StepRunner:
     def bind_input(self, name: str, value: np.ndarray) -> None:
         """Bind a read-only input (frozen state) for every later run, without copying on the CPU."""
         array = _c_order(value)
-        self._pinned[name] = array  # the OrtValue borrows the array's memory: keep it alive
         ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
                     else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        for binding in self._bindings:
+        self._pinned[name] = (array, ortvalue)  # the OrtValue borrows the array's memory
+        for binding in self._bindings or ():
             binding.bind_ortvalue_input(name, ortvalue)
 
     # ----------------------------------------------------------------- running
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        binding = self._bindings[self.parity]
+        binding = self._bound()[self.parity]
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in self._free:
@@ -168,8 +190,9 @@ def _c_order(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
-def _np_type(onnx_type: str) -> np.dtype:
-    return np.dtype({
-        "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-    }[onnx_type])
+def _output_types(model_bytes: bytes) -> dict[str, tuple[list[int], np.dtype]]:
+    """Each graph output's static shape and dtype, by name (read from the model, no session)."""
+    graph = onnx.ModelProto.FromString(model_bytes).graph
+    return {o.name: ([d.dim_value for d in o.type.tensor_type.shape.dim],
+                     onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type))
+            for o in graph.output}
