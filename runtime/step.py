@@ -13,7 +13,6 @@ Knows nothing of tensors: state is named arrays; the tracer maps them to tensors
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import onnx
