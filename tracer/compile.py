@@ -549,7 +549,12 @@ class CompiledFunction:
                       else [f"output.{i}" for i in range(len(out_tensors))])
         state_pairs: dict[str, str] = {}
         for tid, (t, val) in trace.initial.items():
-            if final[tid] is not val:
+            # NOTE: a tensor the call itself made and then wrote in place (an activation of
+            # ReLU(inplace=True)) is no state: no input holds its value before the call, and
+            # its new value was an output nothing read, alive to the end of each run and held
+            # by the runner's bindings until the next run but one (efficientnet_b0 8x96: 51
+            # outputs, 68 MB).
+            if final[tid] is not val and val.rec is None:
                 roots.append(final[tid])
                 root_names.append(f"{names[tid]}.new")
                 state_pairs[names[tid]] = f"{names[tid]}.new"
@@ -642,6 +647,13 @@ class CompiledFunction:
 
         leaves, nodes, root_values = walk.materialize(leaf_value, readable=True)
         graph_inputs = [v for v, kind in zip(leaves, walk.kinds) if kind == DATA]
+        for tid, (t, val) in trace.initial.items():
+            # State the step overwrites without reading it (`buffer.copy_(y)`) is an input all
+            # the same: the runner writes its next value where the tensor reads it.
+            if names[tid] in state_pairs and names[tid] not in used_state:
+                graph_inputs.append(ir.Value(name=names[tid], shape=ir.Shape(val.data.shape),
+                                             type=ir_type(val.data)))
+                used_state[names[tid]] = t
         initializers = [v for v, kind in zip(leaves, walk.kinds) if kind == CONST]
         # State that is read but never updated (e.g. frozen BatchNorm statistics) is still an input.
         outputs = name_outputs(root_values, root_names, nodes, graph_inputs + initializers)
