@@ -876,3 +876,30 @@ def test_cleanup_keeps_the_type_of_an_output_it_deduplicates() -> None:
     assert len(graph) == 2  # one Neg left
     assert graph.outputs[0].shape == ir.Shape([2, 3])
     assert graph.outputs[0].dtype == ir.DataType.FLOAT
+
+
+def test_tracing_frees_the_values_no_tensor_holds() -> None:
+    """While tracing, a value whose last tensor is gone is freed (the records keep its shape);
+    one the user still holds is not. The compiled call computes what eager computes."""
+    import weakref
+
+    og.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    refs: list[weakref.ref] = []
+    kept: list[og.Tensor] = []
+
+    def f(x):
+        h = model[0](x)
+        refs.append(weakref.ref(h._v.data))
+        kept.append(model[1](h))
+        del h
+        return model[2](kept[-1]).sum()
+
+    x = og.randn(4, 8)
+    want = float(f(x))
+    refs.clear()
+    kept.clear()
+    got = float(og.compile(f)(x))
+    assert refs[0]() is None  # the dead tensor's value: freed while tracing
+    assert kept[0]._v.data.shape == (4, 16) and kept[0]._v.data.any()  # the kept one: as it was
+    assert got == want

@@ -29,6 +29,7 @@ from .registry import METHODS, OpMethod, bound_method
 # Re-exported: the recording core was defined here before it had its own module.
 from .values import (  # noqa: F401
     Record,
+    release_traced,
     TraceError,
     Val,
     _contig,
@@ -72,6 +73,11 @@ class Tensor:
         self._name: str | None = None
         self._version = 0
         self._alias_of: Tensor | None = None  # set on ``x.data``: in-place ops write through
+
+    def __del__(self) -> None:
+        v = getattr(self, "_v", None)
+        if v is not None and v.rec is not None:
+            release_traced(v)
 
     # ----------------------------------------------------------------- construction helpers
     @classmethod
