@@ -29,7 +29,6 @@ from .registry import METHODS, OpMethod, bound_method
 # Re-exported: the recording core was defined here before it had its own module.
 from .values import (  # noqa: F401
     Record,
-    release_traced,
     TraceError,
     Val,
     _contig,
@@ -46,6 +45,7 @@ from .values import (  # noqa: F401
     int16,
     int32,
     int64,
+    release_traced,
     set_default_dtype,
     uint8,
 )
