@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 
 import onnxgrad as og
 
@@ -94,3 +95,30 @@ def test_state_overwritten_without_being_read_is_updated_like_eager() -> None:
         for key in eager:
             np.testing.assert_array_equal(compiled[key], eager[key], err_msg=key)
     assert states[True][-1]["calls"] == 3 and states[True][-1]["last_mean"].any()
+
+
+def test_writing_a_tensor_with_history_from_before_the_call_is_refused() -> None:
+    """Eager code updates such a tensor in place; a compiled step cannot (its value before the
+    call is no input), so tracing says so at the user's line instead of leaving it unchanged."""
+    w = og.ones(3, requires_grad=True)
+    h = w * 2
+
+    @og.compile
+    def f(x):
+        with og.no_grad():
+            h.add_(x)
+        return h.sum()
+
+    with pytest.raises(og.TraceError, match=r"test_compile_inplace.py:\d+: h.add_\(x\): writes "
+                       r"in place to a tensor with autograd history from before the call "
+                       r"\(made by Mul\)"):
+        f(og.ones(3))
+    np.testing.assert_array_equal(h.detach().numpy(), [2, 2, 2])
+
+    @og.compile
+    def g(x):
+        d = h.detach()
+        d.add_(x)  # detached first: state of the step, updated like eager
+        return d.sum()
+
+    assert float(g(og.ones(3))) == 9.0

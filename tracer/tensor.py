@@ -116,6 +116,13 @@ class Tensor:
             self._v = Val(val.data) if trace is None else val
         elif trace is not None:
             # Compiled: the update is part of the step; the tensor becomes state it updates.
+            old = self._v.rec
+            if old is not None and not old.traced and id(self) not in trace.initial:
+                raise TraceError(
+                    f"og.compile: {state.format_frame(state.user_frame())}: writes in place to a "
+                    f"tensor with autograd history from before the call (made by {old.op}); a "
+                    f"compiled step cannot update it as eager code does. Detach it first "
+                    f"(t = t.detach()) or compute it inside the compiled function")
             trace.remember(self)
             self._v = val
         elif self.requires_grad and self.is_leaf:

@@ -52,7 +52,7 @@ class Record:
     """One recorded ONNX node: ``op(inputs; attrs) -> outs``."""
 
     __slots__ = ("op", "attrs", "key", "inputs", "outs", "where", "module", "origin", "freed",
-                 "extra", "grad", "meta")
+                 "extra", "grad", "meta", "traced")
 
     def __init__(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Val],
                  outs: list[np.ndarray]):
@@ -67,6 +67,7 @@ class Record:
         self.where = state.user_frame()
         self.module = state.module_path()
         self.origin = state.origin()
+        self.traced = state.active_trace() is not None  # recorded by og.compile's trace
         self.freed = False
         self.extra: Any = None
         self.grad = True  # whether a gradient may flow through it (False: no_grad, detach)
