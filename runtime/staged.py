@@ -38,6 +38,7 @@ class StagedRunner(StepRunner):
         self._session = self.sessions[-1]
         self.state = dict(state)
         self.carried = list(carried)
+        self.allow_in_place, self.in_place = False, set()  # two buffers per state
         self.between = between
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"

@@ -402,21 +402,33 @@ def test_compiled_module_in_train_mode_updates_batchnorm_statistics() -> None:
 def test_state_lives_in_the_runner_buffers_and_alternates() -> None:
     model, optim, step = _trainer(_mlp)
     x, y = _data((4, 12))
-    param = dict(model.named_parameters())["0.weight"]
-    addresses = []
+    params = dict(model.named_parameters())
+    addresses: dict[str, list[int]] = {}
     for _ in range(4):
         step(x, y)
         runner = step.last.runner
-        live = runner.current("0.weight")
-        assert np.shares_memory(param._v.data, live)  # the parameter views the buffer: no copy
-        buf = optim.state[param]["momentum_buffer"]
-        assert np.shares_memory(buf._v.data, runner.current("momentum.0.weight"))
-        addresses.append(live.__array_interface__["data"][0])
-    # Two buffer sets, read and written in turn: A B A B, never a new allocation.
-    assert addresses[0] == addresses[2] and addresses[1] == addresses[3]
-    assert addresses[0] != addresses[1]
-    # The gradients are double-buffered outputs too; Python sees them without a copy.
-    assert np.shares_memory(param.grad._v.data, runner.carried_output("grad.0.weight"))
+        for name in ("0.weight", "2.weight"):
+            live = runner.current(name)
+            assert np.shares_memory(params[name]._v.data, live)  # the tensor views the buffer
+            buf = optim.state[params[name]]["momentum_buffer"]
+            assert np.shares_memory(buf._v.data, runner.current(f"momentum.{name}"))
+            addresses.setdefault(name, []).append(live.__array_interface__["data"][0])
+            momentum = runner.current(f"momentum.{name}").__array_interface__["data"][0]
+            addresses.setdefault(f"momentum.{name}", []).append(momentum)
+    # 2.weight is read by its layer's input gradient too, which need not run before its update:
+    # two buffer sets, read and written in turn (A B A B), never a new allocation. The momentum
+    # and the first layer's weight (read only by its forward, which runs before the update)
+    # are written over in place: one buffer.
+    runner = step.last.runner
+    assert {"0.weight", "momentum.0.weight", "momentum.2.weight"} <= runner.in_place
+    assert "2.weight" not in runner.in_place
+    a = addresses["2.weight"]
+    assert a[0] == a[2] and a[1] == a[3] and a[0] != a[1]
+    for name in ("0.weight", "momentum.0.weight", "momentum.2.weight"):
+        assert len(set(addresses[name])) == 1, name
+    # The gradients are single-buffered outputs; Python sees them without a copy.
+    assert np.shares_memory(params["0.weight"].grad._v.data,
+                            runner.carried_output("grad.0.weight"))
 
 
 def test_results_handed_out_are_never_overwritten() -> None:

@@ -310,6 +310,41 @@ def test_label_out_of_range_in_compiled_step_is_not_hidden_by_the_trace(bad: int
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=k)
 
 
+def test_label_checks_run_before_the_step_or_after_it_on_two_buffers() -> None:
+    """Labels that are the call's data are checked before the step runs, so the state can be
+    written over in place (one buffer each). Labels the step computes from its state are
+    checked after the run, which a failure undoes: the state keeps its two buffers."""
+    _, step = _model_and_step(compiled=True)
+    x = og.tensor(_rng().standard_normal((4, 4)).astype(np.float32))
+    step(x, og.tensor([0, 1, 2, 1]))
+    assert step.last.runner.in_place == set(step.last.runner.state)
+
+    og.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    shift = og.tensor([0, 0, 0, 0])  # read by the step: state
+    opt = og.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+
+    @og.compile
+    def shifted(x, y):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lin(x), y + shift)
+        loss.backward()
+        opt.step()
+        return loss
+
+    shifted(x, og.tensor([0, 1, 2, 1]))
+    assert not shifted.last.runner.in_place
+    before = {k: v.numpy().copy() for k, v in lin.state_dict().items()}
+    momentum = [opt.state[p]["momentum_buffer"].numpy().copy() for p in lin.parameters()]
+    shift.copy_(og.tensor([0, 5, 0, 0]))
+    with pytest.raises(IndexError, match="Target 6 is out of bounds"):
+        shifted(x, og.tensor([0, 1, 2, 1]))
+    for k, v in lin.state_dict().items():  # the failed run was undone
+        np.testing.assert_array_equal(v.numpy(), before[k])
+    for p, m in zip(lin.parameters(), momentum):
+        np.testing.assert_array_equal(opt.state[p]["momentum_buffer"].numpy(), m)
+
+
 def test_label_out_of_range_in_training_step(tmp_path) -> None:
     onnx = pytest.importorskip("onnx")
     from onnx import helper

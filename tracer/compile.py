@@ -42,7 +42,8 @@ from ..runtime.export import save_model
 from ..runtime.memory import release_free_memory
 from ..runtime.metadata import DATA_INPUTS, STATE
 from ..runtime.portable import save_portable
-from ..runtime.step import StepRunner
+from ..runtime.session import make_session
+from ..runtime.step import StepRunner, data_subgraph
 from . import state
 from .autograd import _classify, _follow, leaf_hooks_key
 from .graph import CONST, DATA, Walk, ir_type
@@ -191,6 +192,12 @@ class Program:
         self.followed = followed or {}  # input name -> the tensor whose .grad it is
         self.cleared = list(cleared)  # tensors whose .grad the step sets to None (zero_grad)
         self.checks = list(checks)  # (output names, report, error type): see add_check
+        # Checks of the data alone (a label out of range) run before the step (_check_first),
+        # where the runner writes state over in place. NOTE: not for a data-parallel step: a
+        # process that raised before its collectives would leave the others waiting in them.
+        self._checks_first = (_checks_first(model, self.checks, data_names, scalars)
+                              if runner.allow_in_place else None)
+        self._check_session: Any = None
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
@@ -217,7 +224,15 @@ class Program:
         views = self.views
         for name, t in self.updated.items():
             edited = views.edited(name, t)  # an eager edit since the last call
-            views.before_write(name, None if edited else runner.current(name))
+            if name in runner.in_place:
+                # The run writes the buffer the tensor views: the tensor takes a Val of its own
+                # for it first, so the one handed out is copied only if someone kept it (a
+                # state_dict() taken earlier stays the snapshot it was).
+                if not edited:
+                    t._set_leaf_data(runner.current(name))
+                views.before_write(name, None)
+            else:
+                views.before_write(name, None if edited else runner.current(name))
             if edited:
                 runner.write(name, t._v.data)
         for name, p in self.grads.items():
@@ -233,8 +248,10 @@ class Program:
         feeds = {name: args[i] for i, name in self.feeds}
         for name, (getter, dtype) in self.scalars.items():
             feeds[name] = np.asarray(getter(), dtype=dtype)
+        if self._checks_first is not None:
+            self._check_first(feeds)
         results = runner.run(feeds)
-        for names, report, error in self.checks:
+        for names, report, error in self.checks if self._checks_first is None else ():
             message = report([results[n] for n in names])
             if message is not None:
                 runner.undo()  # as an eager error: the failed step changes no state
@@ -251,6 +268,20 @@ class Program:
         outs = [Tensor(Val(results[n])) for n in self.output_names]
         return _unflatten(self.output_tree, outs)
 
+    def _check_first(self, feeds: dict[str, np.ndarray]) -> None:
+        """Run the checks of the data before the step: a failed one raises with nothing run."""
+        if self._check_session is None:
+            self._check_session = make_session(self._checks_first.SerializeToString(),
+                                               spinning=False)
+        session = self._check_session
+        names = [n for names, _, _ in self.checks for n in names]
+        values = dict(zip(names, session.run(names, {i.name: feeds[i.name]
+                                                     for i in session.get_inputs()})))
+        for names, report, error in self.checks:
+            message = report([values[n] for n in names])
+            if message is not None:
+                raise error(message)
+
     def _view_state(self) -> None:
         """The state tensors take the runner's buffers as their values (no copy). Also when the
         buffers are made: the arrays they held until then (the copied initial state, a resnet18's
@@ -264,8 +295,11 @@ class Program:
         old = self.runner
         self.runner = StepRunner(model.SerializeToString(), old.state,
                                  {name: old.current(name) for name in old.state},
-                                 carried=old.carried)
+                                 carried=old.carried, in_place=old.allow_in_place)
         self.model = model
+        self._checks_first = (_checks_first(model, self.checks, self.data_names, self.scalars)
+                              if self.runner.allow_in_place else None)
+        self._check_session = None
         self.synced = {}  # read-only state is bound to the new runner at the next run
         if self.views.shared:
             self._view_state()
@@ -686,8 +720,12 @@ class CompiledFunction:
             runner = parts.runner
             program_type = functools.partial(SplitProgram, parts=parts)
         else:
+            # NOTE: state is written over in place only where no run is undone: where every
+            # check runs before the step (a check of the run's results undoes a failed run).
+            scalar_getters = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
+            first = _checks_first(proto, checks, data_names, scalar_getters)
             runner = StepRunner(proto.SerializeToString(), state_pairs, initial,
-                                carried=list(grads))
+                                carried=list(grads), in_place=not checks or first is not None)
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
         owners = {id(t): (opt, p, key) for opt in trace.optimizers
                   for p, key, t in opt.state_tensors()}
@@ -777,6 +815,16 @@ class CompiledFunction:
         if self.last is None:
             raise RuntimeError("the compiled function has not been traced yet; call it once")
         return self.last.model
+
+
+def _checks_first(model: onnx.ModelProto, checks: Sequence[tuple[list[str], Any, Any]],
+                  data_names: Sequence[str], scalars: dict[str, Any]) -> onnx.ModelProto | None:
+    """The model computing every check's values from the call's data and scalars alone, or
+    None (no checks, or one that reads state or the step's results)."""
+    if not checks:
+        return None
+    return data_subgraph(model, [n for names, _, _ in checks for n in names],
+                         set(data_names) | set(scalars))
 
 
 def add_check(values: Sequence[Tensor], report: Callable[[list[np.ndarray]], str | None],
