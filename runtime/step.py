@@ -1,9 +1,12 @@
 """Running a training step again and again with its state kept in the runtime.
 
-State (parameters, momentum buffers, BatchNorm statistics) lives in two sets of buffers bound
-with IOBinding: step k reads set A and writes set B, step k+1 the reverse, so no parameter is
-copied and nothing is allocated per step. A buffer is never bound as both an input and an output
-of one run: ONNX Runtime cannot alias an output to an input that other nodes still read.
+State (parameters, momentum buffers, BatchNorm statistics) lives in buffers bound with
+IOBinding, so no parameter is copied and nothing is allocated per step. State that nodes other
+than its own update read (most parameters: their layer's input gradient reads them, and need not
+run before the update) has two sets: step k reads set A and writes set B, step k+1 the reverse,
+because a run cannot write a value that nodes still to run will read. State that only its own
+update reads (optimizer state, BatchNorm statistics, a first layer's weight) has one buffer,
+written over in place (``in_place_state``), where no run is ever undone.
 
 On the CPU provider the buffers are NumPy arrays shared with ONNX Runtime (reading state is free);
 on CUDA they are device OrtValues, copied to the host only when read.
