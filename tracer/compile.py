@@ -228,7 +228,7 @@ class Program:
                 # The run writes the buffer the tensor views: the tensor takes a Val of its own
                 # for it first, so the one handed out is copied only if someone kept it (a
                 # state_dict() taken earlier stays the snapshot it was).
-                if not edited:
+                if not edited and views.shared:
                     t._set_leaf_data(runner.current(name))
                 views.before_write(name, None)
             else:
@@ -722,8 +722,7 @@ class CompiledFunction:
         else:
             # NOTE: state is written over in place only where no run is undone: where every
             # check runs before the step (a check of the run's results undoes a failed run).
-            scalar_getters = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
-            first = _checks_first(proto, checks, data_names, scalar_getters)
+            first = _checks_first(proto, checks, data_names, trace.scalars)
             runner = StepRunner(proto.SerializeToString(), state_pairs, initial,
                                 carried=list(grads), in_place=not checks or first is not None)
         scalars = {n: (getter, v.data.dtype) for n, (v, getter) in trace.scalars.items()}
