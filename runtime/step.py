@@ -111,8 +111,14 @@ class StepRunner:
             self._add(name, [array, array])
 
     def _add(self, name: str, arrays: list[np.ndarray]) -> None:
+        """``name``'s buffer for each parity; the same array twice is one buffer (on CUDA too:
+        one device copy, not two)."""
         for parity, array in enumerate(arrays):
-            if self.device == "cpu":
+            if parity and array is arrays[0]:
+                self._sets[1][name] = self._sets[0][name]
+                if self.device == "cpu":
+                    self._host[1][name] = array
+            elif self.device == "cpu":
                 self._host[parity][name] = array  # shared with the OrtValue: no copy
                 self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array)
             else:
@@ -208,6 +214,11 @@ def _output_types(graph: onnx.GraphProto) -> dict[str, tuple[list[int], np.dtype
             for o in graph.output}
 
 
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute)
+
+
 #: Elementwise ops whose output may take the memory of an input of the output's shape: each
 #: element is read before it is written.
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -221,11 +232,10 @@ def in_place_state(graph: onnx.GraphProto, state: Mapping[str, str], reach: int 
     a time, in an order that respects the edges).
 
     NOTE: an optimizer's state (momentum, Adam's moments) and BatchNorm's running statistics are
-    read only by their own update; parameters are read by gradient nodes too, which need not run
-    before the update, so they keep two buffers. resnet18's SGD momentum is 47 MB.
+    read only by their own update (resnet18's SGD momentum: 47 MB). Most parameters are read by
+    their layer's input gradient too, which need not run before the update: two buffers.
     """
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in graph.node for a in node.attribute):
+    if any(_has_subgraph(node) for node in graph.node):
         return set()  # a subgraph may read an outer value without naming it as an input
     nodes = list(graph.node)
     producer = {out: i for i, node in enumerate(nodes) for out in node.output}
@@ -279,8 +289,7 @@ def data_subgraph(model: onnx.ModelProto, outputs: Sequence[str], fed: Collectio
         if name in producer:
             i = producer[name]
             if i not in keep:
-                if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                       for a in nodes[i].attribute):
+                if _has_subgraph(nodes[i]):
                     return None
                 keep.add(i)
                 todo.extend(nodes[i].input)
