@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .session import make_session
-from .step import StepRunner
+from .step import StepRunner, output_types
 
 
 class StagedRunner(StepRunner):
@@ -43,8 +44,8 @@ class StagedRunner(StepRunner):
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"
                                    for s in self.sessions) else "cuda"
-        outputs = self._outputs = {o.name: ([int(d) for d in o.shape], _np_type(o.type))
-                                   for s in self.sessions for o in s.get_outputs()}
+        outputs = self._outputs = {name: typed for s in stages for name, typed
+                                   in output_types(onnx.ModelProto.FromString(s).graph).items()}
         # Links stay on the host: the collectives read and write them in place.
         self.links: dict[str, np.ndarray] = {}
         self._link_values: dict[str, ort.OrtValue] = {}
@@ -94,11 +95,7 @@ class StagedRunner(StepRunner):
         return binding
 
     def bind_input(self, name: str, value: np.ndarray) -> None:
-        array = np.asarray(value)
-        array = array if array.flags.c_contiguous else np.array(array, order="C")
-        ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
-                    else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        self._pinned[name] = (array, ortvalue)  # the OrtValue borrows the array's memory
+        ortvalue = self._pin(name, value)
         for k, bindings in enumerate(self._stage_bindings):
             if name in self._inputs[k]:
                 for binding in bindings:
@@ -130,9 +127,3 @@ class StagedRunner(StepRunner):
         self.runs += 1
         return results
 
-
-def _np_type(onnx_type: str) -> np.dtype:
-    return np.dtype({
-        "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-    }[onnx_type])

@@ -44,7 +44,7 @@ class StepRunner:
         self.state = dict(state)
         self.carried = list(carried)
         graph = onnx.ModelProto.FromString(model_bytes).graph
-        self._outputs = _output_types(graph)
+        self._outputs = output_types(graph)
         # ``in_place``: no run is ever undone, so state that only its own update reads has one
         # buffer, written over (see in_place_state).
         self.allow_in_place = in_place
@@ -162,12 +162,18 @@ class StepRunner:
 
     def bind_input(self, name: str, value: np.ndarray) -> None:
         """Bind a read-only input (frozen state) for every later run, without copying on the CPU."""
+        ortvalue = self._pin(name, value)
+        for binding in self._bindings or ():
+            binding.bind_ortvalue_input(name, ortvalue)
+
+    def _pin(self, name: str, value: np.ndarray) -> ort.OrtValue:
+        """``value`` as the OrtValue read-only input ``name`` is bound to, kept with its array
+        (on the CPU the OrtValue borrows the array's memory)."""
         array = _c_order(value)
         ortvalue = (ort.OrtValue.ortvalue_from_numpy(array) if self.device == "cpu"
                     else ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
-        self._pinned[name] = (array, ortvalue)  # the OrtValue borrows the array's memory
-        for binding in self._bindings or ():
-            binding.bind_ortvalue_input(name, ortvalue)
+        self._pinned[name] = (array, ortvalue)
+        return ortvalue
 
     # ----------------------------------------------------------------- running
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -207,7 +213,7 @@ def _c_order(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
-def _output_types(graph: onnx.GraphProto) -> dict[str, tuple[list[int], np.dtype]]:
+def output_types(graph: onnx.GraphProto) -> dict[str, tuple[list[int], np.dtype]]:
     """Each graph output's static shape and dtype, by name (read from the model, no session)."""
     return {o.name: ([d.dim_value for d in o.type.tensor_type.shape.dim],
                      onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type))

@@ -174,7 +174,8 @@ class Program:
                  created: dict[str, tuple[Any, Tensor, str]],
                  owned: dict[str, tuple[Any, Tensor, str]] | None = None,
                  followed: dict[str, Tensor] | None = None, cleared: Sequence[Tensor] = (),
-                 checks: Sequence[tuple[list[str], Callable[..., str | None], type]] = ()):
+                 checks: Sequence[tuple[list[str], Callable[..., str | None], type]] = (),
+                 checks_first: onnx.ModelProto | None = None):
         self.model = model
         self.runner = runner
         self.data_names = data_names
@@ -195,9 +196,8 @@ class Program:
         # Checks of the data alone (a label out of range) run before the step (_check_first),
         # where the runner writes state over in place. NOTE: not for a data-parallel step: a
         # process that raised before its collectives would leave the others waiting in them.
-        self._checks_first = (_checks_first(model, self.checks, data_names, scalars)
-                              if runner.allow_in_place else None)
-        self._check_session: Any = None
+        self._checks_first = checks_first if runner.allow_in_place else None
+        self._check_session: Any = None  # (session, its input names), made at the first run
         self.synced: dict[str, Val] = {}  # read-only state: the Val last bound
         self.call_args: list[Any] = []  # the traced call's non-tensor arguments (None: a tensor)
         self.views = RunnerViews(shared=runner.device == "cpu")
@@ -271,12 +271,11 @@ class Program:
     def _check_first(self, feeds: dict[str, np.ndarray]) -> None:
         """Run the checks of the data before the step: a failed one raises with nothing run."""
         if self._check_session is None:
-            self._check_session = make_session(self._checks_first.SerializeToString(),
-                                               spinning=False)
-        session = self._check_session
-        names = [n for names, _, _ in self.checks for n in names]
-        values = dict(zip(names, session.run(names, {i.name: feeds[i.name]
-                                                     for i in session.get_inputs()})))
+            session = make_session(self._checks_first.SerializeToString(), spinning=False)
+            self._check_session = (session, [i.name for i in session.get_inputs()])
+        session, inputs = self._check_session
+        names = [o.name for o in self._checks_first.graph.output]
+        values = dict(zip(names, session.run(names, {n: feeds[n] for n in inputs})))
         for names, report, error in self.checks:
             message = report([values[n] for n in names])
             if message is not None:
@@ -719,6 +718,7 @@ class CompiledFunction:
             parts = split_step(proto, trace, names, state_pairs, initial, list(grads), data_names)
             runner = parts.runner
             program_type = functools.partial(SplitProgram, parts=parts)
+            first = None
         else:
             # NOTE: state is written over in place only where no run is undone: where every
             # check runs before the step (a check of the run's results undoes a failed run).
@@ -735,7 +735,7 @@ class CompiledFunction:
                    if g is not None and grads_after.get(tid) is None]
         return program_type(proto, runner, data_names, root_names[:len(out_tensors)], out_tree,
                             updated, readonly, grads, scalars, created, owned, followed, cleared,
-                            checks)
+                            checks, checks_first=first)
 
     def keep_last(self) -> None:
         """Drop every program but the last one run (and the runtime buffers it holds)."""
