@@ -103,9 +103,11 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
     from onnxgrad.runtime import session as session_module
     from onnxgrad.runtime import step as step_module
 
-    def make(model_bytes: bytes) -> ort.InferenceSession:
+    def make(model_bytes: bytes, optimized: str | None = None) -> ort.InferenceSession:
         options = session_module.session_options(level=level)
         options.intra_op_num_threads = threads
+        if optimized is not None:  # where the runner reads the graph that runs
+            options.optimized_model_filepath = optimized
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.enable_cpu_mem_arena = arena

@@ -55,9 +55,11 @@ def _use_threads(threads: int) -> None:
     from onnxgrad.runtime import session as session_module
     from onnxgrad.runtime import step as step_module
 
-    def make(model_bytes: bytes) -> ort.InferenceSession:
+    def make(model_bytes: bytes, optimized: str | None = None) -> ort.InferenceSession:
         options = session_module.session_options()
         options.intra_op_num_threads = threads
+        if optimized is not None:  # where the runner reads the graph that runs
+            options.optimized_model_filepath = optimized
         return ort.InferenceSession(model_bytes, options,
                                     providers=session_module.get_providers())
 

@@ -123,15 +123,19 @@ def add_model_check(check: ModelCheck) -> Callable[[], None]:
 
 
 def make_session(model: onnx.ModelProto | bytes, *, level: str = "extended",
-                 spinning: bool = True, arena: bool = True) -> ort.InferenceSession:
+                 spinning: bool = True, arena: bool = True, optimized: str | None = None
+                 ) -> ort.InferenceSession:
+    """``optimized``: a path where ONNX Runtime writes the graph it runs (after its own
+    optimizations: fusions, eliminations)."""
     if _model_checks:
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
         for check in _model_checks.copy():  # a check may remove itself
             check(proto)
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, session_options(level=level, spinning=spinning,
-                                                      arena=arena),
-                                providers=get_providers())
+    options = session_options(level=level, spinning=spinning, arena=arena)
+    if optimized is not None:
+        options.optimized_model_filepath = optimized
+    return ort.InferenceSession(data, options, providers=get_providers())
 
 
 _MISSING = object()

@@ -15,10 +15,15 @@ Knows nothing of tensors: state is named arrays; the tracer maps them to tensors
 """
 from __future__ import annotations
 
+import heapq
+import math
+import os
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 from .session import get_providers, make_session
@@ -39,16 +44,20 @@ class StepRunner:
         # (every eager value of the traced call) is still alive, and the session's own memory
         # on top of it made the first call the step's memory peak (densenet121 8x96: 831 MB,
         # against 683 MB running).
-        self._model_bytes: bytes | None = model_bytes
         self._session: ort.InferenceSession | None = None
         self.state = dict(state)
         self.carried = list(carried)
-        graph = onnx.ModelProto.FromString(model_bytes).graph
-        self._outputs = output_types(graph)
-        # ``in_place``: no run is ever undone, so state that only its own update reads has one
-        # buffer, written over (see in_place_state).
+        model = onnx.ModelProto.FromString(model_bytes)
+        self._outputs = output_types(model.graph)
+        # ``in_place``: no run is ever undone, so state that only its own update reads, or that
+        # order_late_readers made so, has one buffer, written over (see in_place_state).
         self.allow_in_place = in_place
-        self.in_place = in_place_state(graph, self.state) if in_place else set()
+        self.in_place = set()
+        if in_place:
+            if order_late_readers(model, self.state):
+                model_bytes = model.SerializeToString()
+            self.in_place = in_place_state(model.graph, self.state)
+        self._model_bytes: bytes | None = model_bytes
         self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         fed_back = set(self.state.values())
         self._free = [n for n in self._outputs if n not in fed_back and n not in self.carried]
@@ -76,9 +85,36 @@ class StepRunner:
     @property
     def session(self) -> ort.InferenceSession:
         if self._session is None:
-            self._session = make_session(self._model_bytes)
+            self._session = self._open() if self.in_place else make_session(self._model_bytes)
             self._model_bytes = None
         return self._session
+
+    def _open(self) -> ort.InferenceSession:
+        """The session, and which state it writes over in place: decided on the graph it runs.
+
+        NOTE: the runtime's own optimizations may make a node read a state input where the
+        model's node read a copy (a Transpose fused into the MatMul reading it): such state gets
+        its second buffer here."""
+        session, runs = None, None
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "optimized.onnx")
+            try:
+                session = make_session(self._model_bytes, optimized=path)
+                runs = onnx.load(path, load_external_data=False).graph
+            except Exception:  # noqa: BLE001 (a provider may refuse to save its graph)
+                runs = None
+        if session is None:  # two buffers each; a model that cannot run fails here again
+            session = make_session(self._model_bytes)
+        safe = in_place_state(runs, self.state) if runs is not None else set()
+        for name in self.in_place - safe:
+            self._put(1 - self.parity, name, np.empty_like(self._read(self.parity, name)))
+        self.in_place &= safe
+        return session
+
+    def start(self) -> None:
+        """Make the session if no run has yet: until then, ``in_place`` is what the model allows,
+        and the session's graph may allow less."""
+        self.session  # noqa: B018 (made by the property)
 
     def _bind(self) -> None:
         self._bindings: list[ort.IOBinding] | None = None  # made by the next run
@@ -118,11 +154,15 @@ class StepRunner:
                 self._sets[1][name] = self._sets[0][name]
                 if self.device == "cpu":
                     self._host[1][name] = array
-            elif self.device == "cpu":
-                self._host[parity][name] = array  # shared with the OrtValue: no copy
-                self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array)
             else:
-                self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+                self._put(parity, name, array)
+
+    def _put(self, parity: int, name: str, array: np.ndarray) -> None:
+        if self.device == "cpu":
+            self._host[parity][name] = array  # shared with the OrtValue: no copy
+            self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array)
+        else:
+            self._sets[parity][name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
     def _binding(self, parity: int) -> ort.IOBinding:
         binding = self.session.io_binding()
@@ -228,48 +268,241 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 #: Elementwise ops whose output may take the memory of an input of the output's shape: each
 #: element is read before it is written.
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+#: Ops whose output the runtime may place in its input's memory (a view, no copy), or fold into
+#: the node reading the output, which then reads the input itself (a Transpose into a MatMul).
+PASSED_THROUGH = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                            "Transpose", "Cast"})
 
 
-def in_place_state(graph: onnx.GraphProto, state: Mapping[str, str], reach: int = 32
-                   ) -> set[str]:
+def in_place_state(graph: onnx.GraphProto, state: Mapping[str, str]) -> set[str]:
     """The state inputs whose next value can be written over them: each node that reads the
-    input either makes the next value (elementwise) or leads to the node that does within
-    ``reach`` nodes, so it has run before the new value is written (the runtime runs one node at
-    a time, in an order that respects the edges).
+    input either makes the next value (elementwise) or is an ancestor of the node that does, so
+    it has run before the new value is written (the runtime runs one node at a time, in an order
+    that respects the edges).
 
     NOTE: an optimizer's state (momentum, Adam's moments) and BatchNorm's running statistics are
-    read only by their own update (resnet18's SGD momentum: 47 MB). Most parameters are read by
-    their layer's input gradient too, which need not run before the update: two buffers.
+    read only by their own update (resnet18's SGD momentum: 47 MB). A parameter is read by its
+    layer's input gradient too, which need not run before the update unless
+    ``order_late_readers`` made it (resnet18's parameters: 47 MB more).
     """
-    if any(_has_subgraph(node) for node in graph.node):
-        return set()  # a subgraph may read an outer value without naming it as an input
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in dict.fromkeys(node.input):
-            readers.setdefault(name, []).append(i)
-
-    def leads_to(start: int, target: int) -> bool:
-        seen, todo = {start}, [start]
-        while todo and len(seen) <= reach:
-            for out in nodes[todo.pop()].output:
-                for user in readers.get(out, ()):
-                    if user == target:
-                        return True
-                    if user not in seen:
-                        seen.add(user)
-                        todo.append(user)
-        return False
-
+    if any(_has_subgraph(node) for node in nodes):
+        return set()  # a subgraph may read an outer value without naming it as an input
+    producer, readers = _edges(nodes)
+    ancestors = _ancestors(nodes, producer)
+    if ancestors is None:
+        return set()
     found = set()
     for name, out in state.items():
         made = producer.get(out)
         if made is not None and all(
-                nodes[i].op_type in ELEMENTWISE if i == made else leads_to(i, made)
-                for i in readers.get(name, ())):
+                nodes[i].op_type in ELEMENTWISE if i == made else ancestors[made] >> i & 1
+                for i in _memory_readers(nodes, readers, name)):
             found.add(name)
     return found
+
+
+def _memory_readers(nodes: Sequence[onnx.NodeProto], readers: Mapping[str, list[int]],
+                    name: str) -> list[int]:
+    """The nodes that may read value ``name``'s memory: its readers, and the readers of what
+    the runtime may pass it through without a copy of their own (``PASSED_THROUGH``)."""
+    found, todo = [], [name]
+    while todo:
+        for i in readers.get(todo.pop(), ()):
+            found.append(i)
+            if nodes[i].op_type in PASSED_THROUGH:
+                todo.append(nodes[i].output[0])
+    return found
+
+
+def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str]) -> bool:
+    """Make each node that reads a state input but need not run before the node writing its
+    next value (a layer's input gradient reads its weight) an ancestor of that node, so that
+    ``in_place_state`` can give the state one buffer. Edits ``model``; True when it did.
+
+    The edge is a scalar: one element of the late reader's output decides between a scalar
+    input of the update and that same input (``Where(Cast(r[0], bool), s, s)``, which is ``s``
+    whatever ``r`` holds, NaN included), fed to the update in place of ``s``: four nodes on one
+    element each, where the second buffer would be the parameter's size. Only a scalar input that
+    the late readers do not depend on is used (no cycle), and only for an update whose result
+    nothing else reads; nothing changes where either is missing.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    if any(_has_subgraph(node) for node in nodes):
+        return False
+    producer, readers = _edges(nodes)
+    ancestors = _ancestors(nodes, producer)
+    if ancestors is None:
+        return False
+    try:  # the shapes of gradients too (onnxruntime's graph: ~7 ms for resnet18's step)
+        shapes = _static_shapes(onnx.shape_inference.infer_shapes(model).graph)
+    except onnx.shape_inference.InferenceError:
+        shapes = _static_shapes(graph)
+    names = {n for node in nodes for n in (*node.input, *node.output)} | set(shapes)
+    flat, first = "order.flat", "order.first"
+    if flat in names or first in names:
+        return False
+    added: list[onnx.NodeProto] = []
+    edits: list[tuple[onnx.NodeProto, int, str]] = []
+    for name, out in state.items():
+        made = producer.get(out)
+        if made is None or any(readers.get(o) for o in nodes[made].output):
+            continue  # the update's result is read in the step: it is no place for an edge
+        late = [i for i in _memory_readers(nodes, readers, name)
+                if i != made and not ancestors[made] >> i & 1]
+        if not late:
+            continue
+        target = _scalar_input(nodes, producer, ancestors, made, late, shapes)
+        if target is None:
+            continue
+        node, slot = target
+        n = nodes.index(node)
+        sources = [_tie_source(nodes, readers, ancestors, i, n, shapes) for i in late]
+        if None in sources:
+            continue
+        scalar = node.input[slot]
+        for k, source in enumerate(sources):
+            stem = f"order.{name}.{k}"
+            if any(f"{stem}.{part}" in names for part in ("flat", "first", "flag", "out")):
+                break
+            added += [
+                onnx.helper.make_node("Reshape", [source, flat], [f"{stem}.flat"], f"{stem}.flat"),
+                onnx.helper.make_node("Gather", [f"{stem}.flat", first], [f"{stem}.first"],
+                                      f"{stem}.first"),
+                onnx.helper.make_node("Cast", [f"{stem}.first"], [f"{stem}.flag"], f"{stem}.flag",
+                                      to=onnx.TensorProto.BOOL),
+                onnx.helper.make_node("Where", [f"{stem}.flag", scalar, scalar], [f"{stem}.out"],
+                                      f"{stem}.out"),
+            ]
+            scalar = f"{stem}.out"
+        edits.append((node, slot, node.input[slot]))
+        node.input[slot] = scalar
+    if not added:
+        return False
+    order = _topological(nodes + added)
+    if order is None:  # an edge closed a cycle through another update's: leave it as it was
+        for node, slot, scalar in edits:
+            node.input[slot] = scalar
+        return False
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array([-1], np.int64), flat),
+                              onnx.numpy_helper.from_array(np.array(0, np.int64), first)])
+    del graph.node[:]
+    graph.node.extend(order)
+    return True
+
+
+def _edges(nodes: Sequence[onnx.NodeProto]) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Which node makes each value, and which nodes read it (once each)."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in dict.fromkeys(node.input):
+            if name:
+                readers.setdefault(name, []).append(i)
+    return producer, readers
+
+
+def _ancestors(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int]) -> list[int] | None:
+    """Each node's ancestors as a bit mask over node indices; None when the nodes are not in
+    topological order (as ONNX requires)."""
+    masks: list[int] = []
+    for i, node in enumerate(nodes):
+        mask = 0
+        for name in node.input:
+            j = producer.get(name)
+            if j is not None:
+                if j >= i:
+                    return None
+                mask |= masks[j] | 1 << j
+        masks.append(mask)
+    return masks
+
+
+def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int] | None]:
+    """Each typed value's static shape (None where a dimension is symbolic or unknown)."""
+    shapes: dict[str, list[int] | None] = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            shapes[info.name] = None
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        shapes[info.name] = None if None in dims else dims
+    for init in graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _tie_source(nodes: Sequence[onnx.NodeProto], readers: Mapping[str, list[int]],
+                ancestors: Sequence[int], late: int, target: int,
+                shapes: Mapping[str, list[int] | None], small: int = 4096, reach: int = 32
+                ) -> str | None:
+    """The value a tie reads to know that node ``late`` has run: the nearest small value made
+    from its output (a gradient's channel sums), else its own output; none that ``target``
+    (where the tie goes) leads to.
+
+    NOTE: the tie holds its value until the update runs, which may be long after: a large one
+    (a layer's input gradient) kept densenet121's step 6 MB above its two buffers."""
+    fallback = None
+    seen, todo = {late}, [late]
+    while todo and len(seen) <= reach:
+        i = todo.pop(0)
+        if i == target or ancestors[i] >> target & 1:
+            continue
+        for out in nodes[i].output:
+            shape = shapes.get(out)
+            if not out or shape is None or not all(d > 0 for d in shape):
+                continue
+            if math.prod(shape) <= small:
+                return out
+            if i == late and fallback is None:
+                fallback = out
+        for out in nodes[i].output:
+            for user in readers.get(out, ()):
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+    return fallback
+
+
+def _scalar_input(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int],
+                  ancestors: Sequence[int], made: int, late: Sequence[int],
+                  shapes: Mapping[str, list[int] | None], reach: int = 16
+                  ) -> tuple[onnx.NodeProto, int] | None:
+    """(node, input slot) of a scalar that the update ``made`` depends on through a node none of
+    the ``late`` readers depends on: the nearest, searching back from the update."""
+    seen, todo = {made}, [made]
+    while todo and len(seen) <= reach:
+        i = todo.pop(0)
+        if not any(ancestors[r] >> i & 1 for r in late):
+            for slot, name in enumerate(nodes[i].input):
+                if name and shapes.get(name) == []:
+                    return nodes[i], slot
+        for name in nodes[i].input:
+            j = producer.get(name)
+            if j is not None and j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return None
+
+
+def _topological(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """``nodes`` in an order where each comes after the nodes making its inputs, as close to the
+    given order as that allows; None when they form a cycle."""
+    producer, readers = _edges(nodes)
+    waiting = [len({producer[n] for n in node.input if n in producer}) for node in nodes]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for user in {u for out in nodes[i].output for u in readers.get(out, ())}:
+            waiting[user] -= 1
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    return order if len(order) == len(nodes) else None
 
 
 def data_subgraph(model: onnx.ModelProto, outputs: Sequence[str], fed: Collection[str]

@@ -206,6 +206,7 @@ class Program:
 
     def run(self, args: Sequence[np.ndarray]) -> Any:
         runner, synced = self.runner, self.synced
+        runner.start()  # settles which state is written over in place
         for name, (opt, p, key) in self.owned.items():
             # optimizer.load_state_dict puts new state tensors into opt.state: follow them.
             t = opt.state.get(p, {}).get(key)
