@@ -40,6 +40,7 @@ class StagedRunner(StepRunner):
         self.state = dict(state)
         self.carried = list(carried)
         self.allow_in_place, self.in_place = False, set()  # two buffers per state
+        self._viewed = {}  # every output written in its own shape
         self.between = between
         self.returned = list(returned)
         self.device = "cpu" if all(s.get_providers()[0] == "CPUExecutionProvider"

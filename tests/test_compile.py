@@ -513,6 +513,31 @@ def test_in_place_state_is_decided_on_the_graph_onnxruntime_runs(monkeypatch) ->
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_weight_gradients_are_written_before_their_reshape() -> None:
+    """A convolution's weight gradient is a matrix product reshaped to the weight's shape: the
+    session writes the product where the gradient is bound (the Reshape copied it there), and
+    .grad views that buffer in the weight's shape, equal to the eager step's gradient."""
+    def convnet():
+        og.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(32 * 6 * 6, 5))
+
+    x, y = _data((2, 16, 6, 6))
+    model, _, step = _trainer(convnet)
+    eager_model, _, eager = _trainer(convnet, compiled=False)
+    for _ in range(3):
+        step(x, y)
+        eager(og.tensor(x), og.tensor(y))
+    runner = step.last.runner
+    assert runner._viewed == {"grad.0.weight": [32, 16, 3, 3]}
+    weight = model[0].weight
+    assert weight.grad.shape == weight.shape
+    assert np.shares_memory(weight.grad._v.data, runner.carried_output("grad.0.weight"))
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_results_handed_out_are_never_overwritten() -> None:
     model, optim, step = _trainer(_mlp)
     batches = [_data((4, 12), seed=s) for s in range(5)]
