@@ -422,7 +422,18 @@ def profile(config: str, runs: int) -> int:
     print("  top (op type, origin):")
     for (op, where), dur in sorted(by_both.items(), key=lambda kv: -kv[1])[:10]:
         print(f"    {op:<22}{where:<10}{dur / runs / 1e3:9.2f} ms{dur / total:8.1%}")
+    # What ONNX Runtime's convolution and matrix-product kernels alone take: a step cannot run
+    # faster than that on this provider, whatever the rest of the graph does.
+    products = sum(dur for op, dur in by_op.items() if op in PRODUCTS)
+    print(f"  convolutions and matrix products ({', '.join(sorted(PRODUCTS & set(by_op)))}): "
+          f"{products / runs / 1e3:.1f} ms/run, {products / total:.1%} of the kernel time")
     return 0
+
+
+#: ONNX Runtime's kernels that compute convolutions and matrix products (ONNX's and the ones its
+#: fusions make), in the forward pass and the gradient formulations alike.
+PRODUCTS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Col2Im", "MatMul", "FusedMatMul",
+                      "Gemm", "FusedGemm"})
 
 
 # --------------------------------------------------------------------------- main

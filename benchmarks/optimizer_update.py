@@ -1,7 +1,7 @@
 """Time the optimizer update alone for resnet18's parameters: onnxgrad against PyTorch.
 
 onnxgrad's eager ``optimizer.step()`` is a compiled update (the optimizer's ONNX nodes for every
-parameter in one model, state double-buffered in the runner); PyTorch's is its CPU default (the
+parameter in one model, state written over in place by the runner); PyTorch's is its CPU default (the
 single-tensor loop: on CPU ``foreach`` defaults to False), its ``foreach=True`` multi-tensor
 path and, for AdamW, ``fused=True``. Gradients are set once (random, fixed); each timed call is
 one ``step()`` over resnet18's 62 parameter tensors (11.7M parameters).

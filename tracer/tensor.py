@@ -274,8 +274,8 @@ class Tensor:
                                "Use tensor.detach().numpy() instead.")
         val = self._v
         if getattr(val, "shared", None) == "runner":
-            # NOTE: an optimizer's or compiled step's double-buffered state: the runner
-            # rewrites this buffer two steps on, so the caller gets a snapshot.
+            # NOTE: an optimizer's or compiled step's state: the runner rewrites this
+            # buffer (the next step in place, or two steps on), so the caller gets a snapshot.
             return np.array(val.data, copy=True)
         val.shared = True
         return val.data

@@ -84,7 +84,7 @@ class Val:
 
     # NOTE: ``shared`` and ``saved`` are left unset (read with getattr) so making a Val costs
     # nothing more. ``shared``: True once its buffer is shared with NumPy (og.from_numpy,
-    # .numpy()), "runner" for a double-buffered runner state buffer (tracer/views.py). ``saved``:
+    # .numpy()), "runner" for a runner's state buffer (tracer/views.py). ``saved``:
     # True once a record that gradients flow through reads it (in-place ops must not overwrite it).
     __slots__ = ("data", "rec", "index", "requires_grad", "leaf", "const", "owner", "readers",
                  "shared", "saved", "__weakref__")

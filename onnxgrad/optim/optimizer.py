@@ -12,7 +12,7 @@ Everything else is shared, so nothing outside this file knows a particular optim
   hyperparameters scalar inputs read from ``param_groups`` at every call (a schedule never
   retraces);
 - ``step()`` run eagerly is the same thing compiled on its own: a small compiled program whose
-  data inputs are the gradients, run by the same double-buffered state runner as any compiled
+  data inputs are the gradients, run by the same state runner (in place) as any compiled
   step, so eager and compiled updates share every node;
 - exported files and imported models are compiled steps, so they get it for free.
 
