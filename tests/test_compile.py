@@ -434,8 +434,7 @@ def test_state_alternates_between_two_buffers_where_a_run_may_be_undone() -> Non
     x, y = _data((4, 12))
     step(x, y)
     runner = step.last.runner
-    model = onnx.ModelProto.FromString(step.last.model.SerializeToString())
-    twin = StepRunner(model.SerializeToString(), runner.state,
+    twin = StepRunner(step.last.model.SerializeToString(), runner.state,
                       {name: runner.current(name).copy() for name in runner.state},
                       carried=runner.carried, in_place=False)
     feeds = dict(zip(step.last.data_names, (x, y)))
