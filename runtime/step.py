@@ -47,9 +47,10 @@ class StepRunner:
         self.state = dict(state)
         self.carried = list(carried)
         model = onnx.ModelProto.FromString(model_bytes)
+        shapes = _inferred_shapes(model) if self.carried or in_place else {}
         # Carried outputs the session writes before their Reshape: the runner views them in
         # their shape (see outputs_before_reshape).
-        self._viewed = outputs_before_reshape(model, self.carried)
+        self._viewed = outputs_before_reshape(model, self.carried, shapes)
         edited = bool(self._viewed)
         self._outputs = output_types(model.graph)
         # ``in_place``: no run is ever undone, so state that only its own update reads, or that
@@ -57,7 +58,7 @@ class StepRunner:
         self.allow_in_place = in_place
         self.in_place = set()
         if in_place:
-            edited |= order_late_readers(model, self.state)
+            edited |= order_late_readers(model, self.state, shapes)
             self.in_place = in_place_state(model.graph, self.state)
         self._model_bytes: bytes | None = model.SerializeToString() if edited else model_bytes
         self.device = "cuda" if get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -319,7 +320,8 @@ def _memory_readers(nodes: Sequence[onnx.NodeProto], readers: Mapping[str, list[
     return found
 
 
-def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str]) -> bool:
+def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
+                       shapes: Mapping[str, list[int] | None] | None = None) -> bool:
     """Make each node that reads a state input but need not run before the node writing its
     next value (a layer's input gradient reads its weight) an ancestor of that node, so that
     ``in_place_state`` can give the state one buffer. Edits ``model``; True when it did.
@@ -329,7 +331,8 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str]) -> bool
     whatever ``r`` holds, NaN included), fed to the update in place of ``s``: four nodes on one
     element each, where the second buffer would be the parameter's size. Only a scalar input that
     the late readers do not depend on is used (no cycle), and only for an update whose result
-    nothing else reads; nothing changes where either is missing.
+    nothing else reads; nothing changes where either is missing. ``shapes``: each value's static
+    shape (inferred when not given).
     """
     graph = model.graph
     nodes = list(graph.node)
@@ -339,7 +342,8 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str]) -> bool
     ancestors = _ancestors(nodes, producer)
     if ancestors is None:
         return False
-    shapes = _inferred_shapes(model)
+    if shapes is None:
+        shapes = _inferred_shapes(model)
     names = {n for node in nodes for n in (*node.input, *node.output)} | set(shapes)
     flat, first = "order.flat", "order.first"
     if flat in names or first in names:
@@ -392,12 +396,14 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str]) -> bool
     return True
 
 
-def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str]
+def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
+                           shapes: dict[str, list[int] | None] | None = None
                            ) -> dict[str, list[int]]:
     """Each output among ``names`` made by a Reshape of a value nothing else reads (a weight
     gradient's matrix product) becomes that value, which the runtime then writes where the
     output is bound: the Reshape copied it there (resnet18's layer4 weight gradients: 9 MB,
-    1.5 ms each). Edits ``model``; returns each such output's shape, to view its buffer in.
+    1.5 ms each). Edits ``model`` (and ``shapes``, each value's static shape, inferred when not
+    given); returns each such output's shape, to view its buffer in.
     """
     graph = model.graph
     nodes = list(graph.node)
@@ -410,7 +416,8 @@ def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str]
              and readers.get(nodes[i].input[0]) == [i] and f"{name}.view" not in producer]
     if not found:
         return {}
-    shapes = _inferred_shapes(model)
+    if shapes is None:
+        shapes = _inferred_shapes(model)
     viewed: dict[str, list[int]] = {}
     gone = set()
     for name, i in found:
@@ -419,6 +426,7 @@ def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str]
         if shape is None or not declared.dim:
             continue
         viewed[name] = [d.dim_value for d in declared.dim]
+        shapes[name] = shape
         gone |= {name, source}
         made = nodes[producer[source]]
         made.output[list(made.output).index(source)] = name
