@@ -361,8 +361,9 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
         target = _scalar_input(nodes, producer, ancestors, made, late, shapes)
         if target is None:
             continue
-        node, slot = target
-        sources = [_first_sized_output(nodes[i], shapes) for i in late]
+        n, slot = target
+        node = nodes[n]
+        sources = [_tie_source(nodes, readers, ancestors, i, n, shapes) for i in late]
         if None in sources:
             continue
         scalar = node.input[slot]
@@ -493,25 +494,38 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int] | None]:
     return shapes
 
 
-def _first_sized_output(node: onnx.NodeProto, shapes: Mapping[str, list[int] | None]
-                        ) -> str | None:
-    """An output of ``node`` known to hold at least one element (the one a tie reads).
+def _tie_source(nodes: Sequence[onnx.NodeProto], readers: Mapping[str, list[int]],
+                ancestors: Sequence[int], late: int, target: int,
+                shapes: Mapping[str, list[int] | None], reach: int = 32) -> str | None:
+    """The value a tie reads to know that node ``late`` has run: its own output where that is
+    known to hold an element, else the nearest such value made from it (a symbolic batch: the
+    gradient's channel sums), never one that ``target`` (where the tie goes) leads to.
 
-    NOTE: measured against reading the nearest small value made from it instead (a gradient's
-    channel sums), which the tie would keep alive for less: no lower (resnet18 8x64 330 / 330
-    MB, mobilenet_v2 374 / 360, efficientnet_b0 477 / 471, densenet121 661 / 665)."""
-    for out in node.output:
-        shape = shapes.get(out)
-        if out and shape is not None and all(d > 0 for d in shape):
-            return out
+    NOTE: measured against reading the nearest small value made from it in every case, which
+    the tie would keep alive for less: no lower (resnet18 8x64 330 / 330 MB, mobilenet_v2 374 /
+    360, efficientnet_b0 477 / 471, densenet121 661 / 665)."""
+    seen, todo = {late}, [late]
+    while todo and len(seen) <= reach:
+        i = todo.pop(0)
+        if i == target or ancestors[i] >> target & 1:
+            continue
+        for out in nodes[i].output:
+            shape = shapes.get(out)
+            if out and shape is not None and all(d > 0 for d in shape):
+                return out
+        for out in nodes[i].output:
+            for user in readers.get(out, ()):
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
     return None
 
 
 def _scalar_input(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int],
                   ancestors: Sequence[int], made: int, late: Sequence[int],
                   shapes: Mapping[str, list[int] | None], reach: int = 16
-                  ) -> tuple[onnx.NodeProto, int] | None:
-    """(node, input slot) of a scalar that the update ``made`` depends on through a node none of
+                  ) -> tuple[int, int] | None:
+    """(node index, input slot) of a scalar that the update ``made`` depends on through a node none of
     the ``late`` readers depends on: the nearest, searching back from the update."""
     seen, todo = {made}, [made]
     while todo and len(seen) <= reach:
@@ -519,7 +533,7 @@ def _scalar_input(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int],
         if not any(ancestors[r] >> i & 1 for r in late):
             for slot, name in enumerate(nodes[i].input):
                 if name and shapes.get(name) == []:
-                    return nodes[i], slot
+                    return i, slot
         for name in nodes[i].input:
             j = producer.get(name)
             if j is not None and j not in seen:

@@ -472,6 +472,22 @@ def test_late_readers_are_ordered_before_the_update() -> None:
     assert not [n for n in step.last.model.graph.node if n.name.startswith("order.")]
 
 
+def test_a_dynamic_batch_step_writes_every_state_in_place() -> None:
+    """With a symbolic batch, the Linear's input gradient has no known size: its tie reads the
+    nearest value made from it that has one. Every state has one buffer; the steps are eager's."""
+    model, _, plain = _trainer(_convnet, compiled=False)
+    step = og.compile(plain, dynamic=True)
+    eager_model, _, eager = _trainer(_convnet, compiled=False)
+    for b in (4, 3, 5):
+        x, y = _data((b, 3, 6, 6), seed=b)
+        np.testing.assert_allclose(float(step(x, y)), float(eager(og.tensor(x), og.tensor(y))),
+                                   rtol=1e-5)
+    runner = step.last.runner
+    assert runner.in_place == set(runner.state)
+    for (k, a), b in zip(model.state_dict().items(), eager_model.state_dict().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_in_place_state_is_decided_on_the_graph_onnxruntime_runs(monkeypatch) -> None:
     """ONNX Runtime folds a weight's Transpose into each MatMul reading it, so the input
     gradient's MatMul reads the weight itself. Where the model's graph missed such a reader,
