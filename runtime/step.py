@@ -326,8 +326,8 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
     next value (a layer's input gradient reads its weight) an ancestor of that node, so that
     ``in_place_state`` can give the state one buffer. Edits ``model``; True when it did.
 
-    The edge is a scalar: one element of the late reader's output decides between a scalar
-    input of the update and that same input (``Where(Cast(r[0], bool), s, s)``, which is ``s``
+    The edge is a scalar: one element of the late reader's output (or of a value made from it,
+    see ``_tie_source``) decides between a scalar input of the update and that same input (``Where(Cast(r[0], bool), s, s)``, which is ``s``
     whatever ``r`` holds, NaN included), fed to the update in place of ``s``: four nodes on one
     element each, where the second buffer would be the parameter's size. Only a scalar input that
     the late readers do not depend on is used (no cycle), and only for an update whose result
@@ -387,7 +387,7 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
         return False
     order = _topological(nodes + added)
     if order is None:  # an edge closed a cycle through another update's: leave it as it was
-        for node, slot, scalar in edits:
+        for node, slot, scalar in reversed(edits):  # a node two states tie into: its first input
             node.input[slot] = scalar
         return False
     graph.initializer.extend([onnx.numpy_helper.from_array(np.array([-1], np.int64), flat),
