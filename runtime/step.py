@@ -291,12 +291,10 @@ def in_place_state(graph: onnx.GraphProto, state: Mapping[str, str]) -> set[str]
     ``order_late_readers`` made it (resnet18's parameters: 47 MB more).
     """
     nodes = list(graph.node)
-    if any(_has_subgraph(node) for node in nodes):
-        return set()  # a subgraph may read an outer value without naming it as an input
-    producer, readers = _edges(nodes)
-    ancestors = _ancestors(nodes, producer)
-    if ancestors is None:
+    dag = _dag(nodes)
+    if dag is None:
         return set()
+    producer, readers, ancestors = dag
     found = set()
     for name, out in state.items():
         made = producer.get(out)
@@ -327,21 +325,20 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
     ``in_place_state`` can give the state one buffer. Edits ``model``; True when it did.
 
     The edge is a scalar: one element of the late reader's output (or of a value made from it,
-    see ``_tie_source``) decides between a scalar input of the update and that same input (``Where(Cast(r[0], bool), s, s)``, which is ``s``
-    whatever ``r`` holds, NaN included), fed to the update in place of ``s``: four nodes on one
-    element each, where the second buffer would be the parameter's size. Only a scalar input that
+    see ``_tie_source``) decides between a scalar input of the update and that same input
+    (``Where(Cast(r[0], bool), s, s)``, which is ``s`` whatever ``r`` holds, NaN included), fed
+    to the update in place of ``s``: four nodes on one element each, where the second buffer
+    would be the parameter's size. Only a scalar input that
     the late readers do not depend on is used (no cycle), and only for an update whose result
     nothing else reads; nothing changes where either is missing. ``shapes``: each value's static
     shape (inferred when not given).
     """
     graph = model.graph
     nodes = list(graph.node)
-    if any(_has_subgraph(node) for node in nodes):
+    dag = _dag(nodes)
+    if dag is None:
         return False
-    producer, readers = _edges(nodes)
-    ancestors = _ancestors(nodes, producer)
-    if ancestors is None:
-        return False
+    producer, readers, ancestors = dag
     if shapes is None:
         shapes = _inferred_shapes(model)
     names = {n for node in nodes for n in (*node.input, *node.output)} | set(shapes)
@@ -463,6 +460,18 @@ def _edges(nodes: Sequence[onnx.NodeProto]) -> tuple[dict[str, int], dict[str, l
     return producer, readers
 
 
+def _dag(nodes: Sequence[onnx.NodeProto]
+         ) -> tuple[dict[str, int], dict[str, list[int]], list[int]] | None:
+    """(producer, readers, ancestors) of a graph's nodes (see ``_edges``, ``_ancestors``); None
+    when a node holds a subgraph (it may read an outer value without naming it as an input) or
+    the nodes are not in topological order."""
+    if any(_has_subgraph(node) for node in nodes):
+        return None
+    producer, readers = _edges(nodes)
+    ancestors = _ancestors(nodes, producer)
+    return None if ancestors is None else (producer, readers, ancestors)
+
+
 def _ancestors(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int]) -> list[int] | None:
     """Each node's ancestors as a bit mask over node indices; None when the nodes are not in
     topological order (as ONNX requires)."""
@@ -525,8 +534,8 @@ def _scalar_input(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int],
                   ancestors: Sequence[int], made: int, late: Sequence[int],
                   shapes: Mapping[str, list[int] | None], reach: int = 16
                   ) -> tuple[int, int] | None:
-    """(node index, input slot) of a scalar that the update ``made`` depends on through a node none of
-    the ``late`` readers depends on: the nearest, searching back from the update."""
+    """(node index, input slot) of a scalar that the update ``made`` depends on through a node
+    none of the ``late`` readers depends on: the nearest, searching back from the update."""
     seen, todo = {made}, [made]
     while todo and len(seen) <= reach:
         i = todo.pop(0)
@@ -569,7 +578,7 @@ def data_subgraph(model: onnx.ModelProto, outputs: Sequence[str], fed: Collectio
     one changes nothing and no run needs undoing."""
     graph = model.graph
     nodes = list(graph.node)
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    producer, _ = _edges(nodes)
     inputs = {i.name: i for i in graph.input}
     constants = {t.name for t in graph.initializer}
     keep: set[int] = set()
