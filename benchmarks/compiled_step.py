@@ -365,32 +365,39 @@ def options(config: str, rounds: int | None) -> int:
 
 
 def profile(config: str, runs: int) -> int:
-    """ONNX Runtime's own profile of the compiled step: kernel time by op type and by origin."""
-    import onnxruntime as ort
-    from onnxgrad.runtime.metadata import ORIGIN
-    from onnxgrad.runtime.session import get_providers, session_options
+    """ONNX Runtime's own profile of the compiled step: kernel time by op type and by origin.
 
+    NOTE: the session the runner makes, run by the step itself: the graph with the runner's
+    edits (gradients written before their Reshape, in-place ties), bound to its buffers."""
+    import onnxruntime as ort
+    from onnxgrad.runtime import session as session_module
+    from onnxgrad.runtime import step as step_module
+    from onnxgrad.runtime.metadata import ORIGIN
+
+    prefix = os.path.join(tempfile.gettempdir(), f"onnxgrad_{config}")
+    made: list[ort.InferenceSession] = []
+
+    def make(model_bytes: bytes, optimized: str | None = None) -> ort.InferenceSession:
+        options = session_module.session_options()
+        options.enable_profiling = True
+        options.profile_file_prefix = prefix
+        if optimized is not None:
+            options.optimized_model_filepath = optimized
+        made.append(ort.InferenceSession(model_bytes, options,
+                                         providers=session_module.get_providers()))
+        return made[-1]
+
+    step_module.make_session = make
     x, y = _data(config)
     _, step = onnxgrad_step(config)
-    step(x, y)
-    program = step.last
-    model = program.model
+    float(step(x, y))  # warm-up, left out of the figures
     origin = {n.name: next((p.value for p in n.metadata_props if p.key == ORIGIN), "?")
-              for n in model.graph.node}
-    feeds = dict(zip(program.data_names, (x, y)))
-    feeds.update({n: program.runner.current(n) for n in program.updated})
-    feeds.update({n: t._v.data for n, t in program.readonly.items()})
-    feeds.update({n: np.asarray(g(), d) for n, (g, d) in program.scalars.items()})
-    options = session_options()
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"onnxgrad_{config}")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=get_providers())
-    session.run(None, feeds)  # warm-up, left out of the figures
+              for n in step.last.model.graph.node}
     start = time.perf_counter()
     for _ in range(runs):
-        session.run(None, feeds)
+        float(step(x, y))
     wall = (time.perf_counter() - start) / runs
-    path = session.end_profiling()
+    path = made[-1].end_profiling()
     with open(path) as f:
         events = json.load(f)
     os.unlink(path)
