@@ -78,6 +78,8 @@ CASES: list[OpCase] = [
     case("matmul/batched", lambda a, b: a @ b, np.matmul, (2, 2, 3), (2, 3, 4)),
     case("matmul/batch-broadcast", lambda a, b: a @ b, np.matmul, (2, 1, 2, 3), (3, 3, 4)),
     case("matmul/batched-2d", lambda a, b: a @ b, np.matmul, (5, 2, 3), (3, 4)),
+    case("matmul/batched4d-2d", lambda a, b: a @ b, np.matmul, (2, 3, 2, 3), (3, 4)),
+    case("matmul/batched-1d", lambda a, b: a @ b, np.matmul, (2, 4, 3), (3,)),
     case("matmul/1d-batched", lambda a, b: og.matmul(a, b), np.matmul, (3,), (2, 3, 4)),
     # ------------------------------------------------------------------ unary
     case("exp", og.exp, np.exp, (2, 3)),
