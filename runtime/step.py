@@ -47,10 +47,11 @@ class StepRunner:
         self.state = dict(state)
         self.carried = list(carried)
         model = onnx.ModelProto.FromString(model_bytes)
-        shapes = _inferred_shapes(model) if self.carried or in_place else {}
-        # Carried outputs the session writes before their Reshape: the runner views them in
-        # their shape (see outputs_before_reshape).
-        self._viewed = outputs_before_reshape(model, self.carried, shapes)
+        shapes = _inferred_shapes(model) if self.carried or self.state else {}
+        # Outputs the session writes before their Reshape: the runner binds them in the shape
+        # written and views them in their own (see outputs_before_reshape).
+        self._viewed = outputs_before_reshape(model, [*self.carried, *self.state.values()],
+                                              shapes)
         edited = bool(self._viewed)
         self._outputs = output_types(model.graph)
         # ``in_place``: no run is ever undone, so state that only its own update reads, or that
@@ -172,7 +173,11 @@ class StepRunner:
         src, dst = self._sets[parity], self._sets[1 - parity]
         for name, out in self.state.items():
             binding.bind_ortvalue_input(name, src[name])
-            binding.bind_ortvalue_output(out, dst[name])
+            if out in self._viewed:  # the next value, in the shape the session writes it
+                shape, dtype = self._outputs[out]
+                binding.bind_output(out, self.device, 0, dtype, shape, dst[name].data_ptr())
+            else:
+                binding.bind_ortvalue_output(out, dst[name])
         for name in self.carried:
             binding.bind_ortvalue_output(name, dst[name])
         for name in self._free:
@@ -397,9 +402,10 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
 def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
                            shapes: dict[str, list[int] | None] | None = None
                            ) -> dict[str, list[int]]:
-    """Each output among ``names`` made by a Reshape of a value nothing else reads (a weight
-    gradient's matrix product) becomes that value, which the runtime then writes where the
-    output is bound: the Reshape copied it there (resnet18's layer4 weight gradients: 9 MB,
+    """Each output among ``names`` made by a Reshape of a value the step computes (a weight
+    gradient's matrix product, a 1x1 convolution's weight or momentum updated as a matrix)
+    becomes that value, which the runtime then writes where the output is bound, and the nodes
+    reading it read it there: the Reshape copied it (resnet18's layer4 weight gradients: 9 MB,
     1.5 ms each). Edits ``model`` (and ``shapes``, each value's static shape, inferred when not
     given); returns each such output's shape, to view its buffer in.
     """
@@ -411,18 +417,20 @@ def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
              if name in producer and nodes[producer[name]].op_type == "Reshape"]
     found = [(name, i) for name, i in found
              if nodes[i].input[0] in producer and nodes[i].input[0] not in outputs
-             and readers.get(nodes[i].input[0]) == [i] and f"{name}.view" not in producer]
+             and f"{name}.view" not in producer]
     if not found:
         return {}
     if shapes is None:
         shapes = _inferred_shapes(model)
     viewed: dict[str, list[int]] = {}
     gone = set()
+    unread = []
     for name, i in found:
         reshape, source = nodes[i], nodes[i].input[0]
         shape, declared = shapes.get(source), outputs[name].type.tensor_type.shape
-        if shape is None or not declared.dim:
-            continue
+        if shape is None or source in gone or not declared.dim or not all(
+                d.HasField("dim_value") for d in declared.dim):
+            continue  # (a value reshaped into two outputs goes to the first)
         viewed[name] = [d.dim_value for d in declared.dim]
         shapes[name] = shape
         gone |= {name, source}
@@ -430,13 +438,19 @@ def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
         made.output[list(made.output).index(source)] = name
         for j in readers.get(name, ()):
             nodes[j].input[:] = [f"{name}.view" if v == name else v for v in nodes[j].input]
-        reshape.input[0], reshape.output[0] = name, f"{name}.view"
+        for j in readers[source]:
+            nodes[j].input[:] = [name if v == source else v for v in nodes[j].input]
+        reshape.output[0] = f"{name}.view"
+        if not readers.get(name):
+            unread.append(reshape)  # nothing reads the view: the Reshape goes
         del declared.dim[:]
         for d in shape:
             declared.dim.add().dim_value = d
     kept = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
     graph.value_info.extend(kept)
+    for reshape in unread:
+        graph.node.remove(reshape)
     return viewed
 
 

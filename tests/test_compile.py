@@ -553,6 +553,36 @@ def test_weight_gradients_are_written_before_their_reshape() -> None:
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_matrix_updates_are_written_before_their_reshape() -> None:
+    """A 1x1 convolution's weight and momentum are updated as matrices (ONNX Runtime's
+    broadcast walks trailing 1s one element at a time) and reshaped back: the session writes
+    the matrices where the state is bound, in place, and the tensors keep their own shape and
+    buffer, equal to the eager step's."""
+    def pointwise():
+        og.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4, 5))
+
+    x, y = _data((2, 16, 2, 2))
+    model, optim, step = _trainer(pointwise)
+    eager_model, _, eager = _trainer(pointwise, compiled=False)
+    weight = model[0].weight
+    addresses = set()
+    for _ in range(3):
+        step(x, y)
+        eager(og.tensor(x), og.tensor(y))
+        runner = step.last.runner
+        addresses.add(runner.current("0.weight").__array_interface__["data"][0])
+        addresses.add(runner.current("momentum.0.weight").__array_interface__["data"][0])
+    assert {runner.state[k] for k in ("0.weight", "momentum.0.weight")} <= set(runner._viewed)
+    assert runner._viewed[runner.state["0.weight"]] == [32, 16, 1, 1]
+    assert len(addresses) == 2  # one buffer each, written over by every run
+    assert weight.shape == (32, 16, 1, 1)
+    assert optim.state[weight]["momentum_buffer"].shape == (32, 16, 1, 1)
+    assert np.shares_memory(weight._v.data, runner.current("0.weight"))
+    for (k, a), b in zip(model.state_dict().items(), eager_model.state_dict().values()):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_results_handed_out_are_never_overwritten() -> None:
     model, optim, step = _trainer(_mlp)
     batches = [_data((4, 12), seed=s) for s in range(5)]
