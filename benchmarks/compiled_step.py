@@ -97,14 +97,21 @@ def _data(config: str) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- the two steps
 def use_session_options(level: str = "extended", threads: int = 0, spin: bool = True,
-                        arena: bool = True, pattern: bool | None = None) -> None:
-    """Make the compiled step's session (not the eager kernels) with these options."""
+                        arena: bool = True, pattern: bool | None = None,
+                        profile: str | None = None) -> list[Any]:
+    """Make the compiled step's session (not the eager kernels) with these options;
+    ``profile``: ONNX Runtime's profile file prefix. Returns the sessions made, as made."""
     import onnxruntime as ort
     from onnxgrad.runtime import session as session_module
     from onnxgrad.runtime import step as step_module
 
+    made: list[ort.InferenceSession] = []
+
     def make(model_bytes: bytes, optimized: str | None = None) -> ort.InferenceSession:
         options = session_module.session_options(level=level)
+        if profile is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile
         options.intra_op_num_threads = threads
         if optimized is not None:  # where the runner reads the graph that runs
             options.optimized_model_filepath = optimized
@@ -113,10 +120,12 @@ def use_session_options(level: str = "extended", threads: int = 0, spin: bool = 
         options.enable_cpu_mem_arena = arena
         if pattern is not None:
             options.enable_mem_pattern = pattern
-        return ort.InferenceSession(model_bytes, options,
-                                    providers=session_module.get_providers())
+        made.append(ort.InferenceSession(model_bytes, options,
+                                         providers=session_module.get_providers()))
+        return made[-1]
 
     step_module.make_session = make
+    return made
 
 
 def onnxgrad_step(config: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], Any]]:
@@ -369,25 +378,9 @@ def profile(config: str, runs: int) -> int:
 
     NOTE: the session the runner makes, run by the step itself: the graph with the runner's
     edits (gradients written before their Reshape, in-place ties), bound to its buffers."""
-    import onnxruntime as ort
-    from onnxgrad.runtime import session as session_module
-    from onnxgrad.runtime import step as step_module
     from onnxgrad.runtime.metadata import ORIGIN
 
-    prefix = os.path.join(tempfile.gettempdir(), f"onnxgrad_{config}")
-    made: list[ort.InferenceSession] = []
-
-    def make(model_bytes: bytes, optimized: str | None = None) -> ort.InferenceSession:
-        options = session_module.session_options()
-        options.enable_profiling = True
-        options.profile_file_prefix = prefix
-        if optimized is not None:
-            options.optimized_model_filepath = optimized
-        made.append(ort.InferenceSession(model_bytes, options,
-                                         providers=session_module.get_providers()))
-        return made[-1]
-
-    step_module.make_session = make
+    made = use_session_options(profile=os.path.join(tempfile.gettempdir(), f"onnxgrad_{config}"))
     x, y = _data(config)
     _, step = onnxgrad_step(config)
     float(step(x, y))  # warm-up, left out of the figures

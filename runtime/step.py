@@ -427,12 +427,12 @@ def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
     unread = []
     for name, i in found:
         reshape, source = nodes[i], nodes[i].input[0]
-        shape, declared = shapes.get(source), outputs[name].type.tensor_type.shape
-        if shape is None or source in gone or not declared.dim or not all(
-                d.HasField("dim_value") for d in declared.dim):
+        shape, own = shapes.get(source), shapes.get(name)
+        if shape is None or not own or source in gone:
             continue  # (a value reshaped into two outputs goes to the first)
-        viewed[name] = [d.dim_value for d in declared.dim]
+        viewed[name] = own
         shapes[name] = shape
+        declared = outputs[name].type.tensor_type.shape
         gone |= {name, source}
         made = nodes[producer[source]]
         made.output[list(made.output).index(source)] = name
