@@ -402,12 +402,13 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
 def outputs_before_reshape(model: onnx.ModelProto, names: Collection[str],
                            shapes: dict[str, list[int] | None] | None = None
                            ) -> dict[str, list[int]]:
-    """Each output among ``names`` made by a Reshape of a value the step computes (a weight
+    """Each output among ``names`` made by a Reshape of a value the graph computes (a weight
     gradient's matrix product, a 1x1 convolution's weight or momentum updated as a matrix)
-    becomes that value, which the runtime then writes where the output is bound, and the nodes
-    reading it read it there: the Reshape copied it (resnet18's layer4 weight gradients: 9 MB,
-    1.5 ms each). Edits ``model`` (and ``shapes``, each value's static shape, inferred when not
-    given); returns each such output's shape, to view its buffer in.
+    becomes that value, which the runtime then writes where the output is bound (or hands out,
+    for ``backward``'s session), and the nodes reading it read it there: the Reshape copied it
+    (resnet18's layer4 weight gradients: 9 MB, 1.5 ms each). Edits ``model`` (and ``shapes``,
+    each value's static shape, inferred when not given); returns each such output's shape, to
+    view its buffer in.
     """
     graph = model.graph
     nodes = list(graph.node)

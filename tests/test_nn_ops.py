@@ -31,6 +31,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxgrad.passes import gradient_graph
 from onnxgrad.passes.rules import nn as rules
 from onnxgrad.runtime import IR_VERSION, OPSET, make_session, run_node
+from onnxgrad.runtime import session as ort_session
 from onnxgrad.tracer import nnops
 from onnxgrad.tracer.autograd import backward, gradient_model
 from onnxgrad.tracer.tensor import attrs_key
@@ -574,6 +575,27 @@ def test_conv_other_ranks(rank: int) -> None:
     conv(xt, wt, stride=2, padding=1, groups=2).backward(torch.tensor(u))
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_backward_hands_out_weight_gradients_before_their_reshape() -> None:
+    """``backward``'s session outputs a weight gradient made by a Reshape of its matrix product
+    before the Reshape (which copied it) and views it in the weight's shape: the values are the
+    gradient model's, which keeps the Reshape."""
+    og.manual_seed(0)
+    conv = og.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    x = og.randn(2, 8, 6, 6)
+    y = conv(x)
+    u = og.randn(*y.shape)
+    gm = gradient_model([y], [u])
+    made_by = {o: n.op_type for n in gm.model.graph.node for o in n.output}
+    assert made_by[gm.outputs[0]] == "Reshape"  # this shape's formulation reshapes a product
+    want = make_session(gm.model).run(list(gm.outputs), gm.feeds)[0]
+    y.backward(u)
+    plan = next(reversed(ort_session._plans.values()))[0]
+    assert plan.views == [[16, 8, 3, 3]]
+    grad = conv.weight.grad.numpy()
+    assert grad.shape == (16, 8, 3, 3) and grad.base.shape != grad.shape  # a view of the output
+    np.testing.assert_array_equal(grad, want)
 
 
 # =========================================================================== bad input
