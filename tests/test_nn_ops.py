@@ -419,7 +419,7 @@ def test_op_table(c: OpCase, ref_forward: bool, f64_kernels: bool) -> None:
 
 # Each Conv gradient formulation on every conv row, whatever the rule would pick for its shape.
 VARIANTS = [("transpose", "conv"), ("col2im", "unfold"), ("transpose", "unfold_nl"),
-            ("flipped", "conv")]
+            ("flipped", "conv"), ("transpose", "sliced")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["/".join(v) for v in VARIANTS])
@@ -438,8 +438,9 @@ def test_the_choice_covers_every_variant() -> None:
                                   (p, p), (p, p))
     assert rules.choose_conv_weight_grad(geo(4, 3, 64, 7, 2, 3, 224)) == "conv"
     assert rules.choose_conv_weight_grad(geo(4, 64, 64, 3, 1, 1, 56)) == "unfold"
-    assert rules.choose_conv_weight_grad(geo(4, 256, 256, 3, 1, 1, 14)) == "unfold_nl"
+    assert rules.choose_conv_weight_grad(geo(4, 256, 256, 3, 1, 1, 14)) == "sliced"
     assert rules.choose_conv_weight_grad(geo(1, 64, 64, 3, 1, 1, 16)) == "unfold_nl"
+    assert rules.choose_conv_weight_grad(geo(8, 64, 128, 1, 2, 0, 16)) == "unfold_nl"
     assert rules.choose_conv_input_grad(geo(8, 256, 256, 3, 1, 1, 4)) == "col2im"
     assert rules.choose_conv_input_grad(geo(8, 64, 64, 3, 1, 1, 16)) == "transpose"
     grouped = rules.ConvGeometry(2, 4, 4, 2, (8, 8), (8, 8), (3, 3), (1, 1), (1, 1), (1, 1),
