@@ -17,6 +17,7 @@ import onnx.numpy_helper
 import onnxruntime as ort
 from onnx import helper
 
+from .lowering import conv_lowered, lower_small_convs, static_shapes
 from .opset import IR_VERSION, OPSET
 
 _providers: list[str] | None = None
@@ -316,9 +317,17 @@ def run_node(
 
     def make(sized: bool) -> Any:
         model = _single_node_model(op_type, attrs, inputs, consts, n_out, sized)
-        return _SIZED if model is None else make_session(model, spinning=False, arena=False)
+        if model is None:
+            return _SIZED
+        if sized and op_type == "Conv" and get_providers()[0] == "CPUExecutionProvider":
+            lower_small_convs(model, static_shapes(model.graph))  # as compiled steps run it
+        return make_session(model, spinning=False, arena=False)
 
-    sess = cached(key, lambda: make(False))
+    # A Conv that is lowered at these sizes has a kernel of its own (see make).
+    lowered = op_type == "Conv" and inputs[1] is not None and inputs[1].dtype == np.float32 \
+        and get_providers()[0] == "CPUExecutionProvider" \
+        and conv_lowered(attrs, *(None if x is None else x.shape for x in inputs[:2]))
+    sess = _SIZED if lowered else cached(key, lambda: make(False))
     if sess is _SIZED:
         key = node_key + tuple(None if x is None else (x.dtype.str, x.shape, c and x.tobytes())
                                for x, c in zip(inputs, consts))

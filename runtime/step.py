@@ -25,6 +25,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
 
+from .lowering import lower_small_convs, static_shapes
 from .session import get_providers, make_session
 
 
@@ -47,12 +48,14 @@ class StepRunner:
         self.state = dict(state)
         self.carried = list(carried)
         model = onnx.ModelProto.FromString(model_bytes)
-        shapes = _inferred_shapes(model) if self.carried or self.state else {}
+        cpu = get_providers()[0] == "CPUExecutionProvider"
+        shapes = _inferred_shapes(model) if self.carried or self.state or cpu else {}
+        edited = cpu and lower_small_convs(model, shapes) > 0
         # Outputs the session writes before their Reshape: the runner binds them in the shape
         # written and views them in their own (see outputs_before_reshape).
         self._viewed = outputs_before_reshape(model, [*self.carried, *self.state.values()],
                                               shapes)
-        edited = bool(self._viewed)
+        edited |= bool(self._viewed)
         self._outputs = output_types(model.graph)
         # ``in_place``: no run is ever undone, so state that only its own update reads, or that
         # order_late_readers made so, has one buffer, written over (see in_place_state).
@@ -459,9 +462,9 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
     """Every value's static shape, gradients' too (shape inference: ~7 ms for resnet18's
     step)."""
     try:
-        return _static_shapes(onnx.shape_inference.infer_shapes(model).graph)
+        return static_shapes(onnx.shape_inference.infer_shapes(model).graph)
     except onnx.shape_inference.InferenceError:
-        return _static_shapes(model.graph)
+        return static_shapes(model.graph)
 
 
 def _edges(nodes: Sequence[onnx.NodeProto]) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -501,21 +504,6 @@ def _ancestors(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int]) -> 
                 mask |= masks[j] | 1 << j
         masks.append(mask)
     return masks
-
-
-def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[int] | None]:
-    """Each typed value's static shape (None where a dimension is symbolic or unknown)."""
-    shapes: dict[str, list[int] | None] = {}
-    for info in (*graph.input, *graph.value_info, *graph.output):
-        tensor = info.type.tensor_type
-        if not tensor.HasField("shape"):
-            shapes[info.name] = None
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        shapes[info.name] = None if None in dims else dims
-    for init in graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
 
 
 def _tie_source(nodes: Sequence[onnx.NodeProto], readers: Mapping[str, list[int]],
