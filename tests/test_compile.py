@@ -583,6 +583,36 @@ def test_matrix_updates_are_written_before_their_reshape() -> None:
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_convs_lowered_for_the_cpu_train_as_eager(monkeypatch) -> None:
+    """A layer4-sized Conv (2x2 outputs, a 4.7 MB weight) runs as one matrix product in the
+    eager kernel and in the compiled step's session (runtime/lowering.py): both train alike."""
+    from onnxgrad.runtime import lowering
+    from onnxgrad.runtime import session as session_module
+    from onnxgrad.runtime import step as step_module
+
+    lowered = []
+
+    def spy(model: onnx.ModelProto, shapes) -> int:
+        lowered.append(lowering.lower_small_convs(model, shapes))
+        return lowered[-1]
+
+    monkeypatch.setattr(session_module, "lower_small_convs", spy)
+    monkeypatch.setattr(step_module, "lower_small_convs", spy)
+
+    def layer4():
+        og.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(512 * 4, 3))
+
+    x, y = _data((2, 256, 4, 4), classes=3)
+    eager_losses, eager_state = _run(layer4, 3, x, y, compiled=False)
+    losses, state = _run(layer4, 3, x, y, compiled=True)
+    assert lowered.count(1) >= 2, lowered  # the eager kernel and the compiled step's session
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+    for k, v in state.items():
+        np.testing.assert_allclose(v, eager_state[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 def test_results_handed_out_are_never_overwritten() -> None:
     model, optim, step = _trainer(_mlp)
     batches = [_data((4, 12), seed=s) for s in range(5)]

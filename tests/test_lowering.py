@@ -9,11 +9,6 @@ import pytest
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from onnxgrad.runtime import IR_VERSION, OPSET, lowering, make_session
-from onnxgrad.runtime import session as session_module
-from onnxgrad.runtime import step as step_module
-
-import onnxgrad as og
-from onnxgrad import nn
 
 
 def _conv_model(x: tuple[int, ...], w: tuple[int, ...], bias: bool, **attrs: Any
@@ -70,46 +65,3 @@ def test_a_lowered_conv_computes_the_conv(x, w, bias, attrs, monkeypatch) -> Non
 ])
 def test_where_the_conv_kernel_is_kept(x, w, attrs) -> None:
     assert not lowering.conv_lowered(attrs, x, w)
-
-
-def test_eager_and_compiled_convs_are_lowered_alike(monkeypatch) -> None:
-    """A layer4-sized Conv (2x2 outputs, a 4.7 MB weight) runs lowered in the eager kernel and
-    in the compiled step, whose training matches eager training."""
-    lowered = []
-
-    def spy(model: onnx.ModelProto, shapes: Any) -> int:
-        lowered.append(lowering.lower_small_convs(model, shapes))
-        return lowered[-1]
-
-    monkeypatch.setattr(session_module, "lower_small_convs", spy)
-    monkeypatch.setattr(step_module, "lower_small_convs", spy)
-
-    def trainer():
-        og.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(),
-                              nn.Flatten(), nn.Linear(512 * 4, 3))
-        return model, og.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-    x = og.tensor(np.random.default_rng(1).standard_normal((2, 256, 4, 4), dtype=np.float32))
-    y = og.tensor(np.array([0, 2]))
-    eager_model, eager_opt = trainer()
-    model, opt = trainer()
-
-    @og.compile
-    def step(x, y):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    for _ in range(3):
-        eager_opt.zero_grad()
-        want = nn.functional.cross_entropy(eager_model(x), y)
-        want.backward()
-        eager_opt.step()
-        got = step(x, y)
-        np.testing.assert_allclose(got.item(), want.item(), rtol=1e-5)
-    assert lowered.count(1) >= 2, lowered  # the eager kernel and the compiled step's session
-    for (k, a), b in zip(model.state_dict().items(), eager_model.state_dict().values()):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
