@@ -58,9 +58,10 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def lower_small_convs(model: onnx.ModelProto, shapes: Mapping[str, list[int] | None]) -> int:
-    """Each 2-D ungrouped float32 ``Conv`` (its weight's type known) over a batch with few output positions and a large
-    weight becomes one matrix product over every image: W[O, C*k*k] @ unfold(X)[C*k*k, N*L],
-    the unfold k*k strided Slices of the padded input. Returns how many were rewritten.
+    """Each 2-D ungrouped float32 ``Conv`` (its weight's type known) over a batch with few
+    output positions and a large weight becomes one matrix product over every image:
+    W[O, C*k*k] @ unfold(X)[C*k*k, N*L], the unfold k*k strided Slices of the padded input.
+    Returns how many were rewritten.
 
     NOTE: ONNX Runtime's CPU Conv multiplies the weight by each image's columns in turn, so
     with few columns per image (layer4 of resnet18 at 64x64: 2x2) it reads the 9.4 MB weight

@@ -34,7 +34,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("x", "w", "bias", "attrs"), CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize(("x", "w", "bias", "attrs"), CASES,
+                         ids=[str(i) for i in range(len(CASES))])
 def test_a_lowered_conv_computes_the_conv(x, w, bias, attrs, monkeypatch) -> None:
     monkeypatch.setattr(lowering, "MIN_WEIGHT_BYTES", 0)  # small shapes, same rewrite
     rng = np.random.default_rng(0)
