@@ -42,15 +42,18 @@ def conv_lowered(attrs: Mapping[str, Any], x: Sequence[int] | None,
         return False
     if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "", b""):
         return False
+    positions = int(np.prod(_out_size(attrs, x, w)))
+    return x[0] > 1 and 0 < positions <= MAX_POSITIONS and w[2] * w[3] <= MAX_TAPS and \
+        int(np.prod(w)) * 4 >= MIN_WEIGHT_BYTES
+
+
+def _out_size(attrs: Mapping[str, Any], x: Sequence[int], w: Sequence[int]) -> list[int]:
+    """The output's spatial sizes of a 2-D Conv with explicit (or no) pads."""
     strides = attrs.get("strides", [1, 1])
     dilations = attrs.get("dilations", [1, 1])
     pads = attrs.get("pads", [0, 0, 0, 0])
-    positions = 1
-    for i in range(2):
-        span = dilations[i] * (w[2 + i] - 1) + 1
-        positions *= max((x[2 + i] + pads[i] + pads[2 + i] - span) // strides[i] + 1, 0)
-    return x[0] > 1 and 0 < positions <= MAX_POSITIONS and w[2] * w[3] <= MAX_TAPS and \
-        int(np.prod(w)) * 4 >= MIN_WEIGHT_BYTES
+    return [max((x[2 + i] + pads[i] + pads[2 + i] - dilations[i] * (w[2 + i] - 1) - 1)
+                // strides[i] + 1, 0) for i in range(2)]
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -96,8 +99,8 @@ def _lowered(graph: onnx.GraphProto, node: onnx.NodeProto,
     x, w, y = node.input[0], node.input[1], node.output[0]
     n, c, _, _ = shapes[x]
     o, _, *kernel = shapes[w]
-    out = shapes[y][2:]
     attrs = _attrs(node)
+    out = _out_size(attrs, shapes[x], shapes[w])
     strides = list(attrs.get("strides", [1, 1]))
     dilations = list(attrs.get("dilations", [1, 1]))
     pads = list(attrs.get("pads", [0, 0, 0, 0]))

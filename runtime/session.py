@@ -315,18 +315,20 @@ def run_node(
     key = node_key + tuple(None if x is None else (x.dtype.str, x.shape, x.tobytes()) if c
                            else (x.dtype.str, x.ndim) for x, c in zip(inputs, consts))
 
+    # A Conv the CPU session runs as one matrix product at these sizes, as compiled steps run
+    # it (runtime/lowering.py): a kernel per size.
+    lowered = op_type == "Conv" and inputs[1] is not None and inputs[1].dtype == np.float32 \
+        and get_providers()[0] == "CPUExecutionProvider" \
+        and conv_lowered(attrs, *(None if x is None else x.shape for x in inputs[:2]))
+
     def make(sized: bool) -> Any:
         model = _single_node_model(op_type, attrs, inputs, consts, n_out, sized)
         if model is None:
             return _SIZED
-        if sized and op_type == "Conv" and get_providers()[0] == "CPUExecutionProvider":
-            lower_small_convs(model, static_shapes(model.graph))  # as compiled steps run it
+        if lowered:
+            lower_small_convs(model, static_shapes(model.graph))
         return make_session(model, spinning=False, arena=False)
 
-    # A Conv that is lowered at these sizes has a kernel of its own (see make).
-    lowered = op_type == "Conv" and inputs[1] is not None and inputs[1].dtype == np.float32 \
-        and get_providers()[0] == "CPUExecutionProvider" \
-        and conv_lowered(attrs, *(None if x is None else x.shape for x in inputs[:2]))
     sess = _SIZED if lowered else cached(key, lambda: make(False))
     if sess is _SIZED:
         key = node_key + tuple(None if x is None else (x.dtype.str, x.shape, c and x.tobytes())

@@ -336,10 +336,9 @@ def order_late_readers(model: onnx.ModelProto, state: Mapping[str, str],
     see ``_tie_source``) decides between a scalar input of the update and that same input
     (``Where(Cast(r[0], bool), s, s)``, which is ``s`` whatever ``r`` holds, NaN included), fed
     to the update in place of ``s``: four nodes on one element each, where the second buffer
-    would be the parameter's size. Only a scalar input that
-    the late readers do not depend on is used (no cycle), and only for an update whose result
-    nothing else reads; nothing changes where either is missing. ``shapes``: each value's static
-    shape (inferred when not given).
+    would be the parameter's size. Only a scalar input that the late readers do not depend on
+    is used (no cycle), and only for an update whose result nothing else reads; nothing changes
+    where either is missing. ``shapes``: each value's static shape (inferred when not given).
     """
     graph = model.graph
     nodes = list(graph.node)

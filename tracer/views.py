@@ -3,9 +3,10 @@
 After a run, parameters (and momentum buffers, gradients) hold Vals wrapping the runner's own
 buffers: nothing is copied. A Val never changes, yet a later run writes the buffer that this
 run's state Vals wrap (the next run, for state written in place and a gradient's single buffer;
-the run after next, for double-buffered state; an eager edit, the current one). A Val still alive then is read elsewhere (a graph recorded before the steps and not yet
-backwarded, a gradient kept in a list): it gets its own copy first. In the usual loop nothing
-holds it any more, so nothing is copied.
+the run after next, for double-buffered state; an eager edit, the current one). A Val still
+alive then is read elsewhere (a graph recorded before the steps and not yet backwarded, a
+gradient kept in a list): it gets its own copy first. In the usual loop nothing holds it any
+more, so nothing is copied.
 """
 from __future__ import annotations
 
