@@ -634,7 +634,9 @@ def index_select(input: Tensor, dim: int, index: Tensor) -> Tensor:
 def index_add(input: Tensor, dim: int, index: Tensor, source: Tensor, *,
               alpha: Any = 1) -> Tensor:
     """``source`` (times ``alpha``) added into ``input`` at ``index`` along ``dim``, repeated
-    indices accumulating: ONNX ``ScatterND(reduction="add")`` on ``dim`` moved first."""
+    indices accumulating in order: ONNX ``ScatterElements(reduction="add")``, the index
+    expanded over ``source`` (not ScatterND of slices, which ONNX Runtime's CPU kernel adds on
+    several threads at once, racing on repeated indices: see passes/rules/shape.scatter_add)."""
     if index.ndim > 1:
         raise IndexError(f"index_add_(): Index is supposed to be a vector{_where()}")
     _check_index("index_add_", index, int32=True)
@@ -656,15 +658,11 @@ def index_add(input: Tensor, dim: int, index: Tensor, source: Tensor, *,
         raise IndexError(f"index out of range in self{_where()}")
     if alpha != 1:
         src = ops.mul(src, alpha)
-    perm = [d] + [k for k in range(x.ndim) if k != d]
-    xv, sv = x._v, src._v
-    if d:
-        xv = emit("Transpose", [xv], {"perm": perm})[0]
-        sv = emit("Transpose", [sv], {"perm": perm})[0]
-    coords = emit("Unsqueeze", [_val(idx, np.dtype(int64)), const([-1], int64)])[0]
-    out = emit("ScatterND", [xv, coords, sv], {"reduction": "add"})[0]
-    if d:
-        out = emit("Transpose", [out], {"perm": [int(p) for p in np.argsort(perm)]})[0]
+    along = [1] * x.ndim
+    along[d] = -1
+    coords = emit("Reshape", [_val(idx, np.dtype(int64)), const(along, int64)])[0]
+    coords = emit("Expand", [coords, const(list(src.shape), int64)])[0]
+    out = emit("ScatterElements", [x._v, coords, src._v], {"axis": d, "reduction": "add"})[0]
     if input.ndim == 0:
         out = emit("Reshape", [out, const([], int64)])[0]
     return _wrap(out)

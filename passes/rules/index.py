@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from ..builder import dims, static_shape
 from . import attr, rule
-from .shape import zeros_of
+from .shape import scatter_add, zeros_of
 
 
 def _reduction(node) -> str:
@@ -63,9 +63,28 @@ def gather_nd(b, node, grads, needs):
     # Repeated coordinates gather the same element: their gradients add up.
     data, indices = node.inputs
     batch_dims = attr(node, "batch_dims", 0)
+    # Each coordinate tuple addresses a row of the data with its first k dims made one:
+    # a Gather's gradient there (see scatter_add: not ScatterND, which races).
+    shape, lookups = static_shape(data), static_shape(indices)
+    if shape is None or lookups is None:
+        raise ValueError(f"GatherND node {node.name}: gradient needs the static shapes of the "
+                         "data and the indices")
+    k = batch_dims + lookups[-1]
     if batch_dims:
         indices = _batch_coordinates(b, node, indices, batch_dims)
-    dx = b.op("ScatterND", zeros_of(b, data), indices, grads[0], reduction="add")
+    idx = indices if np.dtype(indices.dtype.numpy()) == np.int64 else \
+        b.op("Cast", indices, to=ir.DataType.INT64)
+    lead = np.asarray(shape[:k], dtype=np.int64)
+    idx = b.op("Where", b.op("Less", idx, b.const(np.int64(0))), b.op("Add", idx, b.const(lead)),
+               idx)
+    strides = np.asarray([int(np.prod(lead[j + 1:])) for j in range(k)], dtype=np.int64)
+    rows = b.op("ReduceSum", b.op("Mul", idx, b.const(strides)), b.ints([-1]), keepdims=0)
+    rows.shape = ir.Shape(list(lookups[:-1]))
+    flat = [int(np.prod(lead))] + list(shape[k:])
+    zeros = b.op("ConstantOfShape", b.ints(flat),
+                 value=ir.tensor(np.zeros(1, dtype=data.dtype.numpy())))
+    zeros.shape = ir.Shape(flat)
+    dx = b.op("Reshape", scatter_add(b, zeros, 0, rows, grads[0]), b.ints(list(shape)))
     return [dx, None]
 
 
