@@ -42,9 +42,14 @@ def scatter_nd(b, node, grads, needs):
     return [d_data, None, d_updates]
 
 
+def _int64(b, indices: ir.Value) -> ir.Value:
+    return indices if np.dtype(indices.dtype.numpy()) == np.int64 else \
+        b.op("Cast", indices, to=ir.DataType.INT64)
+
+
 def _batch_coordinates(b, node, indices, batch_dims: int):
-    """GatherND's indices with its ``batch_dims`` leading coordinates spelled out, for ScatterND
-    (which has no batch_dims)."""
+    """GatherND's indices with its ``batch_dims`` leading coordinates spelled out (as int64), so
+    that each coordinate tuple names a position of the whole data."""
     shape = static_shape(indices)
     if shape is None:
         raise ValueError(f"GatherND node {node.name}: gradient with batch_dims needs the indices' "
@@ -53,9 +58,7 @@ def _batch_coordinates(b, node, indices, batch_dims: int):
     grid = np.stack(np.indices(batch), axis=-1).astype(np.int64)  # batch + [batch_dims]
     grid = grid.reshape(batch + (1,) * len(middle) + (batch_dims,))
     grid = np.broadcast_to(grid, batch + middle + (batch_dims,))
-    idx = indices if np.dtype(indices.dtype.numpy()) == np.int64 else \
-        b.op("Cast", indices, to=ir.DataType.INT64)
-    return b.op("Concat", b.const(np.ascontiguousarray(grid)), idx, axis=-1)
+    return b.op("Concat", b.const(np.ascontiguousarray(grid)), _int64(b, indices), axis=-1)
 
 
 @rule("GatherND")
@@ -72,8 +75,7 @@ def gather_nd(b, node, grads, needs):
     k = batch_dims + lookups[-1]
     if batch_dims:
         indices = _batch_coordinates(b, node, indices, batch_dims)
-    idx = indices if np.dtype(indices.dtype.numpy()) == np.int64 else \
-        b.op("Cast", indices, to=ir.DataType.INT64)
+    idx = _int64(b, indices)
     lead = np.asarray(shape[:k], dtype=np.int64)
     idx = b.op("Where", b.op("Less", idx, b.const(np.int64(0))), b.op("Add", idx, b.const(lead)),
                idx)
@@ -81,10 +83,8 @@ def gather_nd(b, node, grads, needs):
     rows = b.op("ReduceSum", b.op("Mul", idx, b.const(strides)), b.ints([-1]), keepdims=0)
     rows.shape = ir.Shape(list(lookups[:-1]))
     flat = [int(np.prod(lead))] + list(shape[k:])
-    zeros = b.op("ConstantOfShape", b.ints(flat),
-                 value=ir.tensor(np.zeros(1, dtype=data.dtype.numpy())))
-    zeros.shape = ir.Shape(flat)
-    dx = b.op("Reshape", scatter_add(b, zeros, 0, rows, grads[0]), b.ints(list(shape)))
+    dx = b.op("Reshape", scatter_add(b, zeros_of(b, data, flat), 0, rows, grads[0]),
+              b.ints(list(shape)))
     return [dx, None]
 
 

@@ -15,10 +15,11 @@ def shape_of(b, x: ir.Value) -> ir.Value:
     return b.op("Shape", x)
 
 
-def zeros_of(b, x: ir.Value) -> ir.Value:
+def zeros_of(b, x: ir.Value, shape: list[int] | None = None) -> ir.Value:
+    """Zeros of ``x``'s dtype, in ``x``'s shape or in ``shape``."""
     zero = ir.tensor(np.zeros(1, dtype=np_dtype(x)))
-    out = b.op("ConstantOfShape", shape_of(b, x), value=zero)
-    out.shape = x.shape
+    out = b.op("ConstantOfShape", shape_of(b, x) if shape is None else b.ints(shape), value=zero)
+    out.shape = x.shape if shape is None else ir.Shape(shape)
     return out
 
 
