@@ -282,7 +282,7 @@ def _small_arithmetic(op_type: str, inputs: Sequence[np.ndarray | None]) -> np.n
             or a.size > NUMPY_ARITHMETIC_MAX or b.size > NUMPY_ARITHMETIC_MAX:
         return None
     try:
-        shape = np.broadcast_shapes(a.shape, b.shape)
+        shape = a.shape if a.shape == b.shape else np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
         return None  # the kernel reports it
     out = np.empty(shape, a.dtype)

@@ -54,6 +54,17 @@ def _scalar_category(x: Any) -> int:
 def result_type(*operands: Any) -> np.dtype:
     """PyTorch's promotion: tensors of higher category win; Python scalars only lift the category;
     0-d tensors only decide among themselves."""
+    if len(operands) == 2:  # the common cases, first: one dtype, or a tensor and a scalar
+        a, b = operands
+        if isinstance(a, Tensor):
+            if isinstance(b, Tensor):
+                if a._v.data.dtype == b._v.data.dtype:
+                    return a.dtype
+            elif isinstance(b, (int, float)) and a._v.data.dtype.kind == "f":
+                return a.dtype
+        elif isinstance(b, Tensor) and isinstance(a, (int, float)) \
+                and b._v.data.dtype.kind == "f":
+            return b.dtype
     tensors = [t for t in operands if isinstance(t, Tensor)]
     dims = [t for t in tensors if t.ndim > 0]
     zero_d = [t for t in tensors if t.ndim == 0]
@@ -103,6 +114,8 @@ def _wrap(val: Val) -> Tensor:
 
 
 def _check_broadcast(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shapes) == 2 and (shapes[0] == shapes[1] or not shapes[1]):
+        return shapes[0]
     try:
         return np.broadcast_shapes(*shapes)
     except ValueError:
