@@ -103,6 +103,7 @@ def session_options(*, level: str = "extended", spinning: bool = True, arena: bo
     # NOTE: EXTENDED rather than ALL: the NCHWc layout transform that ALL adds was measured slower
     # for training graphs (many layout conversions around the gradient convolutions).
     opts.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -209,6 +210,15 @@ _plans = _LRU(capacity=1 << 30, max_entries=32)
 def cached(key: Any, make: Callable[[], Any]) -> Any:
     """The cached single-node kernel for ``key``, made by ``make()`` when missing."""
     return _kernels.get_or_make(key, make, lambda: SESSION_BYTES)
+
+
+def cached_kernel(key: Any) -> Any:
+    """The cached kernel for ``key``, or None where there is none (never made, or evicted)."""
+    entry = _kernels.get(key)
+    if entry is None:
+        return None
+    _kernels.move_to_end(key)
+    return entry[0]
 
 
 def cached_plan(key: Any, make: Callable[[], Any], data_bytes: Callable[[], int]) -> Any:

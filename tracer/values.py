@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import run_node
-from . import state
+from . import fusion, state
 
 float16 = np.dtype("float16")
 float32 = np.dtype("float32")
@@ -150,14 +150,17 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
     """Run one ONNX node eagerly and record it when gradients or a trace need it."""
     attrs = attrs or {}
     key = attrs_key(attrs)
-    datas = [None if v is None else v.data for v in inputs]
-    consts = [v is not None and v.const for v in inputs]
-    try:
-        outs = run_node(op, attrs, key, datas, n_out, consts)
-    except Exception as exc:
-        where = state.format_frame(state.user_frame())
-        shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
-        raise RuntimeError(f"{op}({shapes}) at {where}: {_runtime_reason(exc)}") from None
+    group = fusion.active()  # a @fused builder's capture or replay (tracer/fusion.py)
+    outs = group.take(op, key, inputs, n_out) if group is not None else None
+    if outs is None:
+        datas = [None if v is None else v.data for v in inputs]
+        consts = [v is not None and v.const for v in inputs]
+        try:
+            outs = run_node(op, attrs, key, datas, n_out, consts)
+        except Exception as exc:
+            where = state.format_frame(state.user_frame())
+            shapes = ", ".join("_" if d is None else f"{d.dtype}{list(d.shape)}" for d in datas)
+            raise RuntimeError(f"{op}({shapes}) at {where}: {_runtime_reason(exc)}") from None
     requires_grad = (
         differentiable and state.grad_enabled()
         and any(v is not None and v.requires_grad for v in inputs)
@@ -169,10 +172,12 @@ def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = N
             for v in inputs:
                 if v is not None:
                     v.saved = True
-        return [
-            Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)
-        ]
-    return [Val(o) for o in outs]
+        vals = [Val(o, rec, i, requires_grad and o.dtype.kind == "f") for i, o in enumerate(outs)]
+    else:
+        vals = [Val(o) for o in outs]
+    if group is not None:
+        group.made_vals(op, attrs, key, inputs, vals)
+    return vals
 
 
 
