@@ -154,17 +154,32 @@ def test_numpy_shared_statistics_stay_shared(monkeypatch: pytest.MonkeyPatch) ->
     assert mean_array.any()
 
 
-def test_an_evicted_session_is_made_again(runs: list[str]) -> None:
+def test_an_evicted_session_is_made_again_once(runs: list[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     x = og.tensor(RNG.standard_normal((5, 3)).astype(np.float32))
     stats = og.zeros(3), og.ones(3)
     expected = [F.batch_norm(x, *stats, training=True).numpy() for _ in range(3)]
-    session._kernels.clear()
+    session._groups.clear()
     runs.clear()
     again = [F.batch_norm(x, *stats, training=True).numpy() for _ in range(3)]
     # Its signature was seen twice before: the first call captures and makes the session again.
     assert runs.count("fused") == 2
     for a, b in zip(expected, again):
         np.testing.assert_array_equal(a, b)
+    session._groups.clear()  # evicted twice: the shapes change too often for a session to pay
+    runs.clear()
+    assert all(np.array_equal(F.batch_norm(x, *stats, training=True).numpy(), e)
+               for e in expected)
+    assert "fused" not in runs
+
+
+def test_sessions_are_bounded_in_a_loop_of_changing_shapes(runs: list[str]) -> None:
+    stats = og.zeros(3), og.ones(3)
+    for rounds in range(3):
+        for batch in range(2, 2 + session._groups.max_entries + 8):
+            F.batch_norm(og.rand(batch, 3), *stats, training=True)
+        assert len(session._groups) <= session._groups.max_entries
+    assert runs.count("fused") < 2 * (session._groups.max_entries + 8)
 
 
 def test_compiled_batch_norm_is_traced_node_by_node_and_matches_eager() -> None:

@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 from ..runtime.lowering import lower_small_convs, static_shapes
 from ..runtime.opset import IR_VERSION, OPSET
-from ..runtime.session import cached, cached_kernel, get_providers, make_session
+from ..runtime.session import cached_group, find_group, get_providers, make_session
 from . import state
 
 #: Whether ``@fused`` builders run fused (tests turn it off to compare).
@@ -51,10 +51,15 @@ MAX_BAKED_ELEMENTS = 64
 #: Signatures remembered (capture counts and those not fused), least recently used first out.
 MAX_SIGNATURES = 1024
 
+#: A signature's session is made at most this many times: once, and again after an eviction
+#: (or ``set_providers``); a loop whose shapes change at every step evicts groups before they
+#: are used again, and then runs them unfused rather than making sessions at every call.
+MAX_BUILDS = 2
+
 _local = threading.local()
-_UNFUSABLE, _FUSED = object(), object()
-# signature -> captures so far, _UNFUSABLE, or _FUSED: its session is in the kernel cache
-# (runtime/session.py), which bounds sessions by their memory; an evicted one is made again.
+_UNFUSABLE = object()
+# signature -> captures so far (an int), _UNFUSABLE, or ("fused", sessions made): the session
+# is in runtime/session.py's bounded cache of node groups.
 _seen: OrderedDict[Any, Any] = OrderedDict()
 
 
@@ -248,9 +253,11 @@ def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
         seen = _seen.get(signature, 0)
         if seen is _UNFUSABLE:
             return fn(*args, **kwargs)
-        entry = cached_kernel(("fused", signature)) if seen is _FUSED else None
-        if entry is None:
-            return _capture(fn, args, kwargs, signature, tensors, 1 if seen is _FUSED else seen)
+        if isinstance(seen, int):
+            return _capture(fn, args, kwargs, signature, tensors, seen, 0)
+        entry = find_group(signature)
+        if entry is None:  # evicted: captured and made again, as a signature seen twice
+            return _capture(fn, args, kwargs, signature, tensors, 1, seen[1])
         try:
             outs = entry.session.run(None, {f"a{i}": tensors[i].data for i in entry.inputs})
         except Exception:  # noqa: BLE001 - the nodes one by one raise onnxgrad's own error
@@ -270,22 +277,22 @@ def fused(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _capture(fn: Callable[..., Any], args: tuple, kwargs: dict, signature: Any,
-             tensors: list[Any], seen: int) -> Any:
+             tensors: list[Any], seen: int, builds: int) -> Any:
     capture = _Capture(tensors)
     _local.active = capture
     try:
         result = fn(*args, **kwargs)
     finally:
         _local.active = None
-    if capture.failed or len(capture.nodes) < 2:
+    if capture.failed or len(capture.nodes) < 2 or builds >= MAX_BUILDS:
         _remember(signature, _UNFUSABLE)
     elif seen == 0:
         _remember(signature, 1)  # a session only for a signature seen twice
     else:
         try:
-            cached(("fused", signature), lambda: _Fused(capture.nodes, tensors))
+            cached_group(signature, lambda: _Fused(capture.nodes, tensors))
         except Exception:  # noqa: BLE001 - a node ONNX's inference rejects in a graph: unfused
             _remember(signature, _UNFUSABLE)
         else:
-            _remember(signature, _FUSED)
+            _remember(signature, ("fused", builds + 1))
     return result
