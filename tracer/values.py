@@ -1,10 +1,11 @@
 """The recording core: a :class:`Val` is a value, a :class:`Record` one ONNX node that made it.
 
 A Val is either a leaf (data with no producer) or output ``index`` of a Record: one ONNX node with
-its op type, attributes and input Vals. ``emit`` runs one node eagerly through ONNX Runtime and
-records it when gradients or a trace need it. Nothing here knows :class:`~.tensor.Tensor`, the
-mutable handle users hold, so the op builders, the Tensor class and autograd all build on this
-module without importing each other in a cycle.
+its op type, attributes and input Vals. ``emit`` runs one node eagerly through ONNX Runtime (or
+takes its result from a ``@fused`` group's run, ``tracer/fusion.py``) and records it when
+gradients or a trace need it. Nothing here knows :class:`~.tensor.Tensor`, the mutable handle
+users hold, so the op builders, the Tensor class and autograd all build on this module without
+importing each other in a cycle.
 """
 from __future__ import annotations
 
@@ -147,7 +148,8 @@ def _runtime_reason(exc: Exception) -> str:
 
 def emit(op: str, inputs: Sequence[Val | None], attrs: dict[str, Any] | None = None,
          n_out: int = 1, differentiable: bool = True) -> list[Val]:
-    """Run one ONNX node eagerly and record it when gradients or a trace need it."""
+    """Run one ONNX node eagerly and record it when gradients or a trace need it. Inside a
+    ``@fused`` builder's replay the result comes from the run of its whole group instead."""
     attrs = attrs or {}
     key = attrs_key(attrs)
     group = fusion.active()  # a @fused builder's capture or replay (tracer/fusion.py)
