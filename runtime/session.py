@@ -242,6 +242,14 @@ def cache_size() -> int:
     return len(_kernels) + len(_plans) + len(_groups)
 
 
+def typed_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """``graph`` as a model of onnxgrad's opset, typed by ONNX's strict shape inference (which
+    types the outputs, and rejects an ill-typed node with ONNX's message)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
 def _single_node_model(
     op_type: str,
     attrs: dict[str, Any],
@@ -273,10 +281,7 @@ def _single_node_model(
             graph_inputs.append(helper.make_tensor_value_info(name, dtype, shape))
     outputs = [helper.make_empty_tensor_value_info(name) for name in out_names]
     graph = helper.make_graph([node], op_type, graph_inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    # Strict inference types the outputs, and rejects an ill-typed node with ONNX's message.
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = typed_model(graph)
     del inferred.graph.value_info[:]
     if not sized and not all(o.type.tensor_type.HasField("shape")
                              for o in inferred.graph.output):

@@ -39,8 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..runtime.lowering import lower_small_convs, static_shapes
-from ..runtime.opset import IR_VERSION, OPSET
-from ..runtime.session import cached_group, find_group, get_providers, make_session
+from ..runtime.session import cached_group, find_group, get_providers, make_session, typed_model
 from . import state
 
 #: Whether ``@fused`` builders run fused (tests turn it off to compare).
@@ -93,6 +92,10 @@ class _Capture:
     def take(self, op: str, key: Any, inputs: Sequence[Any], n_out: int) -> None:
         return None  # capturing: every node runs on its own
 
+    def _argument(self, v: Any) -> int | None:
+        """The index of the argument whose Val ``v`` is, if any."""
+        return next((i for i, a in enumerate(self.args) if v is a), None)
+
     def made_vals(self, op: str, attrs: dict[str, Any], key: Any, inputs: Sequence[Any],
                   vals: Sequence[Any]) -> None:
         refs = []
@@ -101,8 +104,8 @@ class _Capture:
                 refs.append(None)
             elif id(v) in self.made:
                 refs.append(("o",) + self.made[id(v)])
-            elif any(v is a for a in self.args):
-                refs.append(("a", next(i for i, a in enumerate(self.args) if v is a)))
+            elif (arg := self._argument(v)) is not None:
+                refs.append(("a", arg))
             elif v.const or (v.rec is None and v.data.size <= MAX_BAKED_ELEMENTS):
                 refs.append(_data_ref("c", v.data))
             else:
@@ -191,9 +194,7 @@ def _model(nodes: list[_Node], args: Sequence[Any]) -> onnx.ModelProto:
         onnx_nodes.append(helper.make_node(node.op, names, outs, name=f"n{j}", **node.attrs))
         outputs.extend(helper.make_empty_tensor_value_info(o) for o in outs)
     graph = helper.make_graph(onnx_nodes, "fused", graph_inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    model = typed_model(graph)
     if get_providers()[0] == "CPUExecutionProvider":
         # The Convs run_node lowers at these sizes, lowered alike (runtime/lowering.py).
         lower_small_convs(model, static_shapes(model.graph))
